@@ -1,0 +1,3 @@
+from rekku.cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""The durable action log: every accepted action is written here before it is enqueued.
+
+State changes are single conditional UPDATEs, so two deliveries of the same task can never both
+claim it after it finished, and a cancelled action is never started.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from rekku.db import session_factory
+from rekku.models import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    ActionRun,
+    Batch,
+    utcnow,
+)
+
+#: Longest error text kept per action, in characters.
+MAX_ERROR_CHARS = 8000
+
+
+@dataclass
+class NewRun:
+    id: str
+    position: int
+    type: str
+    queue: str
+    payload: dict
+    context: dict
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def run_as_dict(run: ActionRun) -> dict[str, Any]:
+    """The public shape of an action (GET /v1/actions/{id})."""
+    return {
+        "id": run.id, "batch_id": run.batch_id, "type": run.type, "status": run.status,
+        "queue": run.queue, "payload": run.payload, "context": run.context or {},
+        "result": run.result, "error": run.error, "progress": run.progress,
+        "attempts": run.attempts, "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at), "worker": run.worker,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Results must be JSON; anything else is kept as its repr rather than failing the action."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return {"repr": repr(value)[:MAX_ERROR_CHARS], "note": "result was not JSON-serialisable"}
+
+
+class ActionLog:
+    """Reads and state transitions of ``action_runs`` and ``action_batches``."""
+
+    def __init__(self, sessions: sessionmaker[Session] | None = None) -> None:
+        self._sessions = sessions or session_factory()
+
+    # ------------------------------------------------------------------ ingress side
+    def find_batch_response(self, idempotency_key: str) -> dict | None:
+        with self._sessions() as s:
+            return s.scalar(sa.select(Batch.response).where(Batch.idempotency_key == idempotency_key))
+
+    def record_batch(self, batch_id: str, idempotency_key: str | None, runs: list[NewRun],
+                     response: dict) -> dict | None:
+        """Write the batch and its runs in one transaction. Returns the earlier answer when the
+        idempotency key was already used (then nothing is written)."""
+        now = utcnow()
+        try:
+            with self._sessions.begin() as s:
+                s.execute(sa.insert(Batch), [{"id": batch_id, "idempotency_key": idempotency_key,
+                                              "response": response, "created_at": now}])
+                if runs:
+                    s.execute(sa.insert(ActionRun), [
+                        {"id": r.id, "batch_id": batch_id, "position": r.position, "type": r.type,
+                         "queue": r.queue, "status": QUEUED, "payload": r.payload, "context": r.context,
+                         "attempts": 0, "cancel_requested": False, "created_at": now, "updated_at": now}
+                        for r in runs])
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            earlier = self.find_batch_response(idempotency_key)
+            if earlier is None:
+                raise
+            return earlier
+        return None
+
+    def forget_idempotency_key(self, batch_id: str) -> None:
+        """Let a client retry with the same key after we failed to enqueue its batch."""
+        with self._sessions.begin() as s:
+            s.execute(sa.update(Batch).where(Batch.id == batch_id).values(idempotency_key=None))
+
+    def fail_unsent(self, ids: list[str], error: str) -> None:
+        with self._sessions.begin() as s:
+            s.execute(sa.update(ActionRun).where(ActionRun.id.in_(ids), ActionRun.status == QUEUED)
+                      .values(status=FAILED, error=error, finished_at=utcnow(), updated_at=utcnow()))
+
+    # ------------------------------------------------------------------ worker side
+    def claim(self, action_id: str, worker: str) -> bool:
+        """queued/running → running. False when the action is final (already done, cancelled) or unknown.
+
+        ``running`` is claimable because a redelivered task means its previous holder died."""
+        now = utcnow()
+        with self._sessions.begin() as s:
+            res = s.execute(
+                sa.update(ActionRun)
+                .where(ActionRun.id == action_id, ActionRun.status.in_((QUEUED, RUNNING)),
+                       ActionRun.cancel_requested.is_(False))
+                .values(status=RUNNING, attempts=ActionRun.attempts + 1, worker=worker,
+                        started_at=now, updated_at=now))
+            return res.rowcount == 1
+
+    def attempts(self, action_id: str) -> int:
+        with self._sessions() as s:
+            return s.scalar(sa.select(ActionRun.attempts).where(ActionRun.id == action_id)) or 0
+
+    def succeed(self, action_id: str, result: Any) -> None:
+        self._finish(action_id, SUCCEEDED, result=_json_safe(result))
+
+    def fail(self, action_id: str, error: str) -> None:
+        self._finish(action_id, FAILED, error=error[:MAX_ERROR_CHARS])
+
+    def cancelled(self, action_id: str, reason: str = "cancelled") -> None:
+        self._finish(action_id, CANCELLED, error=reason, from_states=(QUEUED, RUNNING))
+
+    def _finish(self, action_id: str, status: str, *, result: Any = None, error: str | None = None,
+                from_states: tuple[str, ...] = (RUNNING,)) -> None:
+        now = utcnow()
+        with self._sessions.begin() as s:
+            s.execute(sa.update(ActionRun)
+                      .where(ActionRun.id == action_id, ActionRun.status.in_(from_states))
+                      .values(status=status, result=result, error=error, finished_at=now, updated_at=now))
+
+    def requeue(self, action_id: str, error: str) -> None:
+        """running → queued, keeping the last error, before a retry is scheduled."""
+        with self._sessions.begin() as s:
+            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
+                      .values(status=QUEUED, error=error[:MAX_ERROR_CHARS], updated_at=utcnow()))
+
+    def set_progress(self, action_id: str, progress: dict) -> None:
+        with self._sessions.begin() as s:
+            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id)
+                      .values(progress=_json_safe(progress), updated_at=utcnow()))
+
+    # ------------------------------------------------------------------ reads and cancel
+    def get(self, action_id: str) -> dict | None:
+        with self._sessions() as s:
+            run = s.get(ActionRun, action_id)
+            return run_as_dict(run) if run else None
+
+    def batch(self, batch_id: str) -> list[dict] | None:
+        with self._sessions() as s:
+            runs = s.scalars(sa.select(ActionRun).where(ActionRun.batch_id == batch_id)
+                             .order_by(ActionRun.position)).all()
+            if not runs and s.get(Batch, batch_id) is None:
+                return None
+            return [run_as_dict(r) for r in runs]
+
+    def request_cancel(self, action_id: str) -> str | None:
+        """Cancel a queued action at once; mark a running one so its worker stops it.
+
+        Returns the status after the request, or None if there is no such action."""
+        with self._sessions.begin() as s:
+            res = s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == QUEUED)
+                            .values(status=CANCELLED, cancel_requested=True, error="cancelled before it ran",
+                                    finished_at=utcnow(), updated_at=utcnow()))
+            if res.rowcount:
+                return CANCELLED
+            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
+                      .values(cancel_requested=True, updated_at=utcnow()))
+            return s.scalar(sa.select(ActionRun.status).where(ActionRun.id == action_id))
+
+    def cancel_requested(self, action_id: str) -> bool:
+        with self._sessions() as s:
+            return bool(s.scalar(sa.select(ActionRun.cancel_requested).where(ActionRun.id == action_id)))
+
+    @staticmethod
+    def is_final(status: str) -> bool:
+        return status in FINAL_STATES
+
+
+_shared: ActionLog | None = None
+
+
+def shared_log() -> ActionLog:
+    """The process's ActionLog on the configured database (safe across fork: the engine re-pools)."""
+    global _shared
+    if _shared is None:
+        _shared = ActionLog()
+    return _shared

@@ -1,0 +1,229 @@
+"""The HTTP ingress (DESIGN.md §5): FastAPI routes over :mod:`rekku.ingest` and the action log.
+
+Every ``/v1`` route needs the bearer token; health checks don't. Every bad input gets a 4xx in
+the one error shape ``{"detail", "errors"}``; a 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rekku.action_log import shared_log
+from rekku.errors import Conflict, NotFound, RekkuError
+from rekku.ingest import capabilities, default_ingress
+from rekku.models import CANCELLED, FINAL_STATES, RUNNING
+from rekku.registry import get_registry
+from rekku.schemas import (
+    ActionState,
+    BatchState,
+    CancelResponse,
+    CapabilitiesResponse,
+    ErrorResponse,
+    Health,
+    SubmitRequest,
+    SubmitResponse,
+)
+from rekku.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+           400: {"model": ErrorResponse}}
+_bearer = HTTPBearer(auto_error=False)
+#: The ``?wait=`` query parameter (seconds to long-poll).
+Wait = Annotated[float, Query(ge=0, le=3600, description="long-poll up to this many seconds")]
+
+
+def _error(status: int, detail: str, errors: list | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above the limit with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = _error(413, f"request body larger than {self.limit} bytes (REKKU_MAX_BODY_BYTES)")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await _error(400, "invalid Content-Length")(scope, receive, send)
+                if declared > self.limit:
+                    return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    token = settings.ensure_api_token().encode()
+    app = FastAPI(title="Rekku actions", version="1", description=__doc__)
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not credentials or not hmac.compare_digest(given, token):
+            raise StarletteHTTPException(401, "missing or wrong bearer token",
+                                         headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_token)]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return _error(400, "the request body is not valid JSON", errors)
+        return _error(422, "the request does not match the expected shape", errors)
+
+    @app.exception_handler(RekkuError)
+    async def _rekku_error(_request: Request, exc: RekkuError) -> JSONResponse:
+        return _error(exc.http_status, str(exc), getattr(exc, "errors", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in the ingress")
+        return _error(500, "internal error; see the ingress log")
+
+    @app.post("/v1/actions", status_code=202, response_model=SubmitResponse, dependencies=auth,
+              responses={**_ERRORS, 422: {"model": SubmitResponse}, 503: {"model": ErrorResponse}})
+    def submit_actions(body: SubmitRequest) -> Any:
+        """Accept actions (any JSON form) or a raw LLM reply; each valid action becomes one task."""
+        if body.text is not None and body.actions is not None:
+            return _error(422, "send either 'actions' or 'text', not both")
+        payload: Any = body.text if body.text is not None else body.actions
+        if payload is None:
+            return _error(422, "send 'actions' (a list of actions) or 'text' (a raw LLM reply)")
+        context = body.context.model_dump(exclude_none=True) if body.context else {}
+        answer = default_ingress().submit(payload, context=context, idempotency_key=body.idempotency_key)
+        return JSONResponse(answer.as_dict(), status_code=answer.status)
+
+    async def _wait_for(fetch: Any, wait: float) -> Any:
+        deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
+        delay = 0.05
+        while True:
+            value = await run_in_threadpool(fetch)
+            if value is None:
+                return None
+            runs = value if isinstance(value, list) else [value]
+            if all(r["status"] in FINAL_STATES for r in runs) or time.monotonic() >= deadline:
+                return value
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+
+    @app.get("/v1/actions/{action_id}", response_model=ActionState, dependencies=auth, responses=_ERRORS)
+    async def get_action(action_id: str, wait: Wait = 0) -> Any:
+        """One action's state; ``?wait=`` long-polls until it is finished."""
+        run = await _wait_for(lambda: shared_log().get(action_id), wait)
+        if run is None:
+            raise NotFound(f"no action {action_id}")
+        return run
+
+    @app.get("/v1/batches/{batch_id}", response_model=BatchState, dependencies=auth, responses=_ERRORS)
+    async def get_batch(batch_id: str, wait: Wait = 0) -> Any:
+        """A batch's actions in submission order; ``?wait=`` long-polls until all are finished."""
+        runs = await _wait_for(lambda: shared_log().batch(batch_id), wait)
+        if runs is None:
+            raise NotFound(f"no batch {batch_id}")
+        return {"batch_id": batch_id, "actions": runs, "done": all(r["status"] in FINAL_STATES for r in runs)}
+
+    @app.post("/v1/actions/{action_id}/cancel", response_model=CancelResponse, dependencies=auth,
+              responses={**_ERRORS, 409: {"model": ErrorResponse}})
+    def cancel_action(action_id: str) -> Any:
+        """Cancel a queued action; ask a running one to stop."""
+        from rekku.celery_app import app as celery
+
+        status = shared_log().request_cancel(action_id)
+        if status is None:
+            raise NotFound(f"no action {action_id}")
+        if status == CANCELLED:
+            celery.control.revoke(action_id)
+            return {"id": action_id, "status": status, "detail": "cancelled before it ran"}
+        if status == RUNNING:
+            # SIGUSR1 raises the soft-time-limit exception inside a prefork child; the run then
+            # sees cancel_requested and ends as cancelled.
+            celery.control.revoke(action_id, terminate=True, signal="SIGUSR1")
+            return {"id": action_id, "status": status, "detail": "running; asked to stop"}
+        raise Conflict(f"action {action_id} already {status}; nothing to cancel")
+
+    @app.get("/v1/capabilities", response_model=CapabilitiesResponse, dependencies=auth, responses=_ERRORS)
+    def get_capabilities() -> Any:
+        """Every action this deployment can run, with its schema, instructions and queue."""
+        registry = get_registry()
+        return {"actions": capabilities(registry), "interfaces": [], "errors": registry.errors,
+                "disabled": {t: s.disabled for t, s in sorted(registry.disabled.items())}}
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Any:
+        """The process is alive (no dependencies checked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    def readyz() -> Any:
+        """Broker and database reachable."""
+        checks = readiness()
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def readiness() -> dict[str, str]:
+    """``{"broker": "ok"|error, "database": "ok"|error}``."""
+    from rekku.celery_app import app as celery
+    from rekku.db import get_engine
+
+    checks: dict[str, str] = {}
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unreachable: {type(exc).__name__}"
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    return checks

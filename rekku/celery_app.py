@@ -1,0 +1,62 @@
+"""The Celery application: one task per action type (``rekku.action.<type>``) plus ``rekku.ingest``.
+
+Importing this module discovers the plugins, so ``celery -A rekku.celery_app worker`` and
+``rekku worker`` register exactly the tasks the ingress enqueues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from rekku.plugin_base import ActionSpec
+from rekku.registry import Registry, get_registry
+from rekku.runner import execute, time_limit_of
+
+#: Extra seconds Celery waits past an action's own limit before interrupting (soft) and killing (hard).
+SOFT_GRACE, HARD_GRACE = 5.0, 15.0
+
+
+def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
+    limit = time_limit_of(spec)
+
+    def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> Any:
+        return execute(self, spec, action_id, payload, context)
+
+    run_action.__name__ = f"action_{spec.type}"
+    run_action.__doc__ = spec.description or f"Run the '{spec.type}' action of plugin '{spec.plugin}'."
+    return app.task(
+        run_action, bind=True, name=spec.task_name, queue=spec.pool,
+        acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+        soft_time_limit=limit + SOFT_GRACE, time_limit=limit + HARD_GRACE,
+        rate_limit=spec.rate_limit, max_retries=None,
+    )
+
+
+def register_action_tasks(app: Celery, registry: Registry) -> None:
+    """Register a task for every enabled action type, routed to its pool's queue."""
+    routes = {}
+    for spec in registry.actions.values():
+        if spec.task_name not in app.tasks:
+            _make_action_task(app, spec)
+        routes[spec.task_name] = {"queue": spec.pool}
+    app.conf.task_routes = {**(app.conf.task_routes or {}), **routes}
+
+
+def make_app() -> Celery:
+    app = Celery("rekku")
+    app.config_from_object("celeryconfig")
+    register_action_tasks(app, get_registry())
+
+    @app.task(name="rekku.ingest", bind=True, queue="default", acks_late=True)
+    def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> dict:
+        """Accept actions from a service that speaks Celery; answers like POST /v1/actions."""
+        from rekku.ingest import submit
+
+        return submit(body, context=context, idempotency_key=idempotency_key).as_dict()
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,230 @@
+"""The `rekku` command (DESIGN.md §5): start the parts, submit actions, look at them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from rekku.settings import get_settings
+
+console = Console()
+FINAL = ("succeeded", "failed", "cancelled")
+_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "white"}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=get_settings().log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+def main() -> None:
+    """Rekku actions on Celery."""
+
+
+# ----------------------------------------------------------------------------- processes
+@main.command()
+def up() -> None:
+    """Everything on this machine: Redis (embedded unless REKKU_BROKER_URL), database, ingress,
+    a worker per pool, beat and Flower."""
+    from rekku.supervisor import run_up
+
+    sys.exit(run_up(get_settings()))
+
+
+@main.command()
+@click.option("--host", default=None, help="bind address (default REKKU_HOST)")
+@click.option("--port", type=int, default=None, help="port (default REKKU_PORT)")
+@click.option("--migrate/--no-migrate", default=True, help="run database migrations first")
+@click.option("--workers", type=int, default=1, show_default=True, help="uvicorn worker processes")
+def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> None:
+    """The HTTP ingress (FastAPI + uvicorn)."""
+    import uvicorn
+
+    _setup_logging()
+    settings = get_settings()
+    if migrate:
+        from rekku.migrate import upgrade
+
+        upgrade(settings.resolved_database_url())
+    settings.ensure_api_token()
+    uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port or settings.port,
+                workers=workers, log_level=settings.log_level.lower(), access_log=False)
+
+
+@main.command()
+@click.option("--pool", type=click.Choice(["default", "io", "selenium", "terminal"]), required=True)
+@click.option("--concurrency", "-c", type=int, default=None, help="processes/threads (default: the pool's)")
+@click.option("--node", default=None, help="node name (default: host name)")
+def worker(pool: str, concurrency: int | None, node: str | None) -> None:
+    """A Celery worker serving one pool's queue."""
+    from workers.pools import worker_argv
+
+    settings = get_settings()
+    argv = worker_argv(pool, concurrency or settings.worker_concurrency, node, settings.log_level)
+    from rekku.celery_app import app
+
+    app.start(argv[2:])
+
+
+@main.command()
+def beat() -> None:
+    """celery beat: periodic work (due events, weather, reconciler)."""
+    from rekku.celery_app import app
+
+    schedule = get_settings().home_dir / "celerybeat-schedule"
+    app.start(["beat", "-s", str(schedule), "--loglevel", get_settings().log_level])
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="port (default FLOWER_PORT or 5555)")
+@click.option("--address", default="127.0.0.1", show_default=True)
+def flower(port: int | None, address: str) -> None:
+    """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials)."""
+    import os
+
+    from rekku.celery_app import app
+
+    settings = get_settings()
+    auth = settings.ensure_flower_auth()
+    os.environ["FLOWER_BASIC_AUTH"] = auth  # read by Flower; kept off the command line (ps)
+    if not settings.flower_basic_auth:
+        console.print(f"Flower credentials (generated, in {settings.home_dir / 'flower_auth'}): {auth}")
+    app.start(["flower", f"--port={port or settings.flower_port}", f"--address={address}"])
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema up to date."""
+    from rekku.migrate import state, upgrade
+
+    url = get_settings().resolved_database_url()
+    upgrade(url)
+    current, head = state(url)
+    console.print(f"database at revision {current} (head {head})")
+
+
+# ----------------------------------------------------------------------------- client side
+def _client() -> tuple[str, dict[str, str]]:
+    settings = get_settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}", {"Authorization": f"Bearer {settings.ensure_api_token()}"}
+
+
+def _request(method: str, path: str, **kwargs: Any) -> requests.Response:
+    base, headers = _client()
+    try:
+        return requests.request(method, base + path, headers=headers, timeout=kwargs.pop("timeout", 30), **kwargs)
+    except requests.ConnectionError:
+        raise click.ClickException(f"cannot reach the ingress at {base} (is `rekku up` or `rekku ingress` running?)")
+
+
+def _progress_table(runs: list[dict]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    for col in ("#", "id", "type", "status", "progress / result"):
+        table.add_column(col)
+    for i, r in enumerate(runs):
+        detail = r.get("error") if r["status"] == "failed" else (
+            json.dumps(r.get("result"))[:80] if r["status"] == "succeeded" else
+            (r.get("progress") or {}).get("step", ""))
+        table.add_row(str(i), r["id"][:8], r["type"], f"[{_STYLE.get(r['status'], '')}]{r['status']}[/]",
+                      str(detail or ""))
+    return table
+
+
+@main.command()
+@click.argument("file", required=False, default="-")
+@click.option("--context", "context_json", default=None, help='JSON, e.g. \'{"chat_id": "1"}\'')
+@click.option("--wait", is_flag=True, help="wait until every action is finished, showing progress")
+@click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait at most")
+@click.option("--idempotency-key", default=None)
+def submit(file: str, context_json: str | None, wait: bool, timeout: float, idempotency_key: str | None) -> None:
+    """Submit actions from FILE (or stdin): any JSON form or a raw LLM reply."""
+    text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    body: dict[str, Any] = {"text": text}
+    if context_json:
+        try:
+            body["context"] = json.loads(context_json)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--context")
+    if idempotency_key:
+        body["idempotency_key"] = idempotency_key
+    resp = _request("POST", "/v1/actions", json=body)
+    answer = resp.json()
+    if resp.status_code not in (202, 422):
+        raise click.ClickException(f"{resp.status_code}: {answer.get('detail')}")
+    for rej in answer.get("rejected", []):
+        console.print(f"[red]rejected[/red] action {rej['index']} ({rej['type']}): " + "; ".join(rej["errors"]))
+    if not answer.get("accepted"):
+        sys.exit(2)
+    console.print(f"batch {answer['batch_id']}: {len(answer['accepted'])} accepted")
+    if not wait:
+        for a in answer["accepted"]:
+            console.print(f"  {a['id']}  {a['type']}  → {a['queue']}")
+        return
+    deadline = time.monotonic() + timeout
+    runs: list[dict] = []
+    with Live(console=console, refresh_per_second=8) as live:
+        while time.monotonic() < deadline:
+            data = _request("GET", f"/v1/batches/{answer['batch_id']}", params={"wait": 1}, timeout=40).json()
+            runs = data["actions"]
+            live.update(_progress_table(runs))
+            if data["done"]:
+                break
+    if not runs or any(r["status"] not in FINAL for r in runs):
+        raise click.ClickException("timed out waiting for the actions")
+    sys.exit(0 if all(r["status"] == "succeeded" for r in runs) and not answer.get("rejected") else 1)
+
+
+@main.command()
+@click.argument("action_id")
+@click.option("--wait", type=float, default=0, help="long-poll up to this many seconds")
+def status(action_id: str, wait: float) -> None:
+    """One action's state, as JSON."""
+    resp = _request("GET", f"/v1/actions/{action_id}", params={"wait": wait}, timeout=wait + 30)
+    if resp.status_code != 200:
+        raise click.ClickException(f"{resp.status_code}: {resp.json().get('detail')}")
+    console.print_json(data=resp.json())
+
+
+@main.command()
+def actions() -> None:
+    """Every action type this deployment knows, as a table (read from the plugins, not the ingress)."""
+    from rekku.registry import get_registry
+
+    registry = get_registry()
+    table = Table(title="Rekku actions", header_style="bold")
+    for col in ("type", "plugin", "queue", "required", "optional", "description"):
+        table.add_column(col)
+    for spec in sorted(registry.actions.values(), key=lambda s: s.type):
+        table.add_row(spec.type, spec.plugin, spec.pool, ", ".join(spec.required_fields),
+                      ", ".join(spec.optional_fields), spec.description)
+    for spec in sorted(registry.disabled.values(), key=lambda s: s.type):
+        table.add_row(f"[dim]{spec.type}[/dim]", spec.plugin, spec.pool, "", "", f"[yellow]disabled: {spec.disabled}[/]")
+    console.print(table)
+    for err in registry.errors:
+        console.print(f"[red]plugin error:[/red] {err}")
+
+
+@main.command()
+def doctor() -> None:
+    """Check broker, database, workers, browser and plugins, and say what to fix."""
+    from rekku.doctor import render, run_checks
+
+    checks = run_checks(get_settings())
+    render(checks, console)
+    sys.exit(1 if any(c.level == "fail" for c in checks) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The one place that turns a logged action into a Celery message (used by the ingress and retries)."""
+
+from __future__ import annotations
+
+import logging
+
+from rekku.action_log import NewRun
+
+log = logging.getLogger(__name__)
+
+#: How hard to try the broker before giving up on a publish.
+RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
+
+
+def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
+    """Publish one ``rekku.action.<type>`` message per run, task id = action id.
+
+    Returns the ids that could not be published (the broker is unreachable)."""
+    from rekku.celery_app import app
+
+    failed: list[str] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for run in runs:
+                if failed:
+                    failed.append(run.id)
+                    continue
+                try:
+                    app.tasks[f"rekku.action.{run.type}"].apply_async(
+                        kwargs={"action_id": run.id, "payload": run.payload,
+                                "context": {**run.context, "batch_id": batch_id}},
+                        task_id=run.id, queue=run.queue, producer=producer,
+                        retry=True, retry_policy=RETRY_POLICY)
+                except Exception:
+                    log.exception("could not publish action %s", run.id)
+                    failed.append(run.id)
+    except Exception:
+        log.exception("could not reach the broker")
+        return [r.id for r in runs if r.id not in failed] + failed
+    return failed

@@ -1,0 +1,136 @@
+"""Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
+
+The task body (rekku.runner) calls every hook of :data:`HOOKS` at the same points; a concern is
+added by writing a class and listing it, not by adding branches to the task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from rekku.action_log import ActionLog, shared_log
+from rekku.context import ActionContext
+from rekku.errors import NotAuthorized
+from rekku.plugin_base import ActionSpec
+from rekku.settings import get_settings
+
+log = logging.getLogger("rekku.run")
+
+
+class SkipRun(Exception):
+    """Raised by a hook's ``before_run`` to acknowledge the task without running the handler."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Run:
+    """One delivery of one action to one worker."""
+
+    task: Any
+    spec: ActionSpec
+    action_id: str
+    payload: dict
+    context: ActionContext
+    extras: dict = field(default_factory=dict)
+
+
+class Hook:
+    """No-op base: override the moments you care about."""
+
+    def before_run(self, run: Run) -> None:
+        """Before the handler; raise SkipRun to skip it, any other error fails the action."""
+
+    def after_success(self, run: Run, result: Any) -> None:
+        """The handler returned ``result``."""
+
+    def after_failure(self, run: Run, error: str) -> None:
+        """The action failed for good."""
+
+    def before_retry(self, run: Run, error: str, countdown: float) -> None:
+        """The action will be retried in ``countdown`` seconds."""
+
+    def after_cancel(self, run: Run) -> None:
+        """The action was stopped at the user's request."""
+
+    def after_skip(self, run: Run, reason: str) -> None:
+        """The delivery was acknowledged without running the handler."""
+
+
+class ActionLogHook(Hook):
+    """Moves the action through its states in the log; a finished action is never run again."""
+
+    @property
+    def log(self) -> ActionLog:
+        return shared_log()
+
+    def before_run(self, run: Run) -> None:
+        if not self.log.claim(run.action_id, run.context.worker or "?"):
+            current = self.log.get(run.action_id)
+            if current is None:
+                raise SkipRun("unknown action (not in the action log)")
+            if current["status"] == "running":  # cancel asked while its previous holder died
+                self.log.cancelled(run.action_id, "cancelled")
+                raise SkipRun("cancelled")
+            raise SkipRun(f"already {current['status']}")
+        run.context.attempt = self.log.attempts(run.action_id)
+
+    def after_success(self, run: Run, result: Any) -> None:
+        self.log.succeed(run.action_id, result)
+
+    def after_failure(self, run: Run, error: str) -> None:
+        self.log.fail(run.action_id, error)
+
+    def before_retry(self, run: Run, error: str, countdown: float) -> None:
+        self.log.requeue(run.action_id, f"{error} (retrying in {countdown:g} s)")
+
+    def after_cancel(self, run: Run) -> None:
+        self.log.cancelled(run.action_id, "cancelled while running")
+
+
+class AuthorizationHook(Hook):
+    """Re-checks trainer-only and restricted actions in the worker: the ingress is not the only door."""
+
+    def before_run(self, run: Run) -> None:
+        from rekku.validation import authorization_error
+
+        denied = authorization_error(run.spec, vars(run.context), get_settings())
+        if denied:
+            raise NotAuthorized(denied)
+
+
+class ProgressHook(Hook):
+    """Lets handlers report named steps: stored in the log and published as the task's state."""
+
+    def before_run(self, run: Run) -> None:
+        action_log = shared_log()
+
+        def sink(progress: dict) -> None:
+            action_log.set_progress(run.action_id, progress)
+            try:
+                run.task.update_state(task_id=run.action_id, state="PROGRESS", meta=progress)
+            except Exception:  # the result backend is a nicety here; the log has it
+                log.debug("could not publish progress of %s", run.action_id, exc_info=True)
+
+        run.context._progress_sink = sink
+
+
+class LoggingHook(Hook):
+    """One log line per outcome, with the action id and type."""
+
+    def after_success(self, run: Run, result: Any) -> None:
+        log.info("action %s (%s) succeeded", run.action_id, run.spec.type)
+
+    def after_failure(self, run: Run, error: str) -> None:
+        log.warning("action %s (%s) failed: %s", run.action_id, run.spec.type, error)
+
+    def after_skip(self, run: Run, reason: str) -> None:
+        log.info("action %s (%s) not run: %s", run.action_id, run.spec.type, reason)
+
+
+#: The hooks every action run passes through, in order.
+HOOKS: list[Hook] = [ActionLogHook(), AuthorizationHook(), ProgressHook(), LoggingHook()]

@@ -1,0 +1,126 @@
+"""Accept a request of actions: parse → validate → write to the action log → enqueue.
+
+Shared by ``POST /v1/actions`` and the ``rekku.ingest`` Celery task, so both answer the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from rekku import dispatch
+from rekku.action_log import ActionLog, NewRun, shared_log
+from rekku.context import normalize_context
+from rekku.corrections import CorrectionCounter, build_correction
+from rekku.errors import ServiceUnavailable
+from rekku.parsing import ParseResult, parse_text, parse_value
+from rekku.registry import Registry, get_registry
+from rekku.settings import Settings, get_settings
+from rekku.validation import Rejection, validate_actions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """What a submitter gets back; ``status`` is the HTTP status (202 or 422)."""
+
+    batch_id: str | None
+    accepted: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    correction: dict | None = None
+    status: int = 202
+
+    def as_dict(self) -> dict:
+        return {"batch_id": self.batch_id, "accepted": self.accepted, "rejected": self.rejected,
+                "correction": self.correction}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Answer:
+        return cls(data.get("batch_id"), data.get("accepted", []), data.get("rejected", []),
+                   data.get("correction"), 202 if data.get("accepted") else 422)
+
+
+def capabilities(registry: Registry) -> dict:
+    return {t: spec.capability() for t, spec in sorted(registry.actions.items())}
+
+
+class Ingress:
+    """The ingress's work, independent of transport (HTTP or Celery)."""
+
+    def __init__(self, settings: Settings, registry: Registry, action_log: ActionLog,
+                 redis_client: Any | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.log = action_log
+        self.corrections = CorrectionCounter(redis_client) if redis_client is not None else None
+
+    def submit(self, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
+        if idempotency_key:
+            earlier = self.log.find_batch_response(idempotency_key)
+            if earlier is not None:
+                return Answer.from_dict(earlier)
+        parsed = parse_text(body) if isinstance(body, (str, bytes)) else parse_value(body)
+        ctx = normalize_context(context)
+        accepted, rejected = validate_actions(parsed.actions, self.registry, ctx, self.settings)
+        rejected = [Rejection(None, None, parsed.errors)] + rejected if parsed.errors else rejected
+        if not parsed.actions and not parsed.errors:
+            if parsed.ignored_system_message:
+                rejected = [Rejection(None, None, ["A system_message is never executed; no actions to run"])]
+            else:
+                rejected = [Rejection(None, None, ["No actions to run"])]
+        correction = self._correction(parsed, rejected, body, ctx)
+        if not accepted:
+            return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
+
+        batch_id = str(uuid.uuid4())
+        runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, a.spec.pool, a.payload,
+                       {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {})})
+                for a in accepted]
+        answer = Answer(batch_id,
+                        [{"index": r.position, "id": r.id, "type": r.type, "queue": r.queue} for r in runs],
+                        [r.as_dict() for r in rejected], correction)
+        earlier = self.log.record_batch(batch_id, idempotency_key, runs, answer.as_dict())
+        if earlier is not None:  # lost a race on the same idempotency key
+            return Answer.from_dict(earlier)
+        unsent = dispatch.enqueue(runs, batch_id)
+        if unsent:
+            self.log.fail_unsent(unsent, "could not enqueue: the broker is unreachable")
+            if idempotency_key:
+                self.log.forget_idempotency_key(batch_id)
+            raise ServiceUnavailable(f"the broker is unreachable; {len(unsent)} of {len(runs)} actions "
+                                     f"were not enqueued (marked failed in batch {batch_id})")
+        return answer
+
+    def _correction(self, parsed: ParseResult, rejected: list[Rejection], body: Any, ctx: dict) -> dict | None:
+        if not rejected:
+            if self.corrections is not None:
+                self.corrections.reset(ctx)
+            return None
+        errors = [f"action {r.index} ({r.type}): {e}" if r.index is not None else e
+                  for r in rejected for e in r.errors]
+        attempt = self.corrections.bump(ctx) if self.corrections is not None else 1
+        original = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        return build_correction(errors, original, capabilities(self.registry), attempt=attempt,
+                                retries=self.settings.corrector_retries)
+
+
+@functools.lru_cache(maxsize=1)
+def default_ingress() -> Ingress:
+    """The process's ingress on the configured registry, database and broker."""
+    settings = get_settings()
+    client = None
+    broker = settings.resolved_broker_url()
+    if broker.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+        client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"),
+                                      socket_timeout=2, socket_connect_timeout=2)
+    return Ingress(settings, get_registry(), shared_log(), client)
+
+
+def submit(body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
+    return default_ingress().submit(body, context=context, idempotency_key=idempotency_key)

@@ -1,0 +1,151 @@
+"""Turn what an LLM answered into a list of raw actions.
+
+Accepted: ``{"actions": [...]}``, a bare list of actions, one action object, or any of those inside
+prose and code fences. A bare array keeps all of its actions (upstream kept only the first), and a
+top-level ``system_message`` is never executed: it is an echo of our own messages.
+Nothing here raises on bad input: every problem becomes a message in ``ParseResult.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+#: At most this many ``{``/``[`` positions are tried when looking for JSON inside prose.
+MAX_CANDIDATES = 64
+#: Message for JSON nested past Python's recursion limit (the C decoder stops there safely).
+_TOO_DEEP = "JSON nested too deeply"
+
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+@dataclass
+class ParseResult:
+    """The raw actions found, and why nothing was found when so."""
+
+    actions: list[Any] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    ignored_system_message: bool = False
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key '{key[:50]}' in a JSON object")
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constants)
+
+
+def decode_json(text: str) -> Any:
+    """Strict JSON: no NaN/Infinity, no duplicate keys; too-deep nesting is a ValueError, not a crash."""
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+
+
+def _looks_like_actions(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "actions" in value or "type" in value or "system_message" in value
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, dict) for v in value)
+    return False
+
+
+def _find_json(text: str) -> tuple[Any, str | None]:
+    """The first JSON value in ``text`` that looks like actions (else the first that decodes)."""
+    stripped = text.strip()
+    if not stripped:
+        return None, "The reply is empty: expected JSON actions"
+    try:
+        return decode_json(stripped), None
+    except ValueError as exc:
+        first_error = str(exc)
+    blocks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    fallback: Any = None
+    found_any = False
+    tried = 0
+    for block in blocks:
+        for match in re.finditer(r"[\[{]", block):
+            if tried >= MAX_CANDIDATES:
+                break
+            tried += 1
+            start = match.start()
+            try:
+                value, _end = _DECODER.raw_decode(block, start)
+            except RecursionError:
+                first_error = _TOO_DEEP
+                continue
+            except ValueError as exc:
+                if isinstance(exc, _DuplicateKey):
+                    first_error = str(exc)
+                continue
+            if _looks_like_actions(value):
+                return value, None
+            if not found_any:
+                fallback, found_any = value, True
+    if found_any:
+        return fallback, None
+    return None, f"No JSON actions found in the reply ({first_error})"
+
+
+def extract_actions(value: Any, result: ParseResult) -> None:
+    """Flatten one of the three accepted top-level forms into ``result.actions``."""
+    if isinstance(value, list):
+        result.actions.extend(value)
+    elif isinstance(value, dict):
+        if "system_message" in value:
+            result.ignored_system_message = True
+        if "actions" in value:
+            actions = value["actions"]
+            if isinstance(actions, list):
+                result.actions.extend(actions)
+            elif isinstance(actions, dict):
+                result.actions.append(actions)
+            else:
+                result.errors.append("'actions' must be a list of action objects")
+        elif "type" in value or "payload" in value:
+            result.actions.append(value)
+        elif not result.ignored_system_message:
+            result.errors.append("Expected {\"actions\": [...]}, a list of actions, or one action object")
+    else:
+        result.errors.append("Expected {\"actions\": [...]}, a list of actions, or one action object; "
+                             f"got a JSON {type(value).__name__}")
+
+
+def parse_text(text: str | bytes) -> ParseResult:
+    """Parse raw LLM output (JSON, possibly in fences or prose) into raw actions."""
+    result = ParseResult()
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            result.errors.append(f"The reply is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            return result
+    value, error = _find_json(text)
+    if error:
+        result.errors.append(error)
+        return result
+    extract_actions(value, result)
+    return result
+
+
+def parse_value(value: Any) -> ParseResult:
+    """Accept an already-decoded JSON value in any of the three forms."""
+    result = ParseResult()
+    extract_actions(value, result)
+    return result

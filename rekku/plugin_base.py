@@ -1,0 +1,122 @@
+"""What a plugin is: the seed's ``AIPluginBase`` contract plus the run options we add.
+
+A plugin written exactly like the seed's example works unchanged; everything added here has a
+default. Run options (pool, time limit, ...) are plugin class attributes, and any action's schema
+may override them with the same key (``{"my_action": {..., "pool": "io"}}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The worker pools (queues) an action may run on; see workers/pools.py.
+POOLS = ("default", "io", "selenium", "terminal")
+
+#: Upstream's pseudo action type for plugins that only contribute prompt context.
+STATIC_INJECT = "static_inject"
+
+
+class AIPluginBase:
+    """Base class of every action plugin (the seed's contract).
+
+    Class attributes are run options for all of the plugin's actions; an action's schema entry
+    may override each of them.
+    """
+
+    #: Worker pool (queue) the plugin's actions run on.
+    pool: str = "default"
+    #: Seconds an action may run before it is stopped and failed; None = the global default.
+    time_limit: float | None = None
+    #: Celery rate limit string, e.g. "10/m", applied per worker node.
+    rate_limit: str | None = None
+    #: Retries for TransientError, with exponential backoff.
+    max_retries: int = 3
+    #: True when running the handler twice has no extra effect (a redelivery may then re-run it).
+    idempotent: bool = False
+    #: Subject to RESTRICT_ACTIONS (upstream's ``"restricted": true``).
+    restricted: bool = False
+    #: Only trainers may run it, whatever RESTRICT_ACTIONS says (e.g. terminal).
+    trainer_only: bool = False
+
+    @staticmethod
+    def get_supported_action_types() -> list[str]:
+        return []
+
+    def get_supported_actions(self) -> dict:
+        return {}
+
+    def get_prompt_instructions(self, action_name: str) -> dict:
+        return {}
+
+    def validate_payload(self, action_type: str, payload: dict) -> list[str]:
+        return []
+
+    async def handle_custom_action(self, action_type: str, payload: dict) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not handle '{action_type}'")
+
+    def unavailable_reason(self) -> str | None:
+        """Why this plugin's actions cannot run here (e.g. a missing credential), or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """Everything the system knows about one action type, resolved once at registration."""
+
+    type: str
+    plugin: str
+    description: str = ""
+    required_fields: tuple[str, ...] = ()
+    optional_fields: tuple[str, ...] = ()
+    instructions: dict = field(default_factory=dict)
+    pool: str = "default"
+    time_limit: float | None = None
+    rate_limit: str | None = None
+    max_retries: int = 3
+    idempotent: bool = False
+    restricted: bool = False
+    trainer_only: bool = False
+    disabled: str | None = None
+
+    @property
+    def task_name(self) -> str:
+        return f"rekku.action.{self.type}"
+
+    def capability(self) -> dict:
+        """The public description of the action (GET /v1/capabilities)."""
+        return {
+            "description": self.description,
+            "required_fields": list(self.required_fields),
+            "optional_fields": list(self.optional_fields),
+            "instructions": self.instructions,
+            "queue": self.pool,
+            **({"restricted": True} if self.restricted or self.trainer_only else {}),
+        }
+
+
+_OPTION_KEYS = ("pool", "time_limit", "rate_limit", "max_retries", "idempotent", "restricted", "trainer_only")
+
+
+def build_spec(plugin_name: str, plugin: Any, action_type: str, schema: dict) -> ActionSpec:
+    """Resolve an action's schema plus the plugin's class options into an ActionSpec."""
+    options = {key: schema.get(key, getattr(plugin, key, getattr(AIPluginBase, key))) for key in _OPTION_KEYS}
+    if options["pool"] not in POOLS:
+        raise ValueError(f"action '{action_type}' asks for unknown pool '{options['pool']}' (pools: {POOLS})")
+    try:
+        instructions = plugin.get_prompt_instructions(action_type) or {}
+    except Exception as exc:  # a plugin bug in its docs must not hide its actions
+        instructions = {"error": f"get_prompt_instructions failed: {exc}"}
+    reason = None
+    if hasattr(plugin, "unavailable_reason"):
+        reason = plugin.unavailable_reason()
+    return ActionSpec(
+        type=action_type,
+        plugin=plugin_name,
+        description=str(schema.get("description", "")),
+        required_fields=tuple(schema.get("required_fields", ()) or ()),
+        optional_fields=tuple(schema.get("optional_fields", ()) or ()),
+        instructions=instructions,
+        disabled=reason,
+        **options,
+    )

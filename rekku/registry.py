@@ -1,0 +1,221 @@
+"""The one plugin registry, and discovery that fills it.
+
+Plugins call :func:`register_plugin` from their constructor, as the seed shows; discovery imports
+every candidate module, builds its ``PLUGIN_CLASS`` with no arguments and records what failed
+(import error, constructor error, clashing action type) without stopping the others.
+
+The seed's import paths ``core.ai_plugin_base`` and ``core.core_initializer`` are provided as
+aliases of this package (see :func:`install_core_aliases`), so the seed's example loads unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import threading
+import traceback
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rekku.plugin_base import STATIC_INJECT, ActionSpec, build_spec
+from rekku.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+#: Directory of the bundled plugins (the repository's ``plugins/``).
+BUILTIN_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
+#: Entry-point group installed packages use to offer plugins.
+ENTRY_POINT_GROUP = "rekku.plugins"
+
+
+@dataclass
+class Registry:
+    """Plugins by name, action specs by type, and every load error."""
+
+    plugins: dict[str, Any] = field(default_factory=dict)
+    actions: dict[str, ActionSpec] = field(default_factory=dict)
+    disabled: dict[str, ActionSpec] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    loaded_modules: list[str] = field(default_factory=list)
+
+    def add_plugin(self, name: str, plugin: Any) -> None:
+        """Register ``plugin`` under ``name`` and resolve its actions; clashes are errors, not crashes."""
+        if name in self.plugins and self.plugins[name] is not plugin:
+            raise ValueError(f"plugin name '{name}' is already registered")
+        types_ = [t for t in plugin.get_supported_action_types() if t != STATIC_INJECT]
+        schemas = plugin.get_supported_actions() if types_ else {}
+        specs = []
+        for action_type in types_:
+            if not isinstance(action_type, str) or not action_type:
+                raise ValueError(f"plugin '{name}' declares an invalid action type {action_type!r}")
+            owner = self.actions.get(action_type) or self.disabled.get(action_type)
+            if owner is not None and owner.plugin != name:
+                raise ValueError(f"action type '{action_type}' of plugin '{name}' is already "
+                                 f"provided by plugin '{owner.plugin}'")
+            specs.append(build_spec(name, plugin, action_type, schemas.get(action_type, {}) or {}))
+        self.plugins[name] = plugin
+        for spec in specs:
+            (self.disabled if spec.disabled else self.actions)[spec.type] = spec
+
+    def plugin_for(self, action_type: str) -> Any:
+        spec = self.actions[action_type]
+        return self.plugins[spec.plugin]
+
+    def injectors(self) -> list[tuple[str, Any]]:
+        """Plugins offering prompt context through ``get_static_injection``."""
+        return [(n, p) for n, p in self.plugins.items() if callable(getattr(p, "get_static_injection", None))]
+
+
+_lock = threading.RLock()
+_active: Registry | None = None  # the registry being filled by discovery
+_current: Registry | None = None  # the process's finished registry
+
+
+def register_plugin(name: str, plugin: Any) -> None:
+    """Called by plugins from their constructor (the seed's API)."""
+    target = _active if _active is not None else get_registry()
+    target.add_plugin(name, plugin)
+
+
+class CoreInitializer:
+    """The seed's ``core_initializer``: remembers which plugins announced themselves."""
+
+    def __init__(self) -> None:
+        self.loaded_plugins: list[str] = []
+
+    def register_plugin(self, name: str) -> None:
+        if name not in self.loaded_plugins:
+            self.loaded_plugins.append(name)
+
+    def register_action(self, *_args: Any, **_kwargs: Any) -> None:
+        """Accepted for compatibility; actions are taken from ``get_supported_actions``."""
+
+
+core_initializer = CoreInitializer()
+
+
+def install_core_aliases() -> None:
+    """Make ``core.ai_plugin_base`` and ``core.core_initializer`` importable, without a core/ folder."""
+    if "core" in sys.modules and getattr(sys.modules["core"], "__rekku_alias__", False):
+        return
+    from rekku import plugin_base
+
+    core = types.ModuleType("core")
+    core.__path__ = []  # a package, so submodule imports resolve from sys.modules
+    core.__rekku_alias__ = True
+    core.ai_plugin_base = plugin_base
+    core.core_initializer = sys.modules[__name__]
+    sys.modules.setdefault("core", core)
+    sys.modules.setdefault("core.ai_plugin_base", plugin_base)
+    sys.modules.setdefault("core.core_initializer", sys.modules[__name__])
+
+
+def _candidate_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part.startswith("_") or part.startswith(".") for part in rel.parts):
+            continue
+        files.append(path)
+    return files
+
+
+def _module_name(root: Path, path: Path) -> str:
+    rel = ".".join(path.relative_to(root).with_suffix("").parts)
+    if root == BUILTIN_PLUGIN_DIR:
+        return f"plugins.{rel}"
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]
+    return f"rekku_ext_{digest}.{rel}"
+
+
+def _load_file(registry: Registry, root: Path, path: Path) -> None:
+    name = _module_name(root, path)
+    try:
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+        _instantiate(registry, module, str(path))
+    except Exception as exc:
+        _report(registry, str(path), exc)
+
+
+def _instantiate(registry: Registry, module: Any, origin: str) -> None:
+    cls = getattr(module, "PLUGIN_CLASS", None)
+    if cls is None:
+        return  # a helper module, not a plugin
+    before = set(registry.plugins)
+    instance = cls()
+    if not any(p is instance for p in registry.plugins.values()):
+        # Not self-registered: register it under its class name rather than lose it.
+        registry.add_plugin(getattr(instance, "name", None) or cls.__name__, instance)
+    registry.loaded_modules.append(origin)
+    log.debug("loaded plugin module %s (%s)", origin, sorted(set(registry.plugins) - before))
+
+
+def _report(registry: Registry, origin: str, exc: BaseException) -> None:
+    message = f"{origin}: {type(exc).__name__}: {exc}"
+    registry.errors.append(message)
+    log.error("plugin %s failed to load and was skipped:\n%s", origin,
+              "".join(traceback.format_exception(exc)).rstrip())
+
+
+def discover(settings: Settings | None = None, *, builtin: bool = True) -> Registry:
+    """Build a registry from plugins/, REKKU_PLUGIN_PATH and the ``rekku.plugins`` entry points."""
+    global _active
+    settings = settings or get_settings()
+    install_core_aliases()
+    registry = Registry()
+    with _lock:
+        _active = registry
+        try:
+            roots = ([BUILTIN_PLUGIN_DIR] if builtin else []) + settings.plugin_dirs()
+            for root in roots:
+                if not root.is_dir():
+                    registry.errors.append(f"{root}: plugin directory does not exist")
+                    continue
+                for path in _candidate_files(root):
+                    _load_file(registry, root, path)
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    obj = ep.load()
+                    if isinstance(obj, types.ModuleType):
+                        _instantiate(registry, obj, f"entry point {ep.name}")
+                    else:
+                        _instantiate(registry, types.SimpleNamespace(PLUGIN_CLASS=obj), f"entry point {ep.name}")
+                except Exception as exc:
+                    _report(registry, f"entry point {ep.name}", exc)
+        finally:
+            _active = None
+    return registry
+
+
+def get_registry() -> Registry:
+    """The process's registry, discovered on first use."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = discover()
+        return _current
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process's registry (tests, or after changing REKKU_PLUGIN_PATH)."""
+    global _current
+    with _lock:
+        _current = registry

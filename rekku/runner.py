@@ -1,0 +1,104 @@
+"""The body of every ``rekku.action.<type>`` task: hooks around one handler call.
+
+Outcomes: the handler's return value is the result; TransientError is retried with backoff until
+``max_retries``; any other exception, a time limit or a refused authorization fails the action
+(never the worker); a cancel request stops it as ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+
+from rekku import context as ctxvars
+from rekku import event_loop
+from rekku.action_log import shared_log
+from rekku.context import ActionContext
+from rekku.errors import TransientError
+from rekku.hooks import HOOKS, Run, SkipRun
+from rekku.plugin_base import ActionSpec
+from rekku.registry import get_registry
+from rekku.settings import get_settings
+
+#: Longest wait between retries, in seconds.
+MAX_BACKOFF = 300.0
+
+
+class ActionFailed(Exception):
+    """Raised from the task so Celery (and Flower) record the failure; the log already has it."""
+
+
+def time_limit_of(spec: ActionSpec) -> float:
+    return float(spec.time_limit or get_settings().default_time_limit)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _bound(ctx: ActionContext, awaitable: Any) -> Any:
+    token = ctxvars.bind(ctx)
+    try:
+        return await awaitable
+    finally:
+        ctxvars.unbind(token)
+
+
+def invoke_handler(spec: ActionSpec, payload: dict, ctx: ActionContext) -> Any:
+    """Call the plugin's handler; async handlers run on the process's event loop, with the time limit."""
+    plugin = get_registry().plugins[spec.plugin]
+    token = ctxvars.bind(ctx)
+    try:
+        outcome = plugin.handle_custom_action(spec.type, payload)
+    finally:
+        ctxvars.unbind(token)
+    if inspect.isawaitable(outcome):
+        outcome = event_loop.run(_bound(ctx, outcome), timeout=time_limit_of(spec))
+    return outcome
+
+
+def _each(method: str, *args: Any) -> None:
+    for hook in HOOKS:
+        getattr(hook, method)(*args)
+
+
+def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context: dict | None) -> Any:
+    """Run one delivery of one action through the hooks."""
+    ctx = ActionContext.from_request(action_id, spec.type, context, worker=task.request.hostname,
+                                     batch_id=(context or {}).get("batch_id"))
+    run = Run(task=task, spec=spec, action_id=action_id, payload=payload, context=ctx)
+    try:
+        _each("before_run", run)
+    except SkipRun as skip:
+        _each("after_skip", run, skip.reason)
+        return {"skipped": skip.reason}
+    except Exception as exc:
+        _each("after_failure", run, _describe(exc))
+        raise ActionFailed(_describe(exc)) from None
+    try:
+        result = invoke_handler(spec, payload, ctx)
+    except Retry:
+        raise
+    except TransientError as exc:
+        if ctx.attempt <= spec.max_retries:
+            countdown = exc.retry_after if exc.retry_after is not None else min(MAX_BACKOFF, 2.0 ** ctx.attempt)
+            _each("before_retry", run, _describe(exc), countdown)
+            raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
+        error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
+    except (SoftTimeLimitExceeded, TimeoutError) as exc:
+        if shared_log().cancel_requested(action_id):
+            _each("after_cancel", run)
+            return {"cancelled": True}
+        error = f"time limit of {time_limit_of(spec):g} s exceeded"
+        if isinstance(exc, TimeoutError) and "did not finish" not in str(exc):
+            error = _describe(exc)
+    except Exception as exc:
+        error = _describe(exc)
+    else:
+        _each("after_success", run, result)
+        return result
+    _each("after_failure", run, error)
+    raise ActionFailed(error)

@@ -1,0 +1,154 @@
+"""The one settings object: every environment variable the project reads is a field here.
+
+Code never reads ``os.environ`` for configuration; it asks :func:`get_settings` (or receives a
+``Settings``), so the contract of DESIGN.md §7 is visible in one place and `.env.example` can be
+checked against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import quote_plus
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Restricted-action policies, as upstream's ``RESTRICT_ACTIONS``.
+RESTRICT_POLICIES = ("on", "trainer_only", "off")
+
+
+def _env(name: str, *more: str) -> AliasChoices:
+    return AliasChoices(name, *more)
+
+
+class Settings(BaseSettings):
+    """Typed view of the environment (and of ``.env`` when present)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(Path(".rekku"), validation_alias=_env("REKKU_HOME"))
+    broker_url: str | None = Field(None, validation_alias=_env("REKKU_BROKER_URL"))
+    database_url: str | None = Field(None, validation_alias=_env("REKKU_DATABASE_URL"))
+    db_host: str | None = Field(None, validation_alias=_env("DB_HOST"))
+    db_port: int = Field(3306, validation_alias=_env("DB_PORT"))
+    db_user: str = Field("root", validation_alias=_env("DB_USER"))
+    db_pass: str = Field("", validation_alias=_env("DB_PASS"))
+    db_name: str = Field("rekku", validation_alias=_env("DB_NAME"))
+
+    api_token: str | None = Field(None, validation_alias=_env("REKKU_API_TOKEN"))
+    host: str = Field("127.0.0.1", validation_alias=_env("REKKU_HOST"))
+    port: int = Field(8000, validation_alias=_env("REKKU_PORT"))
+    #: Largest accepted request body, in bytes.
+    max_body_bytes: int = Field(1024 * 1024, validation_alias=_env("REKKU_MAX_BODY_BYTES"))
+    #: Longest ``?wait=`` a client may ask for, in seconds.
+    max_wait_seconds: float = Field(300.0, validation_alias=_env("REKKU_MAX_WAIT"))
+
+    flower_port: int = Field(5555, validation_alias=_env("FLOWER_PORT"))
+    flower_basic_auth: str | None = Field(None, validation_alias=_env("FLOWER_BASIC_AUTH"))
+
+    trainer_ids_raw: str = Field("", validation_alias=_env("TRAINER_IDS"))
+    telegram_trainer_id: str | None = Field(None, validation_alias=_env("TELEGRAM_TRAINER_ID"))
+    restrict_actions: str = Field("trainer_only", validation_alias=_env("RESTRICT_ACTIONS"))
+    corrector_retries: int = Field(2, validation_alias=_env("CORRECTOR_RETRIES"))
+
+    tz: str = Field("UTC", validation_alias=_env("TZ"))
+    prompt_location: str | None = Field(None, validation_alias=_env("PROMPT_LOCATION"))
+
+    plugin_path: str = Field("", validation_alias=_env("REKKU_PLUGIN_PATH"))
+    #: Default per-action time limit in seconds, when a plugin does not set one.
+    default_time_limit: float = Field(300.0, validation_alias=_env("REKKU_DEFAULT_TIME_LIMIT"))
+    #: Seconds an unacknowledged message stays invisible before Redis hands it to another worker.
+    #: Must exceed the longest action time limit, or a slow action may be redelivered while it runs.
+    visibility_timeout: int = Field(3600, validation_alias=_env("REKKU_VISIBILITY_TIMEOUT"))
+    #: Worker concurrency override for every pool (``rekku worker --concurrency`` wins).
+    worker_concurrency: int | None = Field(None, validation_alias=_env("REKKU_WORKER_CONCURRENCY"))
+    log_level: str = Field("INFO", validation_alias=_env("REKKU_LOG_LEVEL"))
+
+    @field_validator("restrict_actions")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in RESTRICT_POLICIES:
+            raise ValueError(f"RESTRICT_ACTIONS must be one of {', '.join(RESTRICT_POLICIES)}")
+        return value
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def home_dir(self) -> Path:
+        path = self.home.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def resolved_database_url(self) -> str:
+        """REKKU_DATABASE_URL, else MariaDB from the seed's DB_* variables, else SQLite in REKKU_HOME."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            auth = quote_plus(self.db_user) + (":" + quote_plus(self.db_pass) if self.db_pass else "")
+            return f"mysql+mysqldb://{auth}@{self.db_host}:{self.db_port}/{self.db_name}?charset=utf8mb4"
+        return f"sqlite:///{self.home_dir / 'rekku.db'}"
+
+    def resolved_broker_url(self) -> str:
+        """REKKU_BROKER_URL, else the embedded Redis that `rekku up` started, else local Redis."""
+        if self.broker_url:
+            return self.broker_url
+        recorded = self.home_dir / "embedded-redis.url"
+        if recorded.exists():
+            return recorded.read_text().strip()
+        return "redis://127.0.0.1:6379/0"
+
+    @property
+    def trainer_ids(self) -> frozenset[tuple[str, str]]:
+        """``(interface, user_id)`` pairs; the legacy TELEGRAM_TRAINER_ID means telegram_bot."""
+        pairs: set[tuple[str, str]] = set()
+        for item in self.trainer_ids_raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            interface, sep, user = item.rpartition(":")
+            if sep and interface:
+                pairs.add((interface.strip(), user.strip()))
+            else:
+                pairs.add(("*", user.strip()))
+        if self.telegram_trainer_id and self.telegram_trainer_id.strip():
+            pairs.add(("telegram_bot", self.telegram_trainer_id.strip()))
+        return frozenset(pairs)
+
+    def is_trainer(self, interface: str | None, user_id: str | int | None) -> bool:
+        """An action with no user is never a trainer (upstream let it pass: a bug)."""
+        if user_id is None or str(user_id).strip() == "":
+            return False
+        uid = str(user_id).strip()
+        return any(uid == u and (i == "*" or i == (interface or "")) for i, u in self.trainer_ids)
+
+    def plugin_dirs(self) -> list[Path]:
+        return [Path(p).expanduser() for p in self.plugin_path.split(os.pathsep) if p.strip()]
+
+    def ensure_api_token(self) -> str:
+        """The configured token, else one kept in REKKU_HOME (created once) so CLI and ingress agree."""
+        if self.api_token:
+            return self.api_token
+        path = self.home_dir / "api_token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def ensure_flower_auth(self) -> str:
+        """FLOWER_BASIC_AUTH, else generated credentials kept in REKKU_HOME: Flower never runs open."""
+        if self.flower_basic_auth:
+            return self.flower_basic_auth
+        path = self.home_dir / "flower_auth"
+        if not path.exists():
+            path.write_text("rekku:" + secrets.token_urlsafe(16))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

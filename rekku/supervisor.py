@@ -1,0 +1,142 @@
+"""`rekku up`: every part on one machine as child processes, and a clean stop on Ctrl-C.
+
+Each child runs in its own process group (so its Celery pool children are signalled with it) and
+gets PR_SET_PDEATHSIG, so even a SIGKILL of `rekku up` leaves no orphan behind. On Ctrl-C or
+SIGTERM every group gets SIGTERM (Celery's warm shutdown: running actions finish), then SIGKILL
+after :data:`STOP_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.panel import Panel
+
+from rekku.embedded_redis import EmbeddedRedis
+from rekku.migrate import upgrade
+from rekku.settings import Settings
+from workers.pools import POOLS
+
+#: Seconds children get to stop after SIGTERM before they are killed.
+STOP_TIMEOUT = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _spawn(argv: list[str], env: dict[str, str], log_path: str | None = None) -> subprocess.Popen:
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    console: Console = field(default_factory=Console)
+    children: dict[str, subprocess.Popen] = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
+    _stopping: bool = False
+
+    def start(self) -> dict[str, str]:
+        """Start everything; returns the URLs and credentials to show."""
+        home = self.settings.home_dir
+        env = dict(os.environ, REKKU_HOME=str(home))
+        if not self.settings.broker_url:
+            self.redis = EmbeddedRedis(home)
+            env["REKKU_BROKER_URL"] = self.redis.start(start_new_session=True, preexec_fn=_die_with_parent)
+        db_url = self.settings.resolved_database_url()
+        env["REKKU_DATABASE_URL"] = db_url
+        upgrade(db_url)
+        token = self.settings.ensure_api_token()
+        env["REKKU_API_TOKEN"] = token
+        flower_auth = self.settings.ensure_flower_auth()
+        env["FLOWER_BASIC_AUTH"] = flower_auth
+        logs = home / "logs"
+        logs.mkdir(exist_ok=True)
+        me = [sys.executable, "-m", "rekku"]
+        host, port = self.settings.host, self.settings.port
+        plan = {"ingress": me + ["ingress", "--host", host, "--port", str(port), "--no-migrate"]}
+        for pool in POOLS:
+            plan[f"worker-{pool}"] = me + ["worker", "--pool", pool]
+        plan["beat"] = me + ["beat"]
+        plan["flower"] = me + ["flower", "--port", str(self.settings.flower_port), "--address", "127.0.0.1"]
+        for name, argv in plan.items():
+            self.children[name] = _spawn(argv, env, str(logs / f"{name}.log"))
+        return {
+            "API": f"http://{host}:{port}  (docs: /docs)",
+            "API token": token,
+            "Flower": f"http://127.0.0.1:{self.settings.flower_port}  (user:password = {flower_auth})",
+            "Broker": env["REKKU_BROKER_URL"] + ("  (embedded)" if self.redis else ""),
+            "Database": db_url.split("@")[-1] if "@" in db_url else db_url,
+            "Logs": str(logs),
+        }
+
+    def watch(self) -> int:
+        """Block until Ctrl-C/SIGTERM or a child dies; returns the exit code for `rekku up`."""
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self._request_stop())
+        code = 0
+        while not self._stopping:
+            for name, proc in self.children.items():
+                if proc.poll() is not None:
+                    self.console.print(f"[red]{name} exited with code {proc.returncode}; stopping everything "
+                                       f"(see {self.settings.home_dir / 'logs' / (name + '.log')})[/red]")
+                    self._stopping, code = True, 1
+                    break
+            time.sleep(0.2)
+        self.stop()
+        return code
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    def stop(self) -> None:
+        for proc in self.children.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in self.children.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.children.values():
+            _signal_group(proc, signal.SIGKILL)  # the group: stray pool children included
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.redis:
+            self.redis.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_up(settings: Settings) -> int:
+    console = Console()
+    sup = Supervisor(settings, console)
+    try:
+        info = sup.start()
+    except BaseException:
+        sup.stop()
+        raise
+    lines = "\n".join(f"[bold]{k}:[/bold] {v}" for k, v in info.items())
+    console.print(Panel(lines, title="rekku up", subtitle="Ctrl-C stops everything"))
+    return sup.watch()
