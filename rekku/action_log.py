@@ -172,19 +172,20 @@ class ActionLog:
                 return None
             return [run_as_dict(r) for r in runs]
 
-    def request_cancel(self, action_id: str) -> str | None:
+    def request_cancel(self, action_id: str) -> tuple[str | None, bool]:
         """Cancel a queued action at once; mark a running one so its worker stops it.
 
-        Returns the status after the request, or None if there is no such action."""
+        Returns ``(status after the request, whether this request changed anything)``;
+        the status is None when there is no such action."""
         with self._sessions.begin() as s:
             res = s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == QUEUED)
                             .values(status=CANCELLED, cancel_requested=True, error="cancelled before it ran",
                                     finished_at=utcnow(), updated_at=utcnow()))
             if res.rowcount:
-                return CANCELLED
-            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
-                      .values(cancel_requested=True, updated_at=utcnow()))
-            return s.scalar(sa.select(ActionRun.status).where(ActionRun.id == action_id))
+                return CANCELLED, True
+            res = s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
+                            .values(cancel_requested=True, updated_at=utcnow()))
+            return s.scalar(sa.select(ActionRun.status).where(ActionRun.id == action_id)), bool(res.rowcount)
 
     def cancel_requested(self, action_id: str) -> bool:
         with self._sessions() as s:

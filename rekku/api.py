@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from typing import Annotated, Any
@@ -17,13 +18,16 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rekku.action_log import shared_log
+from rekku.cancel import request_stop
 from rekku.errors import Conflict, NotFound, RekkuError
 from rekku.ingest import capabilities, default_ingress
 from rekku.models import CANCELLED, FINAL_STATES, RUNNING
+from rekku.parsing import decode_json
 from rekku.registry import get_registry
 from rekku.schemas import (
     ActionState,
@@ -51,7 +55,10 @@ def _error(status: int, detail: str, errors: list | None = None, headers: dict |
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies above the limit with 413, whether or not Content-Length is sent."""
+    """ASGI middleware: refuse bodies above the limit with 413, with or without Content-Length.
+
+    The body (at most the limit) is read here and replayed to the app, so a chunked upload is
+    cut off as soon as it passes the limit instead of being read to the end."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -68,31 +75,61 @@ class BodyLimit:
                     return await _error(400, "invalid Content-Length")(scope, receive, send)
                 if declared > self.limit:
                     return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class StrictJSONRequest(Request):
+    """Request bodies are decoded like LLM replies: no NaN/Infinity, no duplicate keys, no deep-nesting crash."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = decode_json(body.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise json.JSONDecodeError(f"body is not UTF-8 ({exc.reason})", "", exc.start) from None
+            except ValueError as exc:
+                if isinstance(exc, json.JSONDecodeError):
+                    raise
+                raise json.JSONDecodeError(str(exc), "", 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Any:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     token = settings.ensure_api_token().encode()
     app = FastAPI(title="Rekku actions", version="1", description=__doc__)
+    app.router.route_class = StrictJSONRoute
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         given = credentials.credentials.encode() if credentials else b""
@@ -111,7 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         if any(e["type"] == "json_invalid" for e in errors):
-            return _error(400, "the request body is not valid JSON", errors)
+            reasons = [str(e.get("ctx", {}).get("error", "")) for e in exc.errors() if e.get("type") == "json_invalid"]
+            return _error(400, "the request body is not valid JSON", [r for r in reasons if r] or errors)
         return _error(422, "the request does not match the expected shape", errors)
 
     @app.exception_handler(RekkuError)
@@ -171,16 +209,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Cancel a queued action; ask a running one to stop."""
         from rekku.celery_app import app as celery
 
-        status = shared_log().request_cancel(action_id)
+        status, changed = shared_log().request_cancel(action_id)
         if status is None:
             raise NotFound(f"no action {action_id}")
-        if status == CANCELLED:
+        if status == CANCELLED and changed:
             celery.control.revoke(action_id)
             return {"id": action_id, "status": status, "detail": "cancelled before it ran"}
-        if status == RUNNING:
-            # SIGUSR1 raises the soft-time-limit exception inside a prefork child; the run then
-            # sees cancel_requested and ends as cancelled.
-            celery.control.revoke(action_id, terminate=True, signal="SIGUSR1")
+        if status == RUNNING and changed:
+            request_stop(celery, action_id)
             return {"id": action_id, "status": status, "detail": "running; asked to stop"}
         raise Conflict(f"action {action_id} already {status}; nothing to cancel")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of

@@ -210,7 +210,8 @@ def actions() -> None:
         table.add_row(spec.type, spec.plugin, spec.pool, ", ".join(spec.required_fields),
                       ", ".join(spec.optional_fields), spec.description)
     for spec in sorted(registry.disabled.values(), key=lambda s: s.type):
-        table.add_row(f"[dim]{spec.type}[/dim]", spec.plugin, spec.pool, "", "", f"[yellow]disabled: {spec.disabled}[/]")
+        table.add_row(f"[dim]{spec.type}[/dim]", spec.plugin, spec.pool, "", "",
+                      f"[yellow]disabled: {spec.disabled}[/]")
     console.print(table)
     for err in registry.errors:
         console.print(f"[red]plugin error:[/red] {err}")

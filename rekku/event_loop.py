@@ -20,6 +20,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _pid: int | None = None
+_running: dict[str, concurrent.futures.Future] = {}
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
@@ -41,9 +42,13 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run ``coro`` on the process loop and wait; on timeout or interruption the coroutine is cancelled."""
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None, key: str | None = None) -> T:
+    """Run ``coro`` on the process loop and wait; on timeout or interruption the coroutine is cancelled.
+
+    With ``key``, :func:`cancel` can stop it from another thread (raising CancelledError here)."""
     future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    if key is not None:
+        _running[key] = future
     try:
         return future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
@@ -54,3 +59,12 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     except BaseException:
         future.cancel()  # soft time limit, revoke or shutdown: stop the coroutine too
         raise
+    finally:
+        if key is not None:
+            _running.pop(key, None)
+
+
+def cancel(key: str) -> bool:
+    """Cancel the coroutine started with ``key`` in this process; False if none is running."""
+    future = _running.get(key)
+    return bool(future and future.cancel())

@@ -67,7 +67,7 @@ def _looks_like_actions(value: Any) -> bool:
 
 
 def _find_json(text: str) -> tuple[Any, str | None]:
-    """The first JSON value in ``text`` that looks like actions (else the first that decodes)."""
+    """The whole text as JSON, else the first JSON value inside it that looks like actions."""
     stripped = text.strip()
     if not stripped:
         return None, "The reply is empty: expected JSON actions"
@@ -76,30 +76,24 @@ def _find_json(text: str) -> tuple[Any, str | None]:
     except ValueError as exc:
         first_error = str(exc)
     blocks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    fallback: Any = None
-    found_any = False
     tried = 0
     for block in blocks:
         for match in re.finditer(r"[\[{]", block):
             if tried >= MAX_CANDIDATES:
                 break
             tried += 1
-            start = match.start()
             try:
-                value, _end = _DECODER.raw_decode(block, start)
+                value, _end = _DECODER.raw_decode(block, match.start())
             except RecursionError:
                 first_error = _TOO_DEEP
                 continue
-            except ValueError as exc:
-                if isinstance(exc, _DuplicateKey):
-                    first_error = str(exc)
+            except _DuplicateKey as exc:
+                first_error = str(exc)
+                continue
+            except ValueError:
                 continue
             if _looks_like_actions(value):
                 return value, None
-            if not found_any:
-                fallback, found_any = value, True
-    if found_any:
-        return fallback, None
     return None, f"No JSON actions found in the reply ({first_error})"
 
 

@@ -8,6 +8,7 @@ Outcomes: the handler's return value is the result; TransientError is retried wi
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import CancelledError
 from typing import Any
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
@@ -56,7 +57,7 @@ def invoke_handler(spec: ActionSpec, payload: dict, ctx: ActionContext) -> Any:
     finally:
         ctxvars.unbind(token)
     if inspect.isawaitable(outcome):
-        outcome = event_loop.run(_bound(ctx, outcome), timeout=time_limit_of(spec))
+        outcome = event_loop.run(_bound(ctx, outcome), timeout=time_limit_of(spec), key=ctx.action_id)
     return outcome
 
 
@@ -88,7 +89,7 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
             _each("before_retry", run, _describe(exc), countdown)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
         error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
-    except (SoftTimeLimitExceeded, TimeoutError) as exc:
+    except (SoftTimeLimitExceeded, TimeoutError, CancelledError) as exc:
         if shared_log().cancel_requested(action_id):
             _each("after_cancel", run)
             return {"cancelled": True}

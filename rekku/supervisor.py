@@ -38,7 +38,8 @@ def _die_with_parent() -> None:
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: str | None = None) -> subprocess.Popen:
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT if out else None,
                             start_new_session=True, preexec_fn=_die_with_parent)
 
 

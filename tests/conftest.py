@@ -1,0 +1,76 @@
+"""Fixtures that start real services: Redis and MariaDB must be running (`make test` starts them)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import (
+    MARIADB,
+    Stack,
+    claim_redis_db,
+    create_mariadb,
+    drop_mariadb,
+    release_redis_db,
+)
+
+#: Trainer used by the stacks' TRAINER_IDS.
+TRAINER = {"interface": "telegram_bot", "user_id": "42"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Service tests never skip: a missing service is a failure with the command that fixes it."""
+    problems = []
+    try:
+        redis.Redis("127.0.0.1", 6379, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        problems.append(f"Redis at 127.0.0.1:6379 is not reachable ({exc}); `make services` starts it")
+    try:
+        import MySQLdb
+
+        MySQLdb.connect(**MARIADB, connect_timeout=3).close()
+    except Exception as exc:
+        problems.append(f"MariaDB at 127.0.0.1:3306 is not reachable ({exc}); `make services` starts it")
+    if problems:
+        pytest.exit("\n".join(problems), returncode=3)
+
+
+@pytest.fixture(scope="session")
+def tmp_home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="rekku-test-"))
+    yield path
+    if not os.environ.get("REKKU_KEEP_TEST_HOME"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_stack(kind: str, home: Path) -> Iterator[Stack]:
+    db_number = claim_redis_db()
+    db_name = None
+    if kind == "mariadb":
+        db_name, url = create_mariadb()
+    else:
+        url = f"sqlite:///{home / 'rekku.db'}"
+    stack = Stack(kind, home, url, db_number, extra_env={"TRAINER_IDS": "telegram_bot:42"})
+    try:
+        stack.start_ingress()
+        stack.start_worker("default", concurrency=2, node=f"{kind}-main")
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(db_number)
+        if db_name:
+            drop_mariadb(db_name)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "mariadb"])
+def stack(request: pytest.FixtureRequest, tmp_home: Path) -> Iterator[Stack]:
+    """An ingress and a default-pool worker, on SQLite and again on MariaDB."""
+    home = tmp_home / request.param
+    home.mkdir()
+    yield from _make_stack(request.param, home)

@@ -1,0 +1,212 @@
+"""Real services for the tests: Redis db numbers, MariaDB databases, and rekku processes.
+
+Nothing is mocked: a ``Stack`` is a real ingress process and real Celery worker processes on a
+real broker and database, each test run on its own Redis db number and database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PLUGINS = ROOT / "tests" / "plugins"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+MARIADB = dict(host="127.0.0.1", port=3306, user="root", password="")
+#: Redis db numbers the tests may take (14 and 15 are left to the benchmarks and people).
+TEST_DBS = range(1, 14)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def claim_redis_db() -> int:
+    """A Redis db number no other test run holds (a lease key in db 0), flushed for us."""
+    lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
+    for number in TEST_DBS:
+        if lease.set(f"rekku-test-lease:{number}", os.getpid(), nx=True, ex=3600):
+            redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
+            return number
+    raise RuntimeError("every test Redis db is leased; stale leases expire within an hour")
+
+
+def release_redis_db(number: int) -> None:
+    redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
+    redis.Redis(REDIS_HOST, REDIS_PORT, db=0).delete(f"rekku-test-lease:{number}")
+
+
+def create_mariadb() -> tuple[str, str]:
+    """A fresh database; returns (name, SQLAlchemy URL)."""
+    import MySQLdb
+
+    name = f"rekku_test_{uuid.uuid4().hex[:10]}"
+    conn = MySQLdb.connect(**MARIADB)
+    conn.cursor().execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    conn.close()
+    return name, f"mysql+mysqldb://root@127.0.0.1:3306/{name}?charset=utf8mb4"
+
+
+def drop_mariadb(name: str) -> None:
+    import MySQLdb
+
+    conn = MySQLdb.connect(**MARIADB)
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@dataclass
+class Stack:
+    """An ingress and workers on one broker db and one database, as separate processes."""
+
+    name: str
+    home: Path
+    database_url: str
+    redis_db: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def env(self, **more: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "TRAINER", "FLOWER"))}
+        env.update(REKKU_HOME=str(self.home), REKKU_BROKER_URL=self.broker_url,
+                   REKKU_DATABASE_URL=self.database_url, REKKU_API_TOKEN=self.token,
+                   REKKU_PLUGIN_PATH=str(TEST_PLUGINS), REKKU_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
+        env.update(more)
+        return env
+
+    def spawn(self, *args: str, log_name: str, **env: str) -> subprocess.Popen:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{log_name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen([sys.executable, "-m", "rekku", *args], env=self.env(**env), cwd=str(ROOT),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def start_ingress(self) -> subprocess.Popen:
+        proc = self.spawn("ingress", "--port", str(self.port), log_name="ingress")
+        wait_until(self._ready, timeout=60, what=f"{self.name} ingress /readyz")
+        return proc
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def start_worker(self, pool: str = "default", concurrency: int = 2, node: str | None = None,
+                     **env: str) -> subprocess.Popen:
+        node = node or f"{self.name}-{uuid.uuid4().hex[:6]}"
+        proc = self.spawn("worker", "--pool", pool, "--concurrency", str(concurrency), "--node", node,
+                          log_name=f"worker-{pool}-{node}", **env)
+        wait_until(lambda: self.worker_online(f"{pool}@{node}") or proc.poll() is not None, timeout=60,
+                   what=f"worker {pool}@{node}")
+        assert proc.poll() is None, f"worker {pool}@{node} exited; see {self.home / 'logs'}"
+        proc.node = f"{pool}@{node}"  # type: ignore[attr-defined]
+        return proc
+
+    def worker_online(self, hostname: str) -> bool:
+        from celery import Celery
+
+        app = Celery(broker=self.broker_url)
+        try:
+            return bool(app.control.ping([hostname], timeout=0.5))
+        finally:
+            app.close()
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            stop_process(proc)
+        self.processes.clear()
+
+    # ------------------------------------------------------------------ HTTP helpers
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return requests.post(self.base_url + path, json=body, headers=headers, timeout=kwargs.pop("timeout", 30),
+                             **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return requests.get(self.base_url + path, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def submit(self, actions: list[dict], context: dict | None = None, **body: Any) -> dict:
+        resp = self.post("/v1/actions", {"actions": actions, "context": context or {}, **body})
+        assert resp.status_code in (202, 422), resp.text
+        return resp.json()
+
+    def wait_action(self, action_id: str, timeout: float = 30) -> dict:
+        resp = self.get(f"/v1/actions/{action_id}", params={"wait": timeout}, timeout=timeout + 10)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def run(self, action_type: str, payload: dict | None = None, context: dict | None = None,
+            timeout: float = 30) -> dict:
+        """Submit one action and wait until it is finished."""
+        answer = self.submit([{"type": action_type, "payload": payload or {}}], context)
+        assert answer["accepted"], answer
+        return self.wait_action(answer["accepted"][0]["id"], timeout)
+
+    def journal(self, action_id: str) -> list[str]:
+        path = self.home / "testkit" / f"{action_id}.log"
+        return path.read_text().split("\n")[:-1] if path.exists() else []

@@ -1,0 +1,82 @@
+"""`rekku up` on embedded defaults (bundled Redis, SQLite) serves a request and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from tests.support import ROOT, free_port, wait_until
+
+
+def _processes_using(home: Path) -> list[str]:
+    """Every live process whose command line or environment mentions ``home``."""
+    found = []
+    needle = str(home).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (needle in cmdline or needle in environ):
+            shown = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:120]
+            found.append(f"{pid}: {shown}")
+    return found
+
+
+def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    port, flower_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "FLOWER", "TRAINER"))}
+    env.update(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1")
+    out = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "rekku", "up"], env=env, cwd=str(ROOT), stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return requests.get(base + "/readyz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "up.log").read_text()
+                return False
+
+        wait_until(ready, timeout=90, what="rekku up to be ready")
+        printed = (tmp_path / "up.log").read_text()
+        token = (home / "api_token").read_text().strip()
+        assert token in printed and f"http://127.0.0.1:{port}" in printed  # URLs and token are shown
+        assert "(embedded)" in printed and "sqlite" in printed
+        headers = {"Authorization": f"Bearer {token}"}
+        resp = requests.post(base + "/v1/actions", headers=headers, timeout=10,
+                             json={"actions": [{"type": "echo", "payload": {"text": "up"}}]})
+        assert resp.status_code == 202, resp.text
+        action_id = resp.json()["accepted"][0]["id"]
+        run = requests.get(f"{base}/v1/actions/{action_id}", params={"wait": 60}, headers=headers, timeout=70).json()
+        assert run["status"] == "succeeded" and run["result"] == {"text": "up"}
+
+        flower = f"http://127.0.0.1:{flower_port}/"
+        wait_until(lambda: _status(flower) is not None, timeout=30, what="flower")
+        assert _status(flower) == 401  # Flower is never open
+        user, password = (home / "flower_auth").read_text().strip().split(":", 1)
+        assert requests.get(flower, auth=(user, password), timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(60)
+    assert code == 0, (tmp_path / "up.log").read_text()
+    time.sleep(0.5)
+    assert _processes_using(home) == []
+    assert not (home / "embedded-redis.url").exists()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return requests.get(url, timeout=3).status_code
+    except requests.ConnectionError:
+        return None

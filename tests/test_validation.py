@@ -1,0 +1,130 @@
+"""Validation rules and wording (UPSTREAM.md §1), de-duplication, and the trainer/restricted policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rekku.plugin_base import AIPluginBase
+from rekku.registry import Registry
+from rekku.settings import Settings
+from rekku.validation import validate_actions
+
+
+class Demo(AIPluginBase):
+    @staticmethod
+    def get_supported_action_types():
+        return ["send", "speak", "shell", "picky", "buggy"]
+
+    def get_supported_actions(self):
+        return {
+            "send": {"description": "", "required_fields": ["text", "target"], "optional_fields": []},
+            "speak": {"description": "", "required_fields": [], "optional_fields": [], "restricted": True},
+            "shell": {"description": "", "required_fields": [], "optional_fields": [], "trainer_only": True},
+            "picky": {"description": "", "required_fields": ["n"], "optional_fields": []},
+            "buggy": {"description": "", "required_fields": [], "optional_fields": []},
+        }
+
+    def validate_payload(self, action_type, payload):
+        if action_type == "picky":
+            return ["n must be positive", "n must be positive"]
+        if action_type == "buggy":
+            raise KeyError("oops")
+        return []
+
+
+class Offline(AIPluginBase):
+    @staticmethod
+    def get_supported_action_types():
+        return ["offline"]
+
+    def unavailable_reason(self):
+        return "TOKEN is not set"
+
+
+@pytest.fixture
+def registry() -> Registry:
+    reg = Registry()
+    reg.add_plugin("demo", Demo())
+    reg.add_plugin("offline", Offline())
+    return reg
+
+
+def settings(tmp_path: Path, **env: str) -> Settings:
+    return Settings(REKKU_HOME=str(tmp_path), **env)
+
+
+def errors_of(registry, raw, tmp_path, context=None, **env):
+    accepted, rejected = validate_actions(raw, registry, context or {}, settings(tmp_path, **env))
+    return [a.spec.type for a in accepted], [(r.index, r.type, r.errors) for r in rejected]
+
+
+def test_upstream_wording_for_each_rule(registry, tmp_path) -> None:
+    _, rejected = errors_of(registry, [
+        {"payload": {}}, {"type": "zzz", "payload": {}}, {"type": "send"}, {"type": "send", "payload": []},
+        {"type": "send", "payload": {"text": "", "target": None}}, "not an object", {"type": 5, "payload": {}},
+    ], tmp_path)
+    assert rejected == [
+        (0, None, ["Missing 'type'"]),
+        (1, "zzz", ["Unsupported type 'zzz' - no plugin or interface found to handle it"]),
+        (2, "send", ["Missing 'payload'"]),
+        (3, "send", ["'payload' must be a dict"]),
+        (4, "send", ["Field 'text' cannot be empty for action 'send'",
+                     "Field 'target' cannot be empty for action 'send'"]),
+        (5, None, ["Each action must be a JSON object with 'type' and 'payload'"]),
+        (6, None, ["'type' must be a string"]),
+    ]
+
+
+def test_errors_are_reported_once(registry, tmp_path) -> None:
+    _, rejected = errors_of(registry, [{"type": "picky", "payload": {"n": -1}}], tmp_path)
+    assert rejected == [(0, "picky", ["n must be positive"])]
+
+
+def test_a_plugin_validator_that_raises_is_a_rejection_not_a_crash(registry, tmp_path) -> None:
+    _, rejected = errors_of(registry, [{"type": "buggy", "payload": {}}], tmp_path)
+    assert "failed inside its plugin: KeyError" in rejected[0][2][0]
+
+
+def test_disabled_actions_say_why(registry, tmp_path) -> None:
+    _, rejected = errors_of(registry, [{"type": "offline", "payload": {}}], tmp_path)
+    assert rejected == [(0, "offline", ["Action 'offline' is unavailable: TOKEN is not set"])]
+
+
+def test_valid_and_invalid_mixed_keeps_the_valid(registry, tmp_path) -> None:
+    accepted, rejected = errors_of(registry, [{"type": "send", "payload": {"text": "a", "target": 1}},
+                                              {"type": "zzz", "payload": {}}], tmp_path)
+    assert accepted == ["send"] and rejected[0][0] == 1
+
+
+@pytest.mark.parametrize(("policy", "context", "allowed"), [
+    ("trainer_only", {"interface": "telegram_bot", "user_id": "42"}, True),
+    ("trainer_only", {"interface": "telegram_bot", "user_id": "43"}, False),
+    ("trainer_only", {}, False),  # no user is never a trainer (upstream bug)
+    ("off", {}, True),
+    ("on", {"interface": "telegram_bot", "user_id": "42"}, False),
+])
+def test_restricted_actions_follow_restrict_actions(registry, tmp_path, policy, context, allowed) -> None:
+    accepted, _ = errors_of(registry, [{"type": "speak", "payload": {}}], tmp_path, context,
+                            RESTRICT_ACTIONS=policy, TRAINER_IDS="telegram_bot:42")
+    assert (accepted == ["speak"]) is allowed
+
+
+def test_trainer_only_actions_ignore_restrict_actions_off(registry, tmp_path) -> None:
+    accepted, rejected = errors_of(registry, [{"type": "shell", "payload": {}}], tmp_path, {"user_id": "1"},
+                                   RESTRICT_ACTIONS="off", TRAINER_IDS="telegram_bot:42")
+    assert not accepted and rejected[0][2] == ["Action 'shell' is restricted to trainers"]
+
+
+def test_no_trainer_configured_says_so(registry, tmp_path) -> None:
+    _, rejected = errors_of(registry, [{"type": "shell", "payload": {}}], tmp_path, {"user_id": "1"})
+    assert "no trainer is configured" in rejected[0][2][0]
+
+
+def test_legacy_telegram_trainer_id_and_interface_scoping(tmp_path) -> None:
+    s = settings(tmp_path, TELEGRAM_TRAINER_ID="77", TRAINER_IDS="discord_bot:5, 9")
+    assert s.is_trainer("telegram_bot", 77) and not s.is_trainer("discord_bot", 77)
+    assert s.is_trainer("discord_bot", "5") and not s.is_trainer("telegram_bot", "5")
+    assert s.is_trainer("anything", "9")  # an id without interface counts everywhere
+    assert not s.is_trainer("telegram_bot", None) and not s.is_trainer("telegram_bot", "")
