@@ -52,10 +52,14 @@ def make_app() -> Celery:
 
     @app.task(name="rekku.ingest", bind=True, queue="default", acks_late=True)
     def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> dict:
-        """Accept actions from a service that speaks Celery; answers like POST /v1/actions."""
+        """Accept actions from a service that speaks Celery; answers like POST /v1/actions.
+
+        Without a key of its own, the task id is the idempotency key, so a redelivered ingest
+        (its worker died after accepting) answers the same and enqueues nothing twice."""
         from rekku.ingest import submit
 
-        return submit(body, context=context, idempotency_key=idempotency_key).as_dict()
+        key = idempotency_key or f"celery-task:{self.request.id}"
+        return submit(body, context=context, idempotency_key=key).as_dict()
 
     return app
 

@@ -205,18 +205,24 @@ def test_redelivered_finished_action_is_not_run_again(stack: Stack) -> None:
 
 
 def test_rekku_ingest_task_answers_like_the_http_route(stack: Stack) -> None:
+    import uuid
+
     from celery import Celery
 
     app = Celery(broker=stack.broker_url, backend=stack.broker_url)
     app.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
-    result = app.send_task("rekku.ingest", kwargs={
-        "body": '```json\n{"actions": [{"type": "echo", "payload": {"text": "via celery"}}, {"type": "x"}]}\n```',
-        "context": {"chat_id": 9}}, queue="default")
-    answer = result.get(timeout=20)
+    kwargs = {"body": '```json\n{"actions": [{"type": "echo", "payload": {"text": "via celery"}}, {"type": "x"}]}\n```',
+              "context": {"chat_id": 9}}
+    task_id = str(uuid.uuid4())
+    answer = app.send_task("rekku.ingest", kwargs=kwargs, queue="default", task_id=task_id).get(timeout=20)
+    # The same message delivered again (its worker died after accepting) must not enqueue twice.
+    again = app.send_task("rekku.ingest", kwargs=kwargs, queue="default", task_id=task_id).get(timeout=20)
     app.close()
+    assert again == answer
     assert answer["rejected"][0]["index"] == 1
     run = stack.wait_action(answer["accepted"][0]["id"])
     assert run["status"] == "succeeded" and run["result"] == {"text": "via celery"} and run["context"]["chat_id"] == "9"
+    assert len(stack.get(f"/v1/batches/{answer['batch_id']}").json()["actions"]) == 1
 
 
 @pytest.mark.parametrize("value", ["x", 1, None])
