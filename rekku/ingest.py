@@ -19,6 +19,7 @@ from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
 from rekku.errors import ServiceUnavailable
 from rekku.parsing import ParseResult, parse_text, parse_value
+from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.settings import Settings, get_settings
 from rekku.validation import Rejection, validate_actions
@@ -79,7 +80,7 @@ class Ingress:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
         batch_id = str(uuid.uuid4())
-        runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, a.spec.pool, a.payload,
+        runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, self._queue_for(a.spec, a.payload, ctx), a.payload,
                        {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {})})
                 for a in accepted]
         answer = Answer(batch_id,
@@ -96,6 +97,17 @@ class Ingress:
             raise ServiceUnavailable(f"the broker is unreachable; {len(unsent)} of {len(runs)} actions "
                                      f"were not enqueued (marked failed in batch {batch_id})")
         return answer
+
+    def _queue_for(self, spec: ActionSpec, payload: dict, ctx: dict) -> str:
+        """The pool's queue, unless the plugin routes this action elsewhere (a node's own queue)."""
+        route = getattr(self.registry.plugins[spec.plugin], "route_action", None)
+        if route is None:
+            return spec.pool
+        try:
+            return route(spec.type, payload, ctx) or spec.pool
+        except Exception:
+            log.exception("route_action of %s failed; using the pool queue", spec.type)
+            return spec.pool
 
     def _correction(self, parsed: ParseResult, rejected: list[Rejection], body: Any, ctx: dict) -> dict | None:
         if not rejected:

@@ -55,6 +55,10 @@ class AIPluginBase:
     async def handle_custom_action(self, action_type: str, payload: dict) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not handle '{action_type}'")
 
+    def route_action(self, action_type: str, payload: dict, context: dict) -> str | None:
+        """A queue other than the pool's for this one action (e.g. the node holding its session), or None."""
+        return None
+
     def unavailable_reason(self) -> str | None:
         """Why this plugin's actions cannot run here (e.g. a missing credential), or None."""
         return None
