@@ -7,7 +7,6 @@ the one error shape ``{"detail", "errors"}``; a 500 means a bug.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -19,10 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rekku.action_log import shared_log
+from rekku.auth import require_token
 from rekku.cancel import request_stop
 from rekku.errors import Conflict, NotFound, RekkuError
 from rekku.ingest import capabilities, default_ingress
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
            400: {"model": ErrorResponse}}
-_bearer = HTTPBearer(auto_error=False)
 #: The ``?wait=`` query parameter (seconds to long-poll).
 Wait = Annotated[float, Query(ge=0, le=3600, description="long-poll up to this many seconds")]
 
@@ -127,16 +125,9 @@ class StrictJSONRoute(APIRoute):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    token = settings.ensure_api_token().encode()
     app = FastAPI(title="Rekku actions", version="1", description=__doc__)
+    app.state.api_token = settings.ensure_api_token().encode()
     app.router.route_class = StrictJSONRoute
-
-    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        if not credentials or not hmac.compare_digest(given, token):
-            raise StarletteHTTPException(401, "missing or wrong bearer token",
-                                         headers={"WWW-Authenticate": "Bearer"})
-
     auth = [Depends(require_token)]
 
     @app.exception_handler(StarletteHTTPException)
@@ -240,8 +231,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
                             status_code=200 if ok else 503)
 
+    for router in extra_routers():
+        app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+#: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
+ROUTER_MODULES: tuple[str, ...] = ()
+
+
+def extra_routers() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name).router for name in ROUTER_MODULES]
 
 
 def readiness() -> dict[str, str]:

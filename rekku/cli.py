@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from rekku.settings import get_settings
+from workers.pools import POOLS
 
 console = Console()
 FINAL = ("succeeded", "failed", "cancelled")
@@ -63,7 +64,7 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
 
 
 @main.command()
-@click.option("--pool", type=click.Choice(["default", "io", "selenium", "terminal"]), required=True)
+@click.option("--pool", type=click.Choice(list(POOLS)), required=True)
 @click.option("--concurrency", "-c", type=int, default=None, help="processes/threads (default: the pool's)")
 @click.option("--node", default=None, help="node name (default: host name)")
 def worker(pool: str, concurrency: int | None, node: str | None) -> None:

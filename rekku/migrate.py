@@ -1,4 +1,8 @@
-"""Run Alembic migrations programmatically (``rekku migrate`` and start-up), and report their state."""
+"""Run Alembic migrations programmatically (``rekku migrate`` and start-up), and report their state.
+
+The action log is revision ``0001``; each plugin's tables are a branch of their own on top of it
+(``down_revision = "0001"``, ``branch_labels = ("<plugin>",)``), so plugins add tables without
+ordering their migrations against each other; ``upgrade`` goes to every head."""
 
 from __future__ import annotations
 
@@ -27,12 +31,12 @@ def upgrade(url: str) -> None:
     with engine.begin() as connection:
         cfg = _config(url)
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
 
 
-def state(url: str) -> tuple[str | None, str | None]:
-    """``(current revision, head revision)`` of the database at ``url``."""
-    head = ScriptDirectory.from_config(_config(url)).get_current_head()
+def state(url: str) -> tuple[str, str]:
+    """``(current revisions, head revisions)`` of the database at ``url``, each as a sorted, comma-joined string."""
+    heads = ScriptDirectory.from_config(_config(url)).get_heads()
     with get_engine(url).connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-    return current, head
+        current = MigrationContext.configure(connection).get_current_heads()
+    return ",".join(sorted(current)) or "none", ",".join(sorted(heads))

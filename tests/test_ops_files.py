@@ -1,0 +1,420 @@
+"""The deployment files agree with the code they deploy.
+
+docker-compose.yml, the Dockerfile, .dockerignore and .env.example name CLI commands, options, pools
+and environment variables that live in rekku/cli.py, workers/pools.py and rekku/settings.py; a rename
+on one side must fail here, not at `docker compose up`. Static checks only: nothing is built or started.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from rekku.cli import main as rekku_cli
+from rekku.settings import Settings
+from workers.pools import POOLS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Services of docker-compose.yml that are not Rekku processes.
+INFRA_SERVICES = frozenset({"redis", "mariadb"})
+
+#: Variables read by plugins, interfaces and pool resources themselves rather than by the core
+#: Settings object. Each is still listed in .env.example. When one becomes a Settings field, it may
+#: stay here or be dropped; either way .env.example must keep it.
+RESERVED_PLUGIN_VARIABLES = frozenset({
+    # --- listed in DESIGN.md §7
+    "WEATHER_FETCH_TIME",       # weather plugin: cache minutes (default 30)
+    "WEATHER_URL",              # weather plugin: wttr.in-compatible base URL
+    "TELEGRAM_BOT_TOKEN",       # telegram_bot interface
+    "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
+    "DISCORD_WEBHOOK_URL",      # discord_bot interface
+    "REDDIT_CLIENT_ID",         # reddit plugin (praw)
+    "REDDIT_CLIENT_SECRET",     # reddit plugin
+    "REDDIT_USERNAME",          # reddit plugin
+    "REDDIT_PASSWORD",          # reddit plugin
+    "REDDIT_USER_AGENT",        # reddit plugin
+    "REDDIT_OAUTH_URL",         # reddit plugin: OAuth API base URL
+    "REDDIT_URL",               # reddit plugin: site base URL
+    "ELEVENLABS_EMAIL",         # selenium_elevenlabs plugin
+    "ELEVENLABS_PASSWORD",      # selenium_elevenlabs plugin
+    "ELEVENLABS_URL",           # selenium_elevenlabs plugin: site base URL
+    "REKKU_SELENIUM_HEADLESS",  # selenium pool: headless Chromium
+    "SELENIUM_REMOTE_URL",      # selenium pool: Selenium Grid instead of a local Chromium
+    # --- not (yet) named in DESIGN.md §7: knobs of the plugins and pools described there
+    "REKKU_ARTIFACT_DIR",       # where actions write files (audio, downloads); the image sets /artifacts
+    "SELENIUM_MAX_ACTIONS",     # selenium pool: recycle a browser after N actions (DESIGN.md §6)
+    "EVENT_TICK_SECONDS",       # event plugin: beat's due-event check interval
+    "TERMINAL_MAX_TIMEOUT",     # terminal plugin: longest command run
+    "TERMINAL_MAX_OUTPUT",      # terminal plugin: output cap
+    "TERMINAL_SESSION_IDLE",    # terminal plugin: idle persistent sessions are closed
+})
+
+_ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
+_INTERPOLATION = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+# ----------------------------------------------------------------------------- readers
+@cache
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def rekku_services() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services().items() if name not in INFRA_SERVICES}
+
+
+@cache
+def env_example() -> dict[str, dict[str, Any]]:
+    """name -> {"active": uncommented?, "comment": the line above, "count": times listed}."""
+    entries: dict[str, dict[str, Any]] = {}
+    previous = ""
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = _ENV_LINE.match(line.strip())
+        if match:
+            name = match.group(2)
+            entry = entries.setdefault(name, {"active": False, "comment": "", "count": 0})
+            entry["count"] += 1
+            entry["active"] |= match.group(1) is None
+            # The explanation is the comment line right above (not another commented-out variable).
+            if previous.startswith("#") and not _ENV_LINE.match(previous) and len(previous.lstrip("# ")) > 3:
+                entry["comment"] = previous
+        previous = line.strip()
+    return entries
+
+
+def settings_variables() -> set[str]:
+    names: set[str] = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, str):
+            names.add(alias)
+        elif alias is not None:
+            names.update(c for c in getattr(alias, "choices", []) if isinstance(c, str))
+    return names
+
+
+def command_argv(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    # The image's ENTRYPOINT is `rekku`; tolerate a command that spells it out too.
+    return argv[1:] if argv and argv[0] == "rekku" else argv
+
+
+def resolve_invocation(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """Parse argv exactly as `rekku ...` would, without running anything; (sub-command, its params).
+
+    Unknown sub-commands, unknown options, bad choices and bad types raise click errors.
+    """
+    ctx = rekku_cli.make_context("rekku", list(argv))
+    command: click.Command = rekku_cli
+    path = []
+    while isinstance(command, click.Group):
+        # Click < 8.2: protected_args; 8.2+: _protected_args (deprecated alias); 9: everything in args.
+        protected = vars(ctx).get("_protected_args") or vars(ctx).get("protected_args") or []
+        remaining = [*protected, *ctx.args]
+        assert remaining, f"`rekku {' '.join(argv)}` names no sub-command"
+        name, command, rest = command.resolve_command(ctx, remaining)
+        assert command is not None, f"`rekku {' '.join(argv)}`: no such command"
+        path.append(name)
+        ctx = command.make_context(name, rest, parent=ctx)
+    assert not ctx.args, f"`rekku {' '.join(argv)}`: unexpected arguments {ctx.args}"
+    return " ".join(path), ctx.params
+
+
+def container_ports(service: dict[str, Any]) -> list[tuple[str | None, int]]:
+    """(host ip or None, container port) of each published port, short or long syntax."""
+    result = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            result.append((entry.get("host_ip"), int(entry["target"])))
+            continue
+        parts = str(entry).split(":")
+        host_ip = parts[0] if len(parts) == 3 else None
+        result.append((host_ip, int(parts[-1].split("/")[0])))
+    return result
+
+
+def environment_keys(service: dict[str, Any]) -> set[str]:
+    env = service.get("environment") or {}
+    if isinstance(env, dict):
+        return set(env)
+    return {item.split("=", 1)[0] for item in env}
+
+
+@cache
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+# ----------------------------------------------------------------------------- compose: the one image
+def test_every_rekku_service_runs_the_one_image_built_from_the_repository() -> None:
+    rekku = rekku_services()
+    assert set(rekku) == {"ingress", "beat", "flower"} | {f"worker-{p}" for p in POOLS}
+    images = {svc.get("image") for svc in rekku.values()}
+    builds = {str(svc.get("build")) for svc in rekku.values()}
+    assert len(images) == 1 and None not in images, f"one image name for every Rekku service, got {images}"
+    assert builds == {"."}, f"every Rekku service builds the repository's Dockerfile, got {builds}"
+    for name, svc in rekku.items():
+        assert svc.get("entrypoint") in (None, "rekku", ["rekku"]), f"{name} replaces the rekku entrypoint"
+
+
+def test_image_entrypoint_is_the_rekku_console_script() -> None:
+    entrypoints = [rest for kw, rest in dockerfile_instructions() if kw == "ENTRYPOINT"]
+    assert entrypoints and yaml.safe_load(entrypoints[-1]) == ["rekku"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["rekku"] == "rekku.cli:main"
+
+
+def test_every_compose_command_is_a_valid_rekku_invocation() -> None:
+    for name, svc in rekku_services().items():
+        argv = command_argv(svc)
+        try:
+            resolve_invocation(argv)
+        except click.ClickException as exc:  # UsageError, NoSuchOption, BadParameter...
+            pytest.fail(f"service {name}: `rekku {' '.join(argv)}` is not a valid invocation: {exc.format_message()}")
+
+
+def test_the_command_parser_check_rejects_typos() -> None:
+    """The check above really parses: a wrong sub-command, option or pool is an error."""
+    for argv in (["wroker", "--pool", "io"], ["worker", "--pol", "io"], ["worker", "--pool", "gpu"],
+                 ["ingress", "--port", "eighty"]):
+        with pytest.raises(click.ClickException):
+            resolve_invocation(argv)
+
+
+def test_one_worker_service_per_pool_each_naming_its_pool() -> None:
+    invocations = {name: resolve_invocation(command_argv(svc)) for name, svc in rekku_services().items()}
+    workers = {name: params["pool"] for name, (command, params) in invocations.items() if command == "worker"}
+    assert sorted(workers.values()) == sorted(POOLS), f"one worker service per pool of POOLS, got {workers}"
+    for name, pool in workers.items():
+        assert name == f"worker-{pool}", f"service {name} serves pool {pool!r}"
+
+
+def test_the_other_services_run_ingress_beat_and_flower() -> None:
+    assert resolve_invocation(command_argv(services()["ingress"]))[0] == "ingress"
+    assert resolve_invocation(command_argv(services()["beat"]))[0] == "beat"
+    assert resolve_invocation(command_argv(services()["flower"]))[0] == "flower"
+    ingress = resolve_invocation(command_argv(services()["ingress"]))[1]
+    assert ingress["migrate"], "the ingress runs migrations before the workers start"
+
+
+# ----------------------------------------------------------------------------- compose: network
+def test_published_ports_are_the_ports_the_commands_listen_on() -> None:
+    for name, option in (("ingress", "host"), ("flower", "address")):
+        svc = services()[name]
+        params = resolve_invocation(command_argv(svc))[1]
+        assert params[option] == "0.0.0.0", f"{name} must listen on all container interfaces to be published"
+        assert [port for _, port in container_ports(svc)] == [params["port"]]
+
+
+def test_flower_is_published_on_loopback_only() -> None:
+    ports = container_ports(services()["flower"])
+    assert ports and all(host == "127.0.0.1" for host, _ in ports), ports
+    for name, svc in services().items():
+        if name not in ("ingress", "flower"):
+            assert not svc.get("ports"), f"{name} publishes ports; only the ingress and Flower should"
+
+
+def test_redis_and_mariadb_use_official_images() -> None:
+    for name, repo in (("redis", "redis"), ("mariadb", "mariadb")):
+        image = services()[name]["image"]
+        bare = image.removeprefix("docker.io/").removeprefix("library/")
+        assert bare.split(":")[0] == repo, f"{name} should use the official `{repo}` image, got {image}"
+        assert "build" not in services()[name]
+
+
+def test_redis_keeps_an_append_only_file_and_mariadb_speaks_utf8mb4() -> None:
+    redis_cmd = " ".join(command_argv(services()["redis"]))
+    assert "--appendonly yes" in redis_cmd
+    assert services()["redis"].get("volumes"), "the append-only file needs a volume"
+    mariadb_cmd = " ".join(command_argv(services()["mariadb"]))
+    assert "--character-set-server=utf8mb4" in mariadb_cmd
+    assert "--collation-server=utf8mb4_" in mariadb_cmd
+
+
+def test_services_start_only_after_what_they_need_is_healthy() -> None:
+    def healthy_deps(name: str) -> set[str]:
+        deps = services()[name].get("depends_on") or {}
+        assert isinstance(deps, dict), f"{name}: depends_on needs conditions"
+        return {d for d, spec in deps.items() if spec.get("condition") == "service_healthy"}
+
+    assert {"redis", "mariadb"} <= healthy_deps("ingress")
+    for name in rekku_services():
+        if name not in ("ingress", "flower"):
+            assert {"redis", "mariadb", "ingress"} <= healthy_deps(name), name
+    assert "redis" in healthy_deps("flower")
+    for name in services():
+        for dep in healthy_deps(name):
+            assert services()[dep].get("healthcheck", {}).get("test"), f"{name} waits on {dep}'s missing healthcheck"
+
+
+def test_ingress_healthcheck_polls_healthz_without_curl(tmp_path: Path) -> None:
+    svc = services()["ingress"]
+    test = svc["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], "the image has no curl: the check is Python's urllib"
+    code = test[3]
+    compile(code, "<healthcheck>", "exec")
+    port = resolve_invocation(command_argv(svc))[1]["port"]
+    assert f"127.0.0.1:{port}/healthz" in code
+
+    from rekku.api import create_app
+
+    app = create_app(Settings(api_token="t", home=tmp_path))
+    assert "/healthz" in {getattr(route, "path", None) for route in app.routes}
+
+
+def test_selenium_worker_has_shared_memory_for_chromium() -> None:
+    assert str(services()["worker-selenium"].get("shm_size", "")).lower() in ("1gb", "1g", "1024m")
+
+
+def test_every_rekku_service_shares_the_artifacts_volume() -> None:
+    for name, svc in rekku_services().items():
+        targets = {str(v).split(":")[1] if isinstance(v, str) else v["target"] for v in svc.get("volumes", [])}
+        assert "/artifacts" in targets, name
+    assert "artifacts" in compose()["volumes"]
+
+
+# ----------------------------------------------------------------------------- environment
+def compose_variables() -> set[str]:
+    """Environment keys of the Rekku services and every ${VAR} interpolated anywhere in the file."""
+    names = set().union(*(environment_keys(svc) for svc in rekku_services().values()))
+    for line in (ROOT / "docker-compose.yml").read_text().splitlines():
+        if not line.lstrip().startswith("#"):
+            names.update(a or b for a, b in _INTERPOLATION.findall(line))
+    return names
+
+
+def test_every_compose_variable_is_listed_in_env_example() -> None:
+    missing = compose_variables() - set(env_example())
+    assert not missing, f"docker-compose.yml uses variables .env.example does not list: {sorted(missing)}"
+
+
+def test_variables_compose_requires_are_uncommented_in_env_example() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+    assert required, "compose should refuse to start without its secrets"
+    inactive = {name for name in required if not env_example()[name]["active"]}
+    assert not inactive, f"required by docker-compose.yml, but commented out in .env.example: {sorted(inactive)}"
+
+
+def test_every_env_example_variable_is_a_setting_or_a_reserved_plugin_variable() -> None:
+    unknown = set(env_example()) - settings_variables() - RESERVED_PLUGIN_VARIABLES
+    assert not unknown, (f".env.example lists variables nothing reads: {sorted(unknown)}; add a Settings "
+                         "field (rekku/settings.py) or reserve it for a plugin in this test")
+
+
+def test_env_example_lists_every_setting_and_every_reserved_plugin_variable() -> None:
+    missing = (settings_variables() | RESERVED_PLUGIN_VARIABLES) - set(env_example())
+    assert not missing, f".env.example does not list: {sorted(missing)}"
+
+
+def test_every_env_example_variable_is_listed_once_with_a_comment() -> None:
+    for name, entry in env_example().items():
+        assert entry["count"] == 1, f"{name} is listed {entry['count']} times"
+        assert entry["comment"], f"{name} has no explanatory comment on the line above"
+
+
+def test_env_example_settings_values_are_valid(tmp_path: Path) -> None:
+    """The example, uncommented as a whole, is a configuration Settings accepts."""
+    lines = []
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = _ENV_LINE.match(line.strip())
+        if match and match.group(2) in settings_variables():
+            lines.append(f"{match.group(2)}={match.group(3)}")
+    env_file = tmp_path / "example.env"
+    env_file.write_text("\n".join(lines) + "\n")
+    Settings(_env_file=env_file)
+
+
+# ----------------------------------------------------------------------------- Dockerfile and build context
+def test_image_is_slim_bookworm_non_root_with_rekku_home_on_a_volume() -> None:
+    instructions = dockerfile_instructions()
+    args = dict(rest.split("=", 1) for kw, rest in instructions if kw == "ARG" and "=" in rest)
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest.split()[0])
+             for kw, rest in instructions if kw == "FROM"]
+    assert bases[-1] == "python:3.11-slim-bookworm", bases
+    users = [rest for kw, rest in instructions if kw == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
+    env = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    assert "REKKU_HOME=/data" in env and "REKKU_ARTIFACT_DIR=/artifacts" in env
+    volumes = " ".join(rest for kw, rest in instructions if kw == "VOLUME")
+    assert "/data" in volumes
+    runs = " ".join(rest for kw, rest in instructions if kw == "RUN")
+    assert '".[mariadb,selenium,reddit]"' in runs
+    for package in ("default-libmysqlclient-dev", "build-essential", "pkg-config", "chromium", "chromium-driver"):
+        assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", runs), f"{package} is not installed"
+
+
+def _dockerignore_rule(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i:end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negated = line.startswith("!")
+            rules.append((negated, _dockerignore_rule(line.lstrip("!").strip("/"))))
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for negated, rule in rules:
+        if any(rule.match(p) for p in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_build_context_holds_the_sources_and_keeps_secrets_out() -> None:
+    for secret in (".env", ".git/config", ".venv/bin/python", ".rekku/api_token", "tests/conftest.py",
+                   "rekku/__pycache__/cli.cpython-311.pyc", "plugins/.env"):
+        assert dockerignored(secret), f"{secret} would be sent into the image build"
+    copied = []
+    for kw, rest in dockerfile_instructions():
+        if kw == "COPY" and "--from" not in rest:
+            copied += rest.split()[:-1]
+    assert copied
+    for source in copied:
+        root = ROOT / source
+        files = [root] if root.is_file() else [
+            p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        assert files, f"COPY {source}: nothing there"
+        for file in files:
+            rel = file.relative_to(ROOT).as_posix()
+            assert not dockerignored(rel), f"{rel} is needed by the Dockerfile but excluded by .dockerignore"
