@@ -153,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal error; see the ingress log")
 
     @app.post("/v1/actions", status_code=202, response_model=SubmitResponse, dependencies=auth,
-              responses={**_ERRORS, 422: {"model": SubmitResponse}, 503: {"model": ErrorResponse}})
+              responses={**_ERRORS, 422: {"model": SubmitResponse}, 403: {"model": SubmitResponse},
+                         503: {"model": ErrorResponse}})
     def submit_actions(body: SubmitRequest) -> Any:
         """Accept actions (any JSON form) or a raw LLM reply; each valid action becomes one task."""
         if body.text is not None and body.actions is not None:

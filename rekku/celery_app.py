@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery, Task
 
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
+from rekku.periodic import register_periodic_tasks
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of
@@ -49,6 +50,7 @@ def make_app() -> Celery:
     app = Celery("rekku")
     app.config_from_object("celeryconfig")
     register_action_tasks(app, get_registry())
+    register_periodic_tasks(app, get_registry())
 
     @app.task(name="rekku.ingest", bind=True, queue="default", acks_late=True)
     def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> dict:

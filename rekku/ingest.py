@@ -68,6 +68,10 @@ class Ingress:
                 return Answer.from_dict(earlier)
         parsed = parse_text(body) if isinstance(body, (str, bytes)) else parse_value(body)
         ctx = normalize_context(context)
+        refusal = self._refusal(ctx)
+        if refusal:
+            return Answer(None, [], [{"index": None, "type": None, "errors": [refusal]}], None, status=403)
+        self._observe(ctx)
         accepted, rejected = validate_actions(parsed.actions, self.registry, ctx, self.settings)
         rejected = [Rejection(None, None, parsed.errors)] + rejected if parsed.errors else rejected
         if not parsed.actions and not parsed.errors:
@@ -97,6 +101,32 @@ class Ingress:
             raise ServiceUnavailable(f"the broker is unreachable; {len(unsent)} of {len(runs)} actions "
                                      f"were not enqueued (marked failed in batch {batch_id})")
         return answer
+
+    def _refusal(self, ctx: dict) -> str | None:
+        """The first plugin's reason to refuse the whole request (trainers are never refused)."""
+        if self.settings.is_trainer(ctx.get("interface"), ctx.get("user_id")):
+            return None
+        for name, plugin in self.registry.plugins.items():
+            check = getattr(plugin, "check_request", None)
+            if check is None:
+                continue
+            try:
+                reason = check(ctx)
+            except Exception:
+                log.exception("check_request of plugin %s failed; not refusing on its account", name)
+                continue
+            if reason:
+                return reason
+        return None
+
+    def _observe(self, ctx: dict) -> None:
+        for name, plugin in self.registry.plugins.items():
+            observe = getattr(plugin, "on_request", None)
+            if observe is not None:
+                try:
+                    observe(ctx)
+                except Exception:
+                    log.exception("on_request of plugin %s failed", name)
 
     def _queue_for(self, spec: ActionSpec, payload: dict, ctx: dict) -> str:
         """The pool's queue, unless the plugin routes this action elsewhere (a node's own queue)."""

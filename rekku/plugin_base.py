@@ -59,6 +59,12 @@ class AIPluginBase:
         """A queue other than the pool's for this one action (e.g. the node holding its session), or None."""
         return None
 
+    # Optional, looked up with getattr so the seed's plugins need none of them:
+    #   check_request(context) -> str | None   refuse a whole request (e.g. the user is blocked)
+    #   on_request(context) -> None            observe every request that was accepted (e.g. chat activity)
+    #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (rekku.periodic)
+    #   get_static_injection(message=None, context_memory=None) -> dict  prompt context
+
     def unavailable_reason(self) -> str | None:
         """Why this plugin's actions cannot run here (e.g. a missing credential), or None."""
         return None

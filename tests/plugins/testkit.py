@@ -88,3 +88,4 @@ class TestKit(AIPluginBase):
 
 
 PLUGIN_CLASS = TestKit
+

@@ -1,0 +1,41 @@
+"""Test plugin for the ingress hooks (check_request, on_request) and plugin periodic tasks."""
+
+from __future__ import annotations
+
+import time
+
+from rekku import AIPluginBase, get_settings, register_plugin
+
+
+def _journal(name: str):
+    path = get_settings().home_dir / "testkit"
+    path.mkdir(exist_ok=True)
+    return path / name
+
+
+
+class Gatekeeper(AIPluginBase):
+    """Exercises the ingress hooks: refuses requests from users 'blocked-user' and '42', counts chats seen, ticks."""
+
+    def __init__(self) -> None:
+        register_plugin("gatekeeper", self)
+
+    def check_request(self, context: dict) -> str | None:
+        if context.get("user_id") in ("blocked-user", "42"):  # 42 is also the stacks' trainer
+            return f"User {context['user_id']} is blocked"
+        return None
+
+    def on_request(self, context: dict) -> None:
+        if context.get("chat_id"):
+            with open(_journal(f"chat-{context['chat_id']}.log"), "a") as fh:
+                fh.write("seen\n")
+
+    def periodic_tasks(self) -> dict:
+        return {"tick": {"every": 0.5, "run": self.tick, "pool": "default"}}
+
+    async def tick(self) -> None:
+        with open(_journal("ticks.log"), "a") as fh:
+            fh.write(f"{time.time()}\n")
+
+
+PLUGIN_CLASS = Gatekeeper
