@@ -56,7 +56,7 @@ def _make_stack(kind: str, home: Path) -> Iterator[Stack]:
         db_name, url = create_mariadb()
     else:
         url = f"sqlite:///{home / 'rekku.db'}"
-    stack = Stack(kind, home, url, db_number, extra_env={"TRAINER_IDS": "telegram_bot:42"})
+    stack = Stack(kind, home, url, db_number, extra_env={"TRAINER_IDS": "telegram_bot:42,webhook:7000"})
     try:
         stack.start_ingress()
         stack.start_worker("default", concurrency=2, node=f"{kind}-main")

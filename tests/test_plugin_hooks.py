@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TRAINER
 from tests.support import Stack, stop_process, wait_until
 
 pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
@@ -19,11 +18,12 @@ def test_check_request_refuses_the_whole_request_with_403(stack: Stack) -> None:
 
 
 def test_trainers_are_never_refused(stack: Stack) -> None:
-    """User 42 is on the gatekeeper's block list, and a trainer on telegram_bot only."""
-    resp = stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {}}], "context": TRAINER})
+    """User 7000 is on the gatekeeper's block list, and a trainer on the webhook interface only."""
+    resp = stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {}}],
+                                      "context": {"interface": "webhook", "user_id": "7000"}})
     assert resp.status_code == 202
     resp = stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {}}],
-                                      "context": {"interface": "discord_bot", "user_id": "42"}})
+                                      "context": {"interface": "discord_bot", "user_id": "7000"}})
     assert resp.status_code == 403
 
 

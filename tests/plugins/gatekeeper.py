@@ -15,13 +15,13 @@ def _journal(name: str):
 
 
 class Gatekeeper(AIPluginBase):
-    """Exercises the ingress hooks: refuses requests from users 'blocked-user' and '42', counts chats seen, ticks."""
+    """Exercises the ingress hooks: refuses requests from users 'blocked-user' and '7000', counts chats seen, ticks."""
 
     def __init__(self) -> None:
         register_plugin("gatekeeper", self)
 
     def check_request(self, context: dict) -> str | None:
-        if context.get("user_id") in ("blocked-user", "42"):  # 42 is also the stacks' trainer
+        if context.get("user_id") in ("blocked-user", "7000"):  # 7000 is also a trainer on webhook
             return f"User {context['user_id']} is blocked"
         return None
 
