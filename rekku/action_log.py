@@ -12,10 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
-from rekku.db import session_factory
+from rekku.db import get_engine
 from rekku.models import (
     CANCELLED,
     FAILED,
@@ -46,8 +46,8 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def run_as_dict(run: ActionRun) -> dict[str, Any]:
-    """The public shape of an action (GET /v1/actions/{id})."""
+def run_as_dict(run: Any) -> dict[str, Any]:
+    """The public shape of an action (GET /v1/actions/{id}) from an ``action_runs`` row."""
     return {
         "id": run.id, "batch_id": run.batch_id, "type": run.type, "status": run.status,
         "queue": run.queue, "payload": run.payload, "context": run.context or {},
@@ -66,16 +66,37 @@ def _json_safe(value: Any) -> Any:
         return {"repr": repr(value)[:MAX_ERROR_CHARS], "note": "result was not JSON-serialisable"}
 
 
-class ActionLog:
-    """Reads and state transitions of ``action_runs`` and ``action_batches``."""
+_runs, _batches = ActionRun.__table__, Batch.__table__
+_id = _runs.c.id == sa.bindparam("aid")
 
-    def __init__(self, sessions: sessionmaker[Session] | None = None) -> None:
-        self._sessions = sessions or session_factory()
+# The worker's per-action statements, built once: SQLAlchemy then reuses their compiled form,
+# which matters on the hot path (building ORM statements per call cost more than the queries).
+_CLAIM = (sa.update(_runs)
+          .where(_id, _runs.c.status.in_((QUEUED, RUNNING)), _runs.c.cancel_requested.is_(False))
+          .values(status=RUNNING, attempts=_runs.c.attempts + 1, worker=sa.bindparam("worker"),
+                  started_at=sa.bindparam("now"), updated_at=sa.bindparam("now")))
+_FINISH = (sa.update(_runs)
+           .where(_id, _runs.c.status.in_(sa.bindparam("from_states", expanding=True)))
+           .values(status=sa.bindparam("status"), result=sa.bindparam("result"), error=sa.bindparam("error"),
+                   finished_at=sa.bindparam("now"), updated_at=sa.bindparam("now")))
+_REQUEUE = (sa.update(_runs).where(_id, _runs.c.status == RUNNING)
+            .values(status=QUEUED, error=sa.bindparam("error"), updated_at=sa.bindparam("now")))
+_PROGRESS = sa.update(_runs).where(_id).values(progress=sa.bindparam("progress"), updated_at=sa.bindparam("now"))
+_GET = sa.select(_runs).where(_id)
+_ATTEMPTS = sa.select(_runs.c.attempts).where(_id)
+_CANCEL_REQUESTED = sa.select(_runs.c.cancel_requested).where(_id)
+
+
+class ActionLog:
+    """Reads and state transitions of ``action_runs`` and ``action_batches`` (SQLAlchemy Core)."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self._engine = engine or get_engine()
 
     # ------------------------------------------------------------------ ingress side
     def find_batch_response(self, idempotency_key: str) -> dict | None:
-        with self._sessions() as s:
-            return s.scalar(sa.select(Batch.response).where(Batch.idempotency_key == idempotency_key))
+        with self._engine.connect() as c:
+            return c.scalar(sa.select(_batches.c.response).where(_batches.c.idempotency_key == idempotency_key))
 
     def record_batch(self, batch_id: str, idempotency_key: str | None, runs: list[NewRun],
                      response: dict) -> dict | None:
@@ -83,11 +104,11 @@ class ActionLog:
         idempotency key was already used (then nothing is written)."""
         now = utcnow()
         try:
-            with self._sessions.begin() as s:
-                s.execute(sa.insert(Batch), [{"id": batch_id, "idempotency_key": idempotency_key,
-                                              "response": response, "created_at": now}])
+            with self._engine.begin() as c:
+                c.execute(sa.insert(_batches), [{"id": batch_id, "idempotency_key": idempotency_key,
+                                                 "response": response, "created_at": now}])
                 if runs:
-                    s.execute(sa.insert(ActionRun), [
+                    c.execute(sa.insert(_runs), [
                         {"id": r.id, "batch_id": batch_id, "position": r.position, "type": r.type,
                          "queue": r.queue, "status": QUEUED, "payload": r.payload, "context": r.context,
                          "attempts": 0, "cancel_requested": False, "created_at": now, "updated_at": now}
@@ -103,12 +124,12 @@ class ActionLog:
 
     def forget_idempotency_key(self, batch_id: str) -> None:
         """Let a client retry with the same key after we failed to enqueue its batch."""
-        with self._sessions.begin() as s:
-            s.execute(sa.update(Batch).where(Batch.id == batch_id).values(idempotency_key=None))
+        with self._engine.begin() as c:
+            c.execute(sa.update(_batches).where(_batches.c.id == batch_id).values(idempotency_key=None))
 
     def fail_unsent(self, ids: list[str], error: str) -> None:
-        with self._sessions.begin() as s:
-            s.execute(sa.update(ActionRun).where(ActionRun.id.in_(ids), ActionRun.status == QUEUED)
+        with self._engine.begin() as c:
+            c.execute(sa.update(_runs).where(_runs.c.id.in_(ids), _runs.c.status == QUEUED)
                       .values(status=FAILED, error=error, finished_at=utcnow(), updated_at=utcnow()))
 
     # ------------------------------------------------------------------ worker side
@@ -116,19 +137,12 @@ class ActionLog:
         """queued/running → running. False when the action is final (already done, cancelled) or unknown.
 
         ``running`` is claimable because a redelivered task means its previous holder died."""
-        now = utcnow()
-        with self._sessions.begin() as s:
-            res = s.execute(
-                sa.update(ActionRun)
-                .where(ActionRun.id == action_id, ActionRun.status.in_((QUEUED, RUNNING)),
-                       ActionRun.cancel_requested.is_(False))
-                .values(status=RUNNING, attempts=ActionRun.attempts + 1, worker=worker,
-                        started_at=now, updated_at=now))
-            return res.rowcount == 1
+        with self._engine.begin() as c:
+            return c.execute(_CLAIM, {"aid": action_id, "worker": worker, "now": utcnow()}).rowcount == 1
 
     def attempts(self, action_id: str) -> int:
-        with self._sessions() as s:
-            return s.scalar(sa.select(ActionRun.attempts).where(ActionRun.id == action_id)) or 0
+        with self._engine.connect() as c:
+            return c.scalar(_ATTEMPTS, {"aid": action_id}) or 0
 
     def succeed(self, action_id: str, result: Any) -> None:
         self._finish(action_id, SUCCEEDED, result=_json_safe(result))
@@ -141,55 +155,51 @@ class ActionLog:
 
     def _finish(self, action_id: str, status: str, *, result: Any = None, error: str | None = None,
                 from_states: tuple[str, ...] = (RUNNING,)) -> None:
-        now = utcnow()
-        with self._sessions.begin() as s:
-            s.execute(sa.update(ActionRun)
-                      .where(ActionRun.id == action_id, ActionRun.status.in_(from_states))
-                      .values(status=status, result=result, error=error, finished_at=now, updated_at=now))
+        with self._engine.begin() as c:
+            c.execute(_FINISH, {"aid": action_id, "from_states": list(from_states), "status": status,
+                                "result": result, "error": error, "now": utcnow()})
 
     def requeue(self, action_id: str, error: str) -> None:
         """running → queued, keeping the last error, before a retry is scheduled."""
-        with self._sessions.begin() as s:
-            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
-                      .values(status=QUEUED, error=error[:MAX_ERROR_CHARS], updated_at=utcnow()))
+        with self._engine.begin() as c:
+            c.execute(_REQUEUE, {"aid": action_id, "error": error[:MAX_ERROR_CHARS], "now": utcnow()})
 
     def set_progress(self, action_id: str, progress: dict) -> None:
-        with self._sessions.begin() as s:
-            s.execute(sa.update(ActionRun).where(ActionRun.id == action_id)
-                      .values(progress=_json_safe(progress), updated_at=utcnow()))
+        with self._engine.begin() as c:
+            c.execute(_PROGRESS, {"aid": action_id, "progress": _json_safe(progress), "now": utcnow()})
 
     # ------------------------------------------------------------------ reads and cancel
     def get(self, action_id: str) -> dict | None:
-        with self._sessions() as s:
-            run = s.get(ActionRun, action_id)
-            return run_as_dict(run) if run else None
+        with self._engine.connect() as c:
+            row = c.execute(_GET, {"aid": action_id}).first()
+            return run_as_dict(row) if row else None
 
     def batch(self, batch_id: str) -> list[dict] | None:
-        with self._sessions() as s:
-            runs = s.scalars(sa.select(ActionRun).where(ActionRun.batch_id == batch_id)
-                             .order_by(ActionRun.position)).all()
-            if not runs and s.get(Batch, batch_id) is None:
+        with self._engine.connect() as c:
+            rows = c.execute(sa.select(_runs).where(_runs.c.batch_id == batch_id).order_by(_runs.c.position)).all()
+            if not rows and c.scalar(sa.select(_batches.c.id).where(_batches.c.id == batch_id)) is None:
                 return None
-            return [run_as_dict(r) for r in runs]
+            return [run_as_dict(r) for r in rows]
 
     def request_cancel(self, action_id: str) -> tuple[str | None, bool]:
         """Cancel a queued action at once; mark a running one so its worker stops it.
 
         Returns ``(status after the request, whether this request changed anything)``;
         the status is None when there is no such action."""
-        with self._sessions.begin() as s:
-            res = s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == QUEUED)
+        now = utcnow()
+        with self._engine.begin() as c:
+            res = c.execute(sa.update(_runs).where(_runs.c.id == action_id, _runs.c.status == QUEUED)
                             .values(status=CANCELLED, cancel_requested=True, error="cancelled before it ran",
-                                    finished_at=utcnow(), updated_at=utcnow()))
+                                    finished_at=now, updated_at=now))
             if res.rowcount:
                 return CANCELLED, True
-            res = s.execute(sa.update(ActionRun).where(ActionRun.id == action_id, ActionRun.status == RUNNING)
-                            .values(cancel_requested=True, updated_at=utcnow()))
-            return s.scalar(sa.select(ActionRun.status).where(ActionRun.id == action_id)), bool(res.rowcount)
+            res = c.execute(sa.update(_runs).where(_runs.c.id == action_id, _runs.c.status == RUNNING)
+                            .values(cancel_requested=True, updated_at=now))
+            return c.scalar(sa.select(_runs.c.status).where(_runs.c.id == action_id)), bool(res.rowcount)
 
     def cancel_requested(self, action_id: str) -> bool:
-        with self._sessions() as s:
-            return bool(s.scalar(sa.select(ActionRun.cancel_requested).where(ActionRun.id == action_id)))
+        with self._engine.connect() as c:
+            return bool(c.scalar(_CANCEL_REQUESTED, {"aid": action_id}))
 
     @staticmethod
     def is_final(status: str) -> bool:

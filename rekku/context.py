@@ -22,7 +22,6 @@ class ActionContext:
     action_id: str
     action_type: str
     batch_id: str | None = None
-    attempt: int = 1
     interface: str | None = None
     chat_id: str | None = None
     thread_id: str | None = None
@@ -31,6 +30,15 @@ class ActionContext:
     message_id: str | None = None
     worker: str | None = None
     _progress_sink: Callable[[dict], None] | None = field(default=None, repr=False)
+    _attempt: int | None = field(default=None, repr=False)
+    _attempt_loader: Callable[[], int] | None = field(default=None, repr=False)
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery of this action is running (1 = first), read from the log when first asked."""
+        if self._attempt is None:
+            self._attempt = self._attempt_loader() if self._attempt_loader else 1
+        return self._attempt
 
     @classmethod
     def from_request(cls, action_id: str, action_type: str, context: dict | None, **extra: Any) -> ActionContext:

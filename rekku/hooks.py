@@ -77,7 +77,7 @@ class ActionLogHook(Hook):
                 self.log.cancelled(run.action_id, "cancelled")
                 raise SkipRun("cancelled")
             raise SkipRun(f"already {current['status']}")
-        run.context.attempt = self.log.attempts(run.action_id)
+        run.context._attempt_loader = lambda: self.log.attempts(run.action_id)
 
     def after_success(self, run: Run, result: Any) -> None:
         self.log.succeed(run.action_id, result)

@@ -7,8 +7,9 @@ Outcomes: the handler's return value is the result; TransientError is retried wi
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
-from concurrent.futures import CancelledError
 from typing import Any
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
@@ -89,7 +90,7 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
             _each("before_retry", run, _describe(exc), countdown)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
         error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
-    except (SoftTimeLimitExceeded, TimeoutError, CancelledError) as exc:
+    except (SoftTimeLimitExceeded, TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         if shared_log().cancel_requested(action_id):
             _each("after_cancel", run)
             return {"cancelled": True}
