@@ -4,7 +4,7 @@ Useful to check a deployment end to end (``rekku submit`` an echo and ``--wait``
 no-op the benchmarks measure.
 """
 
-from rekku import AIPluginBase, current_action, register_plugin
+from rekku import AIPluginBase, register_plugin
 
 
 class EchoPlugin(AIPluginBase):
@@ -44,8 +44,6 @@ class EchoPlugin(AIPluginBase):
         return []
 
     async def handle_custom_action(self, action_type: str, payload: dict):
-        action = current_action()
-        action.report_progress("echoing")
         return payload
 
 

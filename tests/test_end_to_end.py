@@ -21,7 +21,16 @@ def test_echo_result_is_readable_over_http(stack: Stack) -> None:
     assert run["queue"] == "default"
     assert run["context"]["chat_id"] == "5"
     assert run["started_at"] and run["finished_at"] and run["created_at"] <= run["started_at"]
-    assert run["progress"] == {"step": "echoing"}
+    assert run["progress"] is None
+
+
+def test_progress_reported_by_a_handler_is_readable_while_it_runs(stack: Stack) -> None:
+    answer = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 2}}])
+    action_id = answer["accepted"][0]["id"]
+    running = wait_until(lambda: (r := stack.get(f"/v1/actions/{action_id}").json())["progress"] and r,
+                         timeout=20, what="progress to show")
+    assert running["status"] == "running" and running["progress"] == {"step": "sleeping", "seconds": 2}
+    assert stack.wait_action(action_id)["status"] == "succeeded"
 
 
 def test_raw_llm_text_with_fences_and_a_bare_array_runs_every_action(stack: Stack) -> None:

@@ -1,0 +1,207 @@
+"""The three measurements, each taken for Rekku and for bare Celery under the same conditions.
+
+(a) accept: actions enqueued per second by the submitter (HTTP ingress vs ``apply_async``).
+(b) drain: actions finished per second by one worker, from a pre-filled queue.
+(c) latency: time from the submitter's call to the handler's first statement, one at a time.
+
+(a) and (b) share their messages: while (a) fills a queue its worker is told to stop consuming
+(``cancel_consumer``), so (b) starts from a full queue on a worker that has long finished booting
+and is switched on with ``add_consumer``; the clock starts just before that command.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from bench import bare_app
+from bench.plugins.stamp import STAMP_KEY as OURS_STAMP_KEY
+from bench.stack import POOL, Stack
+from rekku.db import make_engine
+from rekku.models import FAILED, SUCCEEDED, ActionRun
+
+#: Actions per POST /v1/actions in (a).
+BATCH = 100
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: with 200 samples p99 is the 2nd largest)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+class Ingress:
+    """A keep-alive HTTP/1.1 connection to the ingress.
+
+    ``http.client`` rather than ``requests``: its per-request cost is a fraction of a millisecond,
+    so (a) and (c) measure the ingress, not the client library (bare's client is ``apply_async``)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post_actions(self, body: bytes) -> dict:
+        """POST /v1/actions; the answer, or RuntimeError unless it is 202.
+
+        Uvicorn closes a connection idle for 5 s (as between phases): a request that finds it closed
+        is sent again once on a new connection (the server never saw it)."""
+        for attempt in (1, 2):
+            try:
+                self.conn.request("POST", "/v1/actions", body=body, headers=self.headers)
+                resp = self.conn.getresponse()
+                data = resp.read()
+                break
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.conn.close()  # http.client reconnects on the next request
+                if attempt == 2:
+                    raise
+        if resp.status != 202:
+            raise RuntimeError(f"POST /v1/actions answered {resp.status}: {data[:500]!r}")
+        return json.loads(data)
+
+
+@dataclass
+class Bench:
+    """Drives one :class:`Stack`: an HTTP session to the ingress, Redis, and a read-only view of the log."""
+
+    stack: Stack
+
+    def __post_init__(self) -> None:
+        self.http = Ingress(self.stack.port, self.stack.token)
+        self.redis = self.stack.redis()
+        assert self.stack.db is not None
+        self.engine = make_engine(self.stack.db.url)
+        self.control = bare_app.app.control
+
+    # ------------------------------------------------------------------ consumers on/off
+    def consume(self, ours: bool, on: bool) -> None:
+        """Switch a worker's queue consumer on or off and wait until the worker says it is done."""
+        node, queue = (self.stack.ours_node, POOL) if ours else (self.stack.bare_node, bare_app.QUEUE)
+        command = self.control.add_consumer if on else self.control.cancel_consumer
+        command(queue, destination=[node], reply=True, timeout=5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            replies = self.control.inspect(destination=[node], timeout=2).active_queues() or {}
+            queues = {q["name"] for q in replies.get(node, [])}
+            if (queue in queues) == on:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{node} did not {'start' if on else 'stop'} consuming {queue}")
+
+    # ------------------------------------------------------------------ (a) accept
+    def ours_accept(self, n: int) -> float:
+        """POST ``n`` echo actions in batches of 100; returns seconds."""
+        body = json.dumps({"actions": [{"type": "echo", "payload": {}}] * BATCH}).encode()
+        start = time.perf_counter()
+        for _ in range(n // BATCH):
+            if len(self.http.post_actions(body)["accepted"]) != BATCH:
+                raise RuntimeError("POST /v1/actions did not accept the whole batch")
+        return time.perf_counter() - start
+
+    def bare_accept(self, n: int) -> float:
+        """``apply_async`` ``n`` no-op tasks; returns seconds."""
+        self.redis.delete(bare_app.COUNT_KEY, bare_app.DONE_KEY)
+        start = time.perf_counter()
+        for _ in range(n):
+            bare_app.noop.apply_async(kwargs={"target": n})
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ (b) drain
+    def _count(self, status: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.count()).select_from(ActionRun)
+                               .where(ActionRun.status == status, ActionRun.type == "echo"))
+
+    def ours_drain(self, n: int, already_done: int, timeout: float) -> float:
+        """Let the Rekku worker consume; done when ``already_done + n`` echo rows are succeeded.
+
+        The end is the latest ``finished_at`` in the log (not when our poll noticed)."""
+        start = time.time()
+        self.consume(ours=True, on=True)
+        deadline = time.monotonic() + timeout
+        while self._count(SUCCEEDED) < already_done + n:
+            if self._count(FAILED):
+                raise RuntimeError("echo actions failed; see the worker log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Rekku worker did not finish {n} actions in {timeout:g} s")
+            self.stack.check_alive()
+            time.sleep(0.05)
+        with self.engine.connect() as conn:
+            end = conn.scalar(sa.select(sa.func.max(ActionRun.finished_at)).where(ActionRun.type == "echo"))
+        self.consume(ours=True, on=False)
+        return end.timestamp() - start
+
+    def bare_drain(self, n: int, timeout: float) -> float:
+        """Let the bare worker consume; the task that completes the n-th INCR records the end."""
+        start = time.time()
+        self.consume(ours=False, on=True)
+        deadline = time.monotonic() + timeout
+        while (done := self.redis.get(bare_app.DONE_KEY)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bare worker did not finish {n} tasks in {timeout:g} s")
+            self.stack.check_alive()
+            time.sleep(0.05)
+        self.consume(ours=False, on=False)
+        return float(done) - start
+
+    # ------------------------------------------------------------------ (c) latency
+    def ours_latency(self) -> tuple[float, float]:
+        """(sent, handler start): POST /v1/actions with one action, then wait for its handler's stamp."""
+        body = b'{"actions": [{"type": "bench_stamp", "payload": {}}]}'
+        sent = time.time()
+        self.http.post_actions(body)
+        return sent, self._stamp(OURS_STAMP_KEY)
+
+    def bare_latency(self) -> float:
+        """Seconds from calling ``apply_async`` to the bare task's first statement."""
+        sent = time.time()
+        bare_app.stamp.apply_async()
+        return self._stamp(bare_app.STAMP_KEY) - sent
+
+    def _stamp(self, key: str) -> float:
+        got = self.redis.blpop([key], timeout=30)
+        if got is None:
+            self.stack.check_alive()
+            raise RuntimeError(f"no handler start recorded in {key} within 30 s")
+        return float(got[1])
+
+    def latency_split(self, samples: list[tuple[float, float]]) -> dict[str, float]:
+        """Median ms of each leg of ours' latency, from the log's timestamps of the last len(samples) stamps.
+
+        ``created_at`` is taken by the ingress just before its log write, ``started_at`` by the
+        worker's claim, so: request → logged (HTTP, parse, validate), logged → claimed (log
+        commit, publish, broker, worker dispatch), claimed → handler (claim commit and the hooks)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ActionRun.created_at, ActionRun.started_at)
+                                .where(ActionRun.type == "bench_stamp").order_by(ActionRun.created_at.desc())
+                                .limit(len(samples))).all()[::-1]
+        legs: dict[str, list[float]] = {"request → logged": [], "logged → claimed": [], "claimed → handler": []}
+        for (sent, stamp), (created, started) in zip(samples, rows):
+            legs["request → logged"].append(created.timestamp() - sent)
+            legs["logged → claimed"].append(started.timestamp() - created.timestamp())
+            legs["claimed → handler"].append(stamp - started.timestamp())
+        return {k: 1000 * percentile(v, 50) for k, v in legs.items() if v}
+
+    def in_task_ms(self, last: int) -> float:
+        """Median ms between claim and finish of the last ``last`` echo actions (the log's own bookkeeping
+        included, Celery's dispatch excluded)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ActionRun.started_at, ActionRun.finished_at)
+                                .where(ActionRun.type == "echo").order_by(ActionRun.finished_at.desc())
+                                .limit(last)).all()
+        return 1000 * percentile([(f - s).total_seconds() for s, f in rows], 50)
+
+    def wait_warmed_up(self, ours_total: int, timeout: float = 120) -> None:
+        """Wait until the log has ``ours_total`` succeeded echo actions and the bare warm-up batch is done."""
+        deadline = time.monotonic() + timeout
+        while self._count(SUCCEEDED) < ours_total or self.redis.get(bare_app.DONE_KEY) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the warm-up actions did not finish")
+            self.stack.check_alive()
+            time.sleep(0.05)
