@@ -85,6 +85,7 @@ _PROGRESS = sa.update(_runs).where(_id).values(progress=sa.bindparam("progress")
 _GET = sa.select(_runs).where(_id)
 _ATTEMPTS = sa.select(_runs.c.attempts).where(_id)
 _CANCEL_REQUESTED = sa.select(_runs.c.cancel_requested).where(_id)
+_STATE = sa.select(_runs.c.status, _runs.c.cancel_requested).where(_id)
 
 
 class ActionLog:
@@ -139,6 +140,12 @@ class ActionLog:
         ``running`` is claimable because a redelivered task means its previous holder died."""
         with self._engine.begin() as c:
             return c.execute(_CLAIM, {"aid": action_id, "worker": worker, "now": utcnow()}).rowcount == 1
+
+    def state(self, action_id: str) -> tuple[str, bool] | None:
+        """``(status, cancel_requested)``, or None for an unknown action: a read, no lock taken."""
+        with self._engine.connect() as c:
+            row = c.execute(_STATE, {"aid": action_id}).first()
+            return (row.status, bool(row.cancel_requested)) if row else None
 
     def attempts(self, action_id: str) -> int:
         with self._engine.connect() as c:

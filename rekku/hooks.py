@@ -7,12 +7,15 @@ added by writing a class and listing it, not by adding branches to the task.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from rekku.action_log import ActionLog, shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
+from rekku.models import FINAL_STATES
 from rekku.plugin_base import ActionSpec
 from rekku.settings import get_settings
 
@@ -62,34 +65,66 @@ class Hook:
 
 
 class ActionLogHook(Hook):
-    """Moves the action through its states in the log; a finished action is never run again."""
+    """Moves the action through its states in the log; a finished action is never run again.
+
+    The check that decides whether to run is a read (is the action final or cancelled?); the write
+    that marks it ``running`` (attempts + 1, worker, started_at) is committed on a helper thread
+    while the handler starts, and every later state change waits for it. That keeps a database
+    commit (an fsync on MariaDB) off the path to the handler without changing what can happen:
+    the conditional UPDATE never moves a final action, and a redelivery may re-run a ``running``
+    one, exactly as a synchronous claim would allow.
+    """
 
     @property
     def log(self) -> ActionLog:
         return shared_log()
 
     def before_run(self, run: Run) -> None:
-        if not self.log.claim(run.action_id, run.context.worker or "?"):
-            current = self.log.get(run.action_id)
-            if current is None:
-                raise SkipRun("unknown action (not in the action log)")
-            if current["status"] == "running":  # cancel asked while its previous holder died
-                self.log.cancelled(run.action_id, "cancelled")
-                raise SkipRun("cancelled")
-            raise SkipRun(f"already {current['status']}")
-        run.context._attempt_loader = lambda: self.log.attempts(run.action_id)
+        state = self.log.state(run.action_id)
+        if state is None:
+            raise SkipRun("unknown action (not in the action log)")
+        status, cancel_requested = state
+        if status in FINAL_STATES:
+            raise SkipRun(f"already {status}")
+        if cancel_requested:  # cancel asked while its previous holder died
+            self.log.cancelled(run.action_id, "cancelled")
+            raise SkipRun("cancelled")
+        claim = _claimer().submit(self.log.claim, run.action_id, run.context.worker or "?")
+        run.extras["claim"] = claim
+        run.context._attempt_loader = lambda: (claim.result(), self.log.attempts(run.action_id))[1]
+
+    @staticmethod
+    def _settled(run: Run) -> None:
+        claim = run.extras.get("claim")
+        if claim is not None:
+            claim.result()
 
     def after_success(self, run: Run, result: Any) -> None:
+        self._settled(run)
         self.log.succeed(run.action_id, result)
 
     def after_failure(self, run: Run, error: str) -> None:
+        self._settled(run)
         self.log.fail(run.action_id, error)
 
     def before_retry(self, run: Run, error: str, countdown: float) -> None:
+        self._settled(run)
         self.log.requeue(run.action_id, f"{error} (retrying in {countdown:g} s)")
 
     def after_cancel(self, run: Run) -> None:
+        self._settled(run)
         self.log.cancelled(run.action_id, "cancelled while running")
+
+
+_claim_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _claimer() -> ThreadPoolExecutor:
+    """The process's claim thread (made again in a forked child, which has no threads)."""
+    global _claim_pool
+    if _claim_pool is None or _claim_pool[0] != os.getpid():
+        _claim_pool = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="rekku-claim"))
+    return _claim_pool[1]
 
 
 class AuthorizationHook(Hook):
