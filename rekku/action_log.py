@@ -79,6 +79,13 @@ _FINISH = (sa.update(_runs)
            .where(_id, _runs.c.status.in_(sa.bindparam("from_states", expanding=True)))
            .values(status=sa.bindparam("status"), result=sa.bindparam("result"), error=sa.bindparam("error"),
                    finished_at=sa.bindparam("now"), updated_at=sa.bindparam("now")))
+# A handler that finished before its claim was written: one write does claim and finish together.
+_CLAIM_AND_FINISH = (sa.update(_runs)
+                     .where(_id, _runs.c.status.in_((QUEUED, RUNNING)), _runs.c.cancel_requested.is_(False))
+                     .values(status=sa.bindparam("status"), result=sa.bindparam("result"),
+                             error=sa.bindparam("error"), attempts=_runs.c.attempts + 1,
+                             worker=sa.bindparam("worker"), started_at=sa.bindparam("started"),
+                             finished_at=sa.bindparam("now"), updated_at=sa.bindparam("now")))
 _REQUEUE = (sa.update(_runs).where(_id, _runs.c.status == RUNNING)
             .values(status=QUEUED, error=sa.bindparam("error"), updated_at=sa.bindparam("now")))
 _PROGRESS = sa.update(_runs).where(_id).values(progress=sa.bindparam("progress"), updated_at=sa.bindparam("now"))
@@ -165,6 +172,16 @@ class ActionLog:
         with self._engine.begin() as c:
             c.execute(_FINISH, {"aid": action_id, "from_states": list(from_states), "status": status,
                                 "result": result, "error": error, "now": utcnow()})
+
+    def claim_and_finish(self, action_id: str, worker: str, started: datetime, *, succeeded: bool,
+                         result: Any = None, error: str | None = None) -> None:
+        """Record a whole run in one write (for runs that ended before their claim was written)."""
+        with self._engine.begin() as c:
+            c.execute(_CLAIM_AND_FINISH, {
+                "aid": action_id, "worker": worker, "started": started, "now": utcnow(),
+                "status": SUCCEEDED if succeeded else FAILED,
+                "result": _json_safe(result) if succeeded else None,
+                "error": None if succeeded else (error or "")[:MAX_ERROR_CHARS]})
 
     def requeue(self, action_id: str, error: str) -> None:
         """running → queued, keeping the last error, before a retry is scheduled."""

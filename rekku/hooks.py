@@ -15,7 +15,7 @@ from typing import Any
 from rekku.action_log import ActionLog, shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
-from rekku.models import FINAL_STATES
+from rekku.models import FINAL_STATES, utcnow
 from rekku.plugin_base import ActionSpec
 from rekku.settings import get_settings
 
@@ -72,7 +72,9 @@ class ActionLogHook(Hook):
     while the handler starts, and every later state change waits for it. That keeps a database
     commit (an fsync on MariaDB) off the path to the handler without changing what can happen:
     the conditional UPDATE never moves a final action, and a redelivery may re-run a ``running``
-    one, exactly as a synchronous claim would allow.
+    one, exactly as a synchronous claim would allow. When the handler is done before the claim
+    thread even started, the claim is dropped and one write records the whole run: half the
+    commits for quick actions, which is what several processes sharing SQLite contend on.
     """
 
     @property
@@ -89,30 +91,41 @@ class ActionLogHook(Hook):
         if cancel_requested:  # cancel asked while its previous holder died
             self.log.cancelled(run.action_id, "cancelled")
             raise SkipRun("cancelled")
+        run.extras["started"] = utcnow()
         claim = _claimer().submit(self.log.claim, run.action_id, run.context.worker or "?")
         run.extras["claim"] = claim
         run.context._attempt_loader = lambda: (claim.result(), self.log.attempts(run.action_id))[1]
 
     @staticmethod
-    def _settled(run: Run) -> None:
+    def _claimed(run: Run) -> bool:
+        """Wait for the claim; False when it never started (the handler was quicker) and is now dropped."""
         claim = run.extras.get("claim")
-        if claim is not None:
-            claim.result()
+        if claim is None or claim.cancel():
+            return False
+        claim.result()
+        return True
 
     def after_success(self, run: Run, result: Any) -> None:
-        self._settled(run)
-        self.log.succeed(run.action_id, result)
+        if self._claimed(run):
+            self.log.succeed(run.action_id, result)
+        else:  # a quick action: claim and result in one write
+            self.log.claim_and_finish(run.action_id, run.context.worker or "?", run.extras["started"],
+                                      succeeded=True, result=result)
 
     def after_failure(self, run: Run, error: str) -> None:
-        self._settled(run)
-        self.log.fail(run.action_id, error)
+        if self._claimed(run):
+            self.log.fail(run.action_id, error)
+        else:
+            self.log.claim_and_finish(run.action_id, run.context.worker or "?", run.extras["started"],
+                                      succeeded=False, error=error)
 
     def before_retry(self, run: Run, error: str, countdown: float) -> None:
-        self._settled(run)
+        run.context.attempt  # noqa: B018 - retries are counted by the claim: make sure it is written
+        self._claimed(run)
         self.log.requeue(run.action_id, f"{error} (retrying in {countdown:g} s)")
 
     def after_cancel(self, run: Run) -> None:
-        self._settled(run)
+        self._claimed(run)
         self.log.cancelled(run.action_id, "cancelled while running")
 
 
