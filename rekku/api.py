@@ -215,8 +215,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/capabilities", response_model=CapabilitiesResponse, dependencies=auth, responses=_ERRORS)
     def get_capabilities() -> Any:
         """Every action this deployment can run, with its schema, instructions and queue."""
+        from rekku.interfaces import get_interfaces
+
         registry = get_registry()
-        return {"actions": capabilities(registry), "interfaces": [], "errors": registry.errors,
+        return {"actions": capabilities(registry), "interfaces": get_interfaces().describe(), "errors": registry.errors,
                 "disabled": {t: s.disabled for t, s in sorted(registry.disabled.items())}}
 
     @app.get("/healthz", response_model=Health)
@@ -239,7 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 #: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
-ROUTER_MODULES: tuple[str, ...] = ()
+ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api",)
 
 
 def extra_routers() -> list[Any]:

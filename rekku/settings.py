@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = Field(None, validation_alias=_env("REKKU_WORKER_CONCURRENCY"))
     log_level: str = Field("INFO", validation_alias=_env("REKKU_LOG_LEVEL"))
 
+    # interfaces and chat plugins
+    telegram_bot_token: str | None = Field(None, validation_alias=_env("TELEGRAM_BOT_TOKEN"))
+    telegram_api_url: str = Field("https://api.telegram.org", validation_alias=_env("TELEGRAM_API_URL"))
+    discord_webhook_url: str | None = Field(None, validation_alias=_env("DISCORD_WEBHOOK_URL"))
+    webhook_url: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_URL"))
+    webhook_secret: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_SECRET"))
+    #: Interface of a request context that names a chat but no interface (query outputs go there).
+    default_interface: str = Field("outbox", validation_alias=_env("REKKU_DEFAULT_INTERFACE"))
+    #: Seconds one HTTP request to a messaging platform may take.
+    interface_timeout: float = Field(15.0, validation_alias=_env("REKKU_INTERFACE_TIMEOUT"))
+
     @field_validator("restrict_actions")
     @classmethod
     def _check_policy(cls, value: str) -> str:

@@ -78,6 +78,7 @@ class Supervisor:
             self.children[name] = _spawn(argv, env, str(logs / f"{name}.log"))
         return {
             "API": f"http://{host}:{port}  (docs: /docs)",
+            "Messages": f"http://{host}:{port}/v1/outbox  (what Rekku says through the outbox interface)",
             "API token": token,
             "Flower": f"http://127.0.0.1:{self.settings.flower_port}  (user:password = {flower_auth})",
             "Broker": env["REKKU_BROKER_URL"] + ("  (embedded)" if self.redis else ""),

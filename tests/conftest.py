@@ -74,3 +74,56 @@ def stack(request: pytest.FixtureRequest, tmp_home: Path) -> Iterator[Stack]:
     home = tmp_home / request.param
     home.mkdir()
     yield from _make_stack(request.param, home)
+
+
+# ----------------------------------------------------------------------------- interfaces (issue 3)
+#: Bot token the fake Telegram API accepts, and the webhook's signing secret, in the chat stack.
+TELEGRAM_TOKEN = "123456:fake-token"
+WEBHOOK_SECRET = "webhook-test-secret"
+
+
+@pytest.fixture(scope="session")
+def fakes() -> Iterator[dict]:
+    """Fake Telegram Bot API, Discord webhook and webhook receiver, on 127.0.0.1."""
+    from tests.fakes.discord import FakeDiscord
+    from tests.fakes.telegram import FakeTelegram
+    from tests.fakes.webhook import FakeWebhookReceiver
+
+    servers = {"telegram": FakeTelegram(TELEGRAM_TOKEN).start(), "discord": FakeDiscord().start(),
+               "webhook": FakeWebhookReceiver().start()}
+    yield servers
+    servers["telegram"].release.set()
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
+    """MariaDB, an ingress, a default and an io worker, with every interface configured against the fakes."""
+    home = tmp_home / "chat"
+    home.mkdir()
+    db_number = claim_redis_db()
+    db_name, url = create_mariadb()
+    stack = Stack("chat", home, url, db_number, extra_env={
+        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+        "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
+        "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook", "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "REKKU_INTERFACE_TIMEOUT": "5"})
+    try:
+        stack.start_ingress()
+        stack.start_worker("default", concurrency=2, node="chat-main")
+        stack.start_worker("io", concurrency=4, node="chat-io")
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(db_number)
+        drop_mariadb(db_name)
+
+
+@pytest.fixture
+def tg(fakes: dict) -> Iterator[object]:
+    """The fake Telegram API, emptied for this test."""
+    fakes["telegram"].reset()
+    yield fakes["telegram"]
+    fakes["telegram"].release.set()
+

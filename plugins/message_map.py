@@ -1,0 +1,110 @@
+"""message_map: a message forwarded to the trainer, mapped back to its original chat and message.
+
+Upstream's actions and ``message_map`` table (UPSTREAM.md §2), with portable SQL (upstream's was
+SQLite-only). Query results also go back to the asking chat as a ``system_message`` of type output.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from rekku import AIPluginBase, current_action, register_plugin
+from rekku.db import session_factory
+from rekku.interfaces.replies import send_output
+from rekku.models import UTCDateTime, utcnow
+
+metadata = sa.MetaData()
+message_map = sa.Table(
+    "message_map", metadata,
+    sa.Column("trainer_message_id", sa.String(191), primary_key=True),
+    sa.Column("chat_id", sa.String(191), nullable=False),
+    sa.Column("message_id", sa.String(191), nullable=False),
+    sa.Column("interface", sa.String(64)),
+    sa.Column("timestamp", UTCDateTime, nullable=False),
+)
+
+ACTIONS = {
+    "store_message_mapping": ("Remember which chat and message a message forwarded to the trainer came from",
+                              ["trainer_message_id", "chat_id", "message_id"], []),
+    "get_original_message": ("Find the chat and message a trainer's message was forwarded from",
+                             ["trainer_message_id"], []),
+    "cleanup_old_mappings": ("Forget mappings older than some hours (default 24)", [], ["older_than_hours"]),
+    "get_mapping_stats": ("Count stored mappings", [], []),
+}
+QUERIES = ("get_original_message", "get_mapping_stats")
+
+
+class MessageMapPlugin(AIPluginBase):
+    idempotent = True
+
+    def __init__(self) -> None:
+        register_plugin("message_map", self)
+
+    @staticmethod
+    def get_supported_action_types() -> list[str]:
+        return list(ACTIONS)
+
+    def get_supported_actions(self) -> dict:
+        return {t: {"description": d, "required_fields": r, "optional_fields": o} for t, (d, r, o) in ACTIONS.items()}
+
+    def get_prompt_instructions(self, action_name: str) -> dict:
+        if action_name not in ACTIONS:
+            return {}
+        description, required, optional = ACTIONS[action_name]
+        return {"description": description + ".",
+                "payload": {f: {"type": "number" if f == "older_than_hours" else "string", "required": f in required}
+                            for f in required + optional}}
+
+    def validate_payload(self, action_type: str, payload: dict) -> list[str]:
+        hours = payload.get("older_than_hours")
+        if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours < 0):
+            return [f"Field 'older_than_hours' must be a non-negative number for action '{action_type}'"]
+        return []
+
+    def handle_custom_action(self, action_type: str, payload: dict) -> Any:
+        result = getattr(self, action_type)(payload)
+        if action_type in QUERIES:
+            send_output(result, f"{action_type} done")
+        return result
+
+    def store_message_mapping(self, p: dict) -> dict:
+        ctx = current_action()
+        row = {"chat_id": str(p["chat_id"]), "message_id": str(p["message_id"]),
+               "interface": ctx.interface if ctx else None, "timestamp": utcnow()}
+        key = str(p["trainer_message_id"])
+        try:
+            with session_factory().begin() as s:
+                s.execute(sa.insert(message_map).values(trainer_message_id=key, **row))
+        except IntegrityError:
+            with session_factory().begin() as s:
+                s.execute(sa.update(message_map).where(message_map.c.trainer_message_id == key).values(**row))
+        return {"stored": True, "trainer_message_id": key, "chat_id": row["chat_id"], "message_id": row["message_id"]}
+
+    def get_original_message(self, p: dict) -> dict:
+        key = str(p["trainer_message_id"])
+        with session_factory()() as s:
+            row = s.execute(sa.select(message_map).where(message_map.c.trainer_message_id == key)).mappings().first()
+        if row is None:
+            return {"found": False, "trainer_message_id": key}
+        return {"found": True, "trainer_message_id": key, "chat_id": row["chat_id"], "message_id": row["message_id"],
+                "interface": row["interface"], "timestamp": row["timestamp"].isoformat()}
+
+    def cleanup_old_mappings(self, p: dict) -> dict:
+        cutoff = utcnow() - timedelta(hours=float(p.get("older_than_hours", 24)))
+        with session_factory().begin() as s:
+            removed = s.execute(sa.delete(message_map).where(message_map.c.timestamp < cutoff)).rowcount
+        return {"removed": removed}
+
+    def get_mapping_stats(self, p: dict) -> dict:
+        with session_factory()() as s:
+            total, oldest, newest = s.execute(sa.select(sa.func.count(), sa.func.min(message_map.c.timestamp),
+                                                        sa.func.max(message_map.c.timestamp))).one()
+        return {"total": total, "oldest": oldest.isoformat() if oldest else None,
+                "newest": newest.isoformat() if newest else None}
+
+
+PLUGIN_CLASS = MessageMapPlugin

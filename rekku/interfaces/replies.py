@@ -1,0 +1,76 @@
+"""Query results sent back to the chat that asked, as upstream's ``system_message`` of type ``output``.
+
+The reply is an action of its own (``message_<interface>`` on the io pool, in the action log, with
+retries), enqueued under the idempotency key ``output:<action id>``: a query re-run after a
+redelivery never sends its output twice, and the query itself never waits on a platform.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from rekku import dispatch
+from rekku.action_log import NewRun, shared_log
+from rekku.context import current_action
+from rekku.errors import TransientError
+from rekku.interfaces.registry import get_interfaces
+from rekku.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def output_message(action_type: str, action_id: str, result: Any, message: str) -> str:
+    return json.dumps({"system_message": {"type": "output", "action": action_type, "action_id": action_id,
+                                          "message": message, "result": result}}, ensure_ascii=False, default=str)
+
+
+def send_output(result: Any, message: str) -> str | None:
+    """From inside a handler: send ``result`` to the chat the request came from, if any.
+
+    Returns the reply action's id, or None when the request came from no chat (or from an
+    interface that is not available here)."""
+    ctx = current_action()
+    if ctx is None or not ctx.chat_id:
+        return None
+    interface = ctx.interface or get_settings().default_interface
+    if get_interfaces().get(interface) is None:
+        log.info("output of %s not sent back: interface %s is unavailable", ctx.action_id, interface)
+        return None
+    key = f"output:{ctx.action_id}"
+    action_log = shared_log()
+    earlier = action_log.find_batch_response(key)
+    if earlier is not None:
+        return _again(earlier)
+    batch_id, reply_id = str(uuid.uuid4()), str(uuid.uuid4())
+    payload = {"text": output_message(ctx.action_type, ctx.action_id, result, message), "target": ctx.chat_id}
+    if ctx.thread_id:
+        payload["thread_id"] = ctx.thread_id
+    context = {k: v for k, v in {"interface": interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id,
+                                 "user_id": ctx.user_id, "username": ctx.username}.items() if v}
+    run = NewRun(reply_id, 0, f"message_{interface}", "io", payload, {**context, "reply_to_action": ctx.action_id})
+    answer = {"batch_id": batch_id, "accepted": [{"index": 0, "id": reply_id, "type": run.type, "queue": "io"}],
+              "rejected": [], "correction": None}
+    earlier = action_log.record_batch(batch_id, key, [run], answer)
+    if earlier is not None:
+        return _again(earlier)
+    _enqueue(run, batch_id)
+    return reply_id
+
+
+def _again(answer: dict) -> str:
+    """The reply was recorded by an earlier run of this query, which may have died before enqueuing it:
+    a reply still queued is enqueued again (a duplicate message is harmless: delivery sends each part once)."""
+    reply_id = answer["accepted"][0]["id"]
+    run = shared_log().get(reply_id)
+    if run is not None and run["status"] == "queued" and run["attempts"] == 0:
+        context = {k: v for k, v in run["context"].items() if k != "batch_id"}
+        _enqueue(NewRun(reply_id, 0, run["type"], run["queue"], run["payload"], context), run["batch_id"])
+    return reply_id
+
+
+def _enqueue(run: NewRun, batch_id: str) -> None:
+    if dispatch.enqueue([run], batch_id):
+        raise TransientError("could not enqueue the output reply: the broker is unreachable")

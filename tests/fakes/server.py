@@ -1,0 +1,123 @@
+"""A threaded HTTP server on 127.0.0.1 that records every request; fakes subclass it and answer."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Recorded:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    raw: bytes
+    #: The JSON body, the form fields (multipart or urlencoded), or {}.
+    data: dict[str, Any] = field(default_factory=dict)
+    #: Uploaded files: field name → (file name, content).
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
+    #: What the fake answered.
+    response: Any = None
+
+
+def _parse(headers: dict[str, str], raw: bytes) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
+    ctype = headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        return json.loads(raw or b"{}"), {}
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        return {k: v[0] for k, v in parse_qs(raw.decode()).items()}, {}
+    if ctype.startswith("multipart/form-data"):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
+        data, files = {}, {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            filename = part.get_filename()
+            payload = part.get_payload(decode=True) or b""
+            if filename:
+                files[name] = (filename, payload)
+            else:
+                data[name] = payload.decode()
+        return data, files
+    return {}, {}
+
+
+class FakeServer:
+    """Start with :meth:`start`; ``requests`` holds what arrived, oldest first."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                split = urlsplit(self.path)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                data, files = _parse(headers, raw)
+                if split.query and self.command == "GET":
+                    data = {**{k: v[0] for k, v in parse_qs(split.query).items()}, **data}
+                request = Recorded(self.command, split.path, {k: v[0] for k, v in parse_qs(split.query).items()},
+                                   headers, raw, data, files)
+                with fake.lock:
+                    fake.requests.append(request)
+                status, body, extra = fake.answer(request)
+                request.response = body
+                encoded = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(encoded)))
+                for key, value in (extra or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(encoded)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> FakeServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, request: Recorded) -> tuple[int, Any, dict | None]:
+        return 200, {}, None
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def received(self, path_suffix: str = "", **data: Any) -> list[Recorded]:
+        """Requests whose path ends with ``path_suffix`` and whose data has the given values."""
+        with self.lock:
+            found = list(self.requests)
+        return [r for r in found if r.path.endswith(path_suffix)
+                and all(str(r.data.get(k)) == str(v) for k, v in data.items())]

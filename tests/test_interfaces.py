@@ -1,0 +1,231 @@
+"""Interfaces end to end: HTTP → ingress → io worker → the platform's fake (or the outbox), on MariaDB."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import TELEGRAM_TOKEN, WEBHOOK_SECRET
+from tests.support import Stack, stop_process, wait_until
+
+TG = {"interface": "telegram_bot"}
+
+
+def _chat() -> str:
+    return str(-100_000_000 - uuid.uuid4().int % 1_000_000)
+
+
+def words(n: int) -> str:
+    return " ".join(f"word{i:05d}" for i in range(n))
+
+
+def test_capabilities_list_available_interfaces(chat_stack: Stack) -> None:
+    caps = chat_stack.get("/v1/capabilities").json()
+    names = {i["name"]: i for i in caps["interfaces"]}
+    assert {"telegram_bot", "discord_bot", "webhook", "outbox"} <= set(names)
+    assert all(names[n]["available"] for n in ("telegram_bot", "discord_bot", "webhook", "outbox"))
+    assert names["telegram_bot"]["actions"] == ["message_telegram_bot", "audio_telegram_bot"]
+    assert caps["actions"]["message_telegram_bot"]["queue"] == "io"
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_interfaces_without_credentials_are_off_with_the_reason(stack: Stack) -> None:
+    caps = stack.get("/v1/capabilities").json()
+    off = {i["name"]: i.get("reason") for i in caps["interfaces"] if not i["available"]}
+    assert off["telegram_bot"] == "TELEGRAM_BOT_TOKEN is not set"
+    assert off["discord_bot"] == "DISCORD_WEBHOOK_URL is not set"
+    assert off["webhook"] == "REKKU_WEBHOOK_URL is not set"
+    assert caps["disabled"]["message_telegram_bot"] == "TELEGRAM_BOT_TOKEN is not set"
+    assert "message_outbox" in caps["actions"]
+    answer = stack.submit([{"type": "message_telegram_bot", "payload": {"text": "hi", "target": "1"}}])
+    assert answer["rejected"][0]["errors"] == [
+        "Action 'message_telegram_bot' is unavailable: TELEGRAM_BOT_TOKEN is not set"]
+
+
+# ----------------------------------------------------------------------------- outbox
+def test_outbox_keeps_messages_for_the_requests_chat_oldest_first(chat_stack: Stack) -> None:
+    chat = f"web-{uuid.uuid4().hex[:8]}"
+    ctx = {"interface": "outbox", "chat_id": chat, "thread_id": "t1"}
+    first = chat_stack.run("message_outbox", {"text": "first"}, ctx)
+    second = chat_stack.run("message_outbox", {"text": "second"}, ctx)
+    other = chat_stack.run("message_outbox", {"text": "elsewhere", "target": chat, "thread_id": "t2"}, ctx)
+    assert first["status"] == second["status"] == other["status"] == "succeeded", (first, second, other)
+    assert first["queue"] == "io" and first["worker"].startswith("io@")
+    messages = chat_stack.get("/v1/outbox", params={"chat_id": chat}).json()["messages"]
+    assert [m["text"] for m in messages] == ["first", "second", "elsewhere"]
+    assert messages[0]["thread_id"] == "t1" and messages[2]["thread_id"] == "t2"
+    assert messages[0]["action_id"] == first["id"] and messages[0]["audio_url"] is None
+    assert messages[0]["created_at"] and messages[0]["id"] < messages[1]["id"]
+    after = chat_stack.get("/v1/outbox", params={"chat_id": chat, "after": messages[0]["id"]}).json()["messages"]
+    assert [m["text"] for m in after] == ["second", "elsewhere"]
+    threaded = chat_stack.get("/v1/outbox", params={"chat_id": chat, "thread_id": "t2"}).json()["messages"]
+    assert [m["text"] for m in threaded] == ["elsewhere"]
+    limited = chat_stack.get("/v1/outbox", params={"chat_id": chat, "limit": 1}).json()["messages"]
+    assert [m["text"] for m in limited] == ["first"]
+
+
+def test_outbox_needs_the_token(chat_stack: Stack) -> None:
+    import requests
+
+    assert requests.get(chat_stack.base_url + "/v1/outbox", timeout=10).status_code == 401
+
+
+def test_audio_to_the_outbox_keeps_its_url(chat_stack: Stack) -> None:
+    chat = f"web-{uuid.uuid4().hex[:8]}"
+    run = chat_stack.run("audio_outbox", {"audio": "https://files.example/a.mp3"}, {"chat_id": chat})
+    assert run["status"] == "succeeded", run
+    messages = chat_stack.get("/v1/outbox", params={"chat_id": chat}).json()["messages"]
+    assert [(m["text"], m["audio_url"]) for m in messages] == [(None, "https://files.example/a.mp3")]
+
+
+def test_a_message_without_target_from_another_platform_fails_clearly(chat_stack: Stack) -> None:
+    run = chat_stack.run("message_outbox", {"text": "hi"}, {"interface": "discord_bot", "chat_id": "9"})
+    assert run["status"] == "failed" and "has no 'target'" in run["error"]
+
+
+# ----------------------------------------------------------------------------- telegram
+def test_telegram_message_reaches_the_bot_api_with_token_chat_thread_and_reply(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    run = chat_stack.run("message_telegram_bot", {"text": "hello", "reply_to_message_id": 77},
+                         {**TG, "chat_id": chat, "thread_id": "5"})
+    assert run["status"] == "succeeded", run
+    [request] = tg.sends(chat)
+    assert request.path == f"/bot{TELEGRAM_TOKEN}/sendMessage"
+    assert request.data["chat_id"] == chat and request.data["text"] == "hello"
+    assert str(request.data["message_thread_id"]) == "5"
+    assert request.data["reply_parameters"]["message_id"] == 77
+    assert run["result"]["sent"] == [request.response["result"]["message_id"]]
+
+
+def test_telegram_splits_long_text_at_4000_characters(chat_stack: Stack, tg) -> None:
+    chat, text = _chat(), words(900)  # 8,999 characters
+    run = chat_stack.run("message_telegram_bot", {"text": text, "target": chat})
+    assert run["status"] == "succeeded", run
+    parts = [r.data["text"] for r in tg.sends(chat)]
+    assert len(parts) == 3 and all(len(p) <= 4000 for p in parts)
+    assert " ".join(parts) == text
+    assert run["result"]["parts"] == 3 and len(run["result"]["sent"]) == 3
+
+
+def test_telegram_429_retry_after_is_honoured(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    tg.rate_limit(1, retry_after=2)
+    run = chat_stack.run("message_telegram_bot", {"text": "patience", "target": chat}, timeout=40)
+    assert run["status"] == "succeeded", run
+    assert run["attempts"] == 2
+    first, second = tg.sends(chat)
+    assert second.at - first.at >= 1.9
+    assert [r.data["text"] for r in tg.sends(chat)] == ["patience", "patience"]  # the first got a 429
+
+
+def test_telegram_thread_not_found_falls_back_to_the_chat(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    tg.missing_threads.add("404")
+    run = chat_stack.run("message_telegram_bot", {"text": "to a gone topic", "target": chat, "thread_id": "404"})
+    assert run["status"] == "succeeded", run
+    assert run["result"]["thread_fallback"] is True
+    tried, sent = tg.sends(chat)
+    assert str(tried.data["message_thread_id"]) == "404" and "message_thread_id" not in sent.data
+
+
+def test_telegram_voice_file_is_uploaded_with_send_voice(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    path = chat_stack.home / f"voice-{uuid.uuid4().hex[:6]}.ogg"
+    path.write_bytes(b"OggS fake opus")
+    run = chat_stack.run("audio_telegram_bot", {"audio": str(path), "target": chat})
+    assert run["status"] == "succeeded", run
+    [request] = tg.sends(chat)
+    assert request.path.endswith("/sendVoice") and request.files["voice"] == (path.name, b"OggS fake opus")
+    mp3 = chat_stack.run("audio_telegram_bot", {"audio": "https://files.example/song.mp3", "target": chat})
+    assert mp3["status"] == "succeeded"
+    assert tg.sends(chat)[-1].path.endswith("/sendAudio")
+    assert tg.sends(chat)[-1].data["audio"] == "https://files.example/song.mp3"
+
+
+def test_telegram_refusal_fails_the_action_without_retrying(chat_stack: Stack, tg) -> None:
+    run = chat_stack.run("message_telegram_bot", {"text": "x" * 10, "target": " "})
+    assert run["status"] == "failed" and "chat_id is empty" in run["error"] and run["attempts"] == 1
+
+
+# ----------------------------------------------------------------------------- never twice
+def _redeliver(stack: Stack, run: dict) -> None:
+    from celery import Celery
+
+    app = Celery(broker=stack.broker_url)
+    app.send_task(f"rekku.action.{run['type']}", task_id=run["id"], queue="io",
+                  kwargs={"action_id": run["id"], "payload": run["payload"], "context": run["context"]})
+    app.close()
+
+
+def test_redelivered_send_task_is_not_sent_again(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    run = chat_stack.run("message_telegram_bot", {"text": "once", "target": chat})
+    assert run["status"] == "succeeded"
+    _redeliver(chat_stack, run)
+    time.sleep(2)
+    assert len(tg.sends(chat)) == 1
+    assert chat_stack.get(f"/v1/actions/{run['id']}").json()["attempts"] == 1
+
+
+def test_worker_killed_mid_send_never_sends_a_part_twice(chat_stack: Stack, tg) -> None:
+    """Part 0 sent, the worker dies while the Bot API holds part 1: the redelivery sends part 2 only."""
+    chat, text = _chat(), " ".join(["alpha" * 700, "bravo" * 700, "charlie" * 500])
+    tg.hold("bravo")
+    answer = chat_stack.submit([{"type": "message_telegram_bot", "payload": {"text": text, "target": chat}}])
+    action_id = answer["accepted"][0]["id"]
+    io = next(p for p in chat_stack.processes if getattr(p, "node", "").startswith("io@") and p.poll() is None)
+    assert tg.held.wait(30), "the second part never reached the fake API"
+    os.killpg(io.pid, signal.SIGKILL)
+    stop_process(io)
+    tg.release.set()
+    chat_stack.start_worker("io", concurrency=4, node=f"chat-io-{uuid.uuid4().hex[:4]}")
+    run = chat_stack.get(f"/v1/actions/{action_id}").json()
+    assert run["status"] == "running"
+    _redeliver(chat_stack, run)  # what Redis does once the visibility timeout passes
+    run = wait_until(lambda: (r := chat_stack.get(f"/v1/actions/{action_id}").json())["status"] != "running" and r,
+                     timeout=30, what="the redelivered action to finish")
+    assert run["status"] == "succeeded", run
+    texts = [r.data["text"][:5] for r in tg.sends(chat)]
+    assert texts == ["alpha", "bravo", "charl"]
+    assert run["result"]["uncertain"] == [1] and run["attempts"] == 2
+
+
+# ----------------------------------------------------------------------------- discord and webhook
+def test_discord_webhook_gets_split_text_into_the_thread(chat_stack: Stack, fakes: dict) -> None:
+    discord = fakes["discord"]
+    discord.reset()
+    discord.rate_limited = 1
+    text = words(300)  # 2,999 characters: two Discord messages
+    run = chat_stack.run("message_discord_bot", {"text": text, "target": "chan", "thread_id": "th9"}, timeout=40)
+    assert run["status"] == "succeeded", run
+    posts = [r for r in discord.requests if r.data.get("content")]
+    assert all(r.path == discord.path and r.query == {"wait": "true", "thread_id": "th9"} for r in posts)
+    assert " ".join(r.data["content"] for r in posts[1:]) == text and len(posts) == 3  # one 429, then two
+    assert all(len(r.data["content"]) <= 2000 for r in posts)
+    assert run["attempts"] == 2
+
+
+def test_webhook_posts_signed_json(chat_stack: Stack, fakes: dict) -> None:
+    hook = fakes["webhook"]
+    hook.reset()
+    hook.fail_next = 1
+    run = chat_stack.run("message_webhook", {"text": "héllo"}, {"interface": "webhook", "chat_id": "room-1",
+                                                                "thread_id": "t"}, timeout=40)
+    assert run["status"] == "succeeded", run
+    failed, delivered = hook.requests
+    assert failed.raw == delivered.raw or json.loads(failed.raw)["id"] == json.loads(delivered.raw)["id"]
+    body = json.loads(delivered.raw)
+    assert delivered.path == "/hook"
+    assert body["text"] == "héllo" and body["chat_id"] == "room-1" and body["thread_id"] == "t"
+    assert body["action_id"] == run["id"] and body["parts"] == 1
+    timestamp = delivered.headers["x-rekku-timestamp"]
+    expected = hmac.new(WEBHOOK_SECRET.encode(), timestamp.encode() + b"." + delivered.raw, hashlib.sha256).hexdigest()
+    assert delivered.headers["x-rekku-signature"] == f"sha256={expected}"
+    assert delivered.headers["x-rekku-delivery"] == body["id"]
