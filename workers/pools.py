@@ -36,7 +36,9 @@ POOLS: dict[str, PoolSpec] = {
     "default": PoolSpec("default", "prefork", concurrency=min(4, os.cpu_count() or 1), prefetch=4),
     "io": PoolSpec("io", "threads", concurrency=16, prefetch=1),
     "selenium": PoolSpec("selenium", "prefork", concurrency=1, prefetch=1, max_tasks_per_child=None),
-    "terminal": PoolSpec("terminal", "prefork", concurrency=2, prefetch=1, node_queue=True),
+    # Threads, not prefork: a node's persistent shells must all live in ONE process (the session host
+    # of workers/terminal_host.py) that every task of the node reaches; commands are subprocesses.
+    "terminal": PoolSpec("terminal", "threads", concurrency=4, prefetch=1, node_queue=True),
 }
 
 

@@ -1,0 +1,315 @@
+"""terminal: shell commands for trainers, one-off or in persistent sessions pinned to terminal nodes.
+
+Upstream's ``terminal`` action (``command``; *``persistent_session``*) with its bugs fixed
+(UPSTREAM.md §2): only trainers may run it (checked at the ingress and again in the worker, and an
+action with no user is no trainer); every caller gets their own session instead of one shared
+shell; each command is framed by a per-command marker instead of a per-line timeout, so the shell
+never gets out of sync; one-off commands have a timeout too.
+
+This module shapes actions: schemas, validation, routing at the ingress, results. The processes
+live in workers/terminal_host.py, the node's run-time rules in workers/terminal_node.py and the
+session → node registry in workers/terminal_registry.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import socket
+import threading
+from typing import Any
+
+from celery.signals import celeryd_after_setup, worker_shutdown
+
+from rekku import AIPluginBase, current_action, get_settings, register_plugin
+from rekku.errors import NotAuthorized, ValidationError
+from workers.terminal_host import KILL_GRACE, Limits, run_once
+from workers.terminal_node import TerminalNode
+from workers.terminal_registry import SessionRegistry
+
+log = logging.getLogger(__name__)
+
+#: Longest accepted command, in characters.
+MAX_COMMAND_CHARS = 16384
+#: Longest accepted ``cwd``, in characters.
+MAX_CWD_CHARS = 4096
+#: What a session name may contain (at most 128 characters).
+SESSION_NAME = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,128}")
+#: Seconds an action may run beyond TERMINAL_MAX_TIMEOUT (kill grace, a shell restart, the registry).
+TIME_MARGIN = 30.0
+#: Shell words after which the next word is a command, not a program.
+_KEYWORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "!", "{", "}",
+                       "time", "esac", "in"})
+_OPERATORS = frozenset({";", "&", "&&", "|", "||", "|&", ";;", "(", ")", "\n"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+_DESCRIPTIONS = {
+    "terminal": "Run a shell command on a terminal node (trainers only). One-off by default; with "
+                "persistent_session true it runs in a shell that keeps its directory, variables and "
+                "background jobs between commands (one session per chat unless 'session' names one).",
+    "terminal_close_session": "Close a persistent terminal session (default: this chat's), ending its shell.",
+    "terminal_list_sessions": "List the persistent terminal sessions and the node holding each.",
+}
+
+
+def _programs(command: str) -> list[str] | None:
+    """The programs a command line starts (best effort: first word of each simple command), or None
+    when it cannot be parsed. A guard against mistakes, not a sandbox: use TERMINAL_RUN_AS and the
+    TERMINAL_RLIMIT_* limits (or a container) to contain what runs."""
+    lexer = shlex.shlex(command.replace("$(", "; ").replace("`", " ; "), posix=True, punctuation_chars=True)
+    lexer.whitespace = " \t\r"
+    lexer.wordchars += "~-./+:=@%,"
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return None
+    programs, expect = [], True
+    skip_rest = False
+    for token in tokens:
+        if token in _OPERATORS or set(token) <= set(";&|()\n"):
+            expect, skip_rest = True, False
+        elif skip_rest or not expect:
+            continue
+        elif token in ("for", "case", "select", "function"):
+            skip_rest = True
+        elif token in _KEYWORDS or _ASSIGNMENT.match(token):
+            continue
+        elif token in ("<", ">", ">>", "<<", "<<<", ">&", "<&", "&>"):
+            expect = False
+        else:
+            programs.append(token.rsplit("/", 1)[-1])
+            expect = False
+    return programs
+
+
+def policy_errors(command: str, settings: Any) -> list[str]:
+    """Why TERMINAL_ALLOW / TERMINAL_DENY refuse ``command`` (empty when they allow it)."""
+    allow = {p.strip() for p in settings.terminal_allow.split(",") if p.strip()}
+    deny = {p.strip() for p in settings.terminal_deny.split(",") if p.strip()}
+    if not allow and not deny:
+        return []
+    programs = _programs(command)
+    if programs is None:
+        return ["Field 'command' could not be parsed to check it against TERMINAL_ALLOW/TERMINAL_DENY "
+                "for action 'terminal'"]
+    denied = sorted({p for p in programs if p in deny or (allow and p not in allow)})
+    if denied:
+        return [f"Field 'command' runs programs that are not allowed on this system ({', '.join(denied)}) "
+                "for action 'terminal'"]
+    return []
+
+
+def default_session(context: Any) -> str:
+    """One session per interface and chat (per user when there is no chat)."""
+    get = context.get if isinstance(context, dict) else lambda k: getattr(context, k, None)
+    interface = get("interface") or "none"
+    where = get("chat_id") or f"user-{get('user_id') or 'none'}"
+    return re.sub(r"[^A-Za-z0-9_.:@/+=-]", "_", f"{interface}:{where}")[:128]
+
+
+def session_of(payload: dict, context: Any) -> str:
+    return payload.get("session") or default_session(context)
+
+
+# ----------------------------------------------------------------------------- node run time
+_nodes: dict[str, TerminalNode] = {}
+_nodes_lock = threading.Lock()
+_registry: SessionRegistry | None = None
+
+
+def registry() -> SessionRegistry:
+    global _registry
+    if _registry is None:
+        _registry = SessionRegistry.from_settings(get_settings())
+    return _registry
+
+
+def node_runtime(name: str) -> TerminalNode:
+    """This process's node ``name``, started (heartbeat, idle reaper) on first use."""
+    with _nodes_lock:
+        node = _nodes.get(name)
+        if node is None:
+            settings = get_settings()
+            node = TerminalNode(name, registry(), lambda: Limits.from_settings(get_settings()),
+                                idle=settings.terminal_session_idle, max_sessions=settings.terminal_max_sessions)
+            _nodes[name] = node
+    node.start()
+    return node
+
+
+def _consumes_own_queue(app: Any, node: str) -> bool:
+    return f"terminal.{node}" in app.amqp.queues.consume_from
+
+
+@celeryd_after_setup.connect(weak=False)
+def _announce_node(sender: str, instance: Any, **_: Any) -> None:
+    """A worker that consumes ``terminal.<node>`` announces itself at start, before any action."""
+    node = str(sender).rpartition("@")[2]
+    if _consumes_own_queue(instance.app, node):
+        node_runtime(node)
+
+
+@worker_shutdown.connect(weak=False)
+def _retire_nodes(**_: Any) -> None:
+    for node in list(_nodes.values()):
+        node.stop()
+
+
+# ----------------------------------------------------------------------------- the plugin
+class TerminalPlugin(AIPluginBase):
+    pool = "terminal"
+    trainer_only = True
+    #: Never retried: a command may have done half of its work.
+    max_retries = 0
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        #: The longest command plus the kill grace and a shell restart.
+        self.time_limit = settings.terminal_max_timeout + 2 * KILL_GRACE + TIME_MARGIN
+        register_plugin("terminal", self)
+
+    @staticmethod
+    def get_supported_action_types() -> list[str]:
+        return list(_DESCRIPTIONS)
+
+    def get_supported_actions(self) -> dict:
+        return {
+            "terminal": {"description": _DESCRIPTIONS["terminal"], "required_fields": ["command"],
+                         "optional_fields": ["persistent_session", "session", "timeout", "cwd"]},
+            "terminal_close_session": {"description": _DESCRIPTIONS["terminal_close_session"],
+                                       "required_fields": [], "optional_fields": ["session"]},
+            "terminal_list_sessions": {"description": _DESCRIPTIONS["terminal_list_sessions"],
+                                       "required_fields": [], "optional_fields": []},
+        }
+
+    def get_prompt_instructions(self, action_name: str) -> dict:
+        settings = get_settings()
+        if action_name == "terminal":
+            return {
+                "description": _DESCRIPTIONS["terminal"],
+                "payload": {
+                    "command": {"type": "string", "description": "bash command line", "required": True},
+                    "persistent_session": {"type": "boolean", "default": False,
+                                           "description": "run in this chat's persistent shell"},
+                    "session": {"type": "string", "description": "name of a persistent session (letters, digits, "
+                                                                 "_.:@/+=-); default: one per chat"},
+                    "timeout": {"type": "number", "description": f"seconds (at most {settings.terminal_max_timeout:g}, "
+                                                                 f"default {settings.terminal_default_timeout:g})"},
+                    "cwd": {"type": "string",
+                            "description": "directory to run in (in a persistent session: cd there first)"},
+                },
+                "result": "stdout, stderr, exit_code, duration, truncated, timed_out, session, node, notice",
+            }
+        if action_name == "terminal_close_session":
+            return {"description": _DESCRIPTIONS[action_name],
+                    "payload": {"session": {"type": "string", "description": "default: this chat's session"}}}
+        if action_name == "terminal_list_sessions":
+            return {"description": _DESCRIPTIONS[action_name], "payload": {}}
+        return {}
+
+    def unavailable_reason(self) -> str | None:
+        if not get_settings().trainer_ids:
+            return "no trainer is configured (TRAINER_IDS or TELEGRAM_TRAINER_ID): terminal actions are trainer-only"
+        return None
+
+    # ------------------------------------------------------------------ validation
+    def validate_payload(self, action_type: str, payload: dict) -> list[str]:
+        errors = []
+        if action_type in ("terminal", "terminal_close_session") and "session" in payload:
+            session = payload["session"]
+            if not isinstance(session, str) or not SESSION_NAME.fullmatch(session):
+                errors.append(f"Field 'session' must be a name of 1 to 128 letters, digits or _.:@/+=- "
+                              f"for action '{action_type}'")
+        if action_type != "terminal":
+            return errors
+        command = payload.get("command")
+        if not isinstance(command, str) or not command.strip():
+            return ["Field 'command' must be a non-empty string for action 'terminal'"] + errors
+        if len(command) > MAX_COMMAND_CHARS:
+            errors.append(f"Field 'command' is too long for action 'terminal' ({len(command)} characters, "
+                          f"at most {MAX_COMMAND_CHARS})")
+        if "\x00" in command:
+            errors.append("Field 'command' must not contain NUL characters for action 'terminal'")
+        persistent = payload.get("persistent_session", False)
+        if not isinstance(persistent, bool):
+            errors.append("Field 'persistent_session' must be true or false for action 'terminal'")
+        elif "session" in payload and not persistent:
+            errors.append("Field 'session' needs 'persistent_session': true for action 'terminal'")
+        timeout = payload.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0 or timeout != timeout):
+            errors.append("Field 'timeout' must be a positive number of seconds for action 'terminal'")
+        cwd = payload.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.strip() or len(cwd) > MAX_CWD_CHARS
+                                or "\x00" in cwd):
+            errors.append(f"Field 'cwd' must be a directory path (1 to {MAX_CWD_CHARS} characters) "
+                          "for action 'terminal'")
+        if not errors:
+            errors.extend(policy_errors(command, get_settings()))
+        return errors
+
+    # ------------------------------------------------------------------ routing (at the ingress)
+    def route_action(self, action_type: str, payload: dict, context: dict) -> str | None:
+        """A persistent session's commands go to the queue of the node holding (or now claiming) it."""
+        if action_type == "terminal" and payload.get("persistent_session") is True:
+            node = registry().route(session_of(payload, context))
+            return f"terminal.{node}" if node else None
+        if action_type == "terminal_close_session":
+            entry = registry().entry(session_of(payload, context))
+            owner = entry.get("node") if entry else None
+            return f"terminal.{owner}" if owner and registry().alive(owner) else None
+        return None
+
+    # ------------------------------------------------------------------ running (in a terminal worker)
+    def handle_custom_action(self, action_type: str, payload: dict) -> dict:
+        """Synchronous on purpose: it waits on processes, in the worker's own thread (threads pool)."""
+        ctx = current_action()
+        settings = get_settings()
+        if ctx is None or not settings.is_trainer(ctx.interface, ctx.user_id):
+            raise NotAuthorized(f"Action '{action_type}' is restricted to trainers")
+        node = (ctx.worker or "").rpartition("@")[2] or socket.gethostname()
+        if action_type == "terminal_list_sessions":
+            return {"sessions": registry().sessions(), "nodes": registry().live_nodes(), "node": node}
+        if action_type == "terminal_close_session":
+            session = session_of(payload, ctx)
+            return {"session": session, "node": node, **self._node(node).close_session(session)}
+        errors = self.validate_payload(action_type, payload)
+        if errors:
+            raise ValidationError("; ".join(errors), errors)
+        return self._terminal(payload, ctx, node, settings)
+
+    def _node(self, node: str) -> TerminalNode:
+        from celery import current_app
+
+        if not _consumes_own_queue(current_app, node):
+            raise ValidationError(f"persistent sessions need a terminal node that consumes its own queue "
+                                  f"'terminal.{node}' (start it with `rekku worker --pool terminal`)")
+        return node_runtime(node)
+
+    def _terminal(self, payload: dict, ctx: Any, node: str, settings: Any) -> dict:
+        command, cwd = payload["command"], payload.get("cwd")
+        asked = payload.get("timeout")
+        timeout = float(min(asked or settings.terminal_default_timeout, settings.terminal_max_timeout))
+        notes = []
+        if asked is not None and asked > settings.terminal_max_timeout:
+            notes.append(f"timeout capped at {settings.terminal_max_timeout:g} s (TERMINAL_MAX_TIMEOUT)")
+        persistent = payload.get("persistent_session", False)
+        result: dict[str, Any] = {"session": None, "node": node, "persistent_session": persistent,
+                                  "timeout": timeout}
+        if persistent:
+            session = session_of(payload, ctx)
+            ctx.report_progress("running", session=session, node=node)
+            ran = self._node(node).session_command(session, command, timeout, cwd)
+            outcome = ran["outcome"]
+            result.update(session=session, session_lost=ran["session_lost"], new_session=ran["new_session"],
+                          ran=ran["ran"], interrupted=outcome.interrupted, session_reset=outcome.session_reset,
+                          session_closed=outcome.shell_exited)
+        else:
+            ctx.report_progress("running", node=node)
+            outcome = run_once(command, timeout, Limits.from_settings(settings), cwd)
+        notes.extend(outcome.notes)
+        return {**outcome.as_dict(), **result, "notice": "; ".join(notes) or None}
+
+
+PLUGIN_CLASS = TerminalPlugin
