@@ -13,10 +13,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, register_plugin
+from rekku import register_plugin
 from rekku.db import session_factory
 from rekku.interfaces.replies import send_output
 from rekku.models import UTCDateTime, utcnow
+from rekku.plugin_base import TablePlugin
 
 metadata = sa.MetaData()
 blocklist = sa.Table(
@@ -41,25 +42,12 @@ def blocked(user_id: str) -> dict | None:
     return dict(row) if row is not None else None
 
 
-class BlocklistPlugin(AIPluginBase):
+class BlocklistPlugin(TablePlugin):
+    ACTIONS = ACTIONS
     idempotent = True
 
     def __init__(self) -> None:
         register_plugin("blocklist", self)
-
-    @staticmethod
-    def get_supported_action_types() -> list[str]:
-        return list(ACTIONS)
-
-    def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": r, "optional_fields": o} for t, (d, r, o) in ACTIONS.items()}
-
-    def get_prompt_instructions(self, action_name: str) -> dict:
-        if action_name not in ACTIONS:
-            return {}
-        description, required, optional = ACTIONS[action_name]
-        return {"description": description + ".",
-                "payload": {f: {"type": "string", "required": f in required} for f in required + optional}}
 
     def check_request(self, context: dict) -> str | None:
         """Refuse the request of a blocked user (the ingress skips this for trainers)."""

@@ -15,13 +15,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, PluginError, current_action, register_plugin
+from rekku import PluginError, current_action, register_plugin
 from rekku.db import session_factory
 from rekku.interfaces import get_interfaces
 from rekku.interfaces.links import resolve_chat
 from rekku.interfaces.models import ChatForward, ChatLink
 from rekku.interfaces.replies import send_output
 from rekku.models import utcnow
+from rekku.plugin_base import TablePlugin
 
 ACTIONS = {
     "store_link": ("Remember a chat's (or thread's) link and names", ["chat_id", "link"],
@@ -50,27 +51,14 @@ def _row(link: ChatLink) -> dict:
             "link": link.link, "chat_name": link.chat_name, "thread_name": link.thread_name}
 
 
-class ChatLinkPlugin(AIPluginBase):
+class ChatLinkPlugin(TablePlugin):
+    ACTIONS = ACTIONS
+    FIELD_TYPES = {"bidirectional": "boolean"}
+    INSTRUCTION_NOTE = " Chats may be named by id or by stored name; an ambiguous name needs the numeric id."
     idempotent = True
 
     def __init__(self) -> None:
         register_plugin("chat_link", self)
-
-    @staticmethod
-    def get_supported_action_types() -> list[str]:
-        return list(ACTIONS)
-
-    def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": r, "optional_fields": o} for t, (d, r, o) in ACTIONS.items()}
-
-    def get_prompt_instructions(self, action_name: str) -> dict:
-        if action_name not in ACTIONS:
-            return {}
-        description, required, optional = ACTIONS[action_name]
-        note = " Chats may be named by id or by stored name; an ambiguous name needs the numeric id."
-        return {"description": description + "." + note,
-                "payload": {f: {"type": "boolean" if f == "bidirectional" else "string",
-                                "required": f in required} for f in required + optional}}
 
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
         if "bidirectional" in payload and not isinstance(payload["bidirectional"], bool):

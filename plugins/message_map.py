@@ -12,10 +12,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, current_action, register_plugin
+from rekku import current_action, register_plugin
 from rekku.db import session_factory
 from rekku.interfaces.replies import send_output
 from rekku.models import UTCDateTime, utcnow
+from rekku.plugin_base import TablePlugin
 
 metadata = sa.MetaData()
 message_map = sa.Table(
@@ -38,26 +39,13 @@ ACTIONS = {
 QUERIES = ("get_original_message", "get_mapping_stats")
 
 
-class MessageMapPlugin(AIPluginBase):
+class MessageMapPlugin(TablePlugin):
+    ACTIONS = ACTIONS
+    FIELD_TYPES = {"older_than_hours": "number"}
     idempotent = True
 
     def __init__(self) -> None:
         register_plugin("message_map", self)
-
-    @staticmethod
-    def get_supported_action_types() -> list[str]:
-        return list(ACTIONS)
-
-    def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": r, "optional_fields": o} for t, (d, r, o) in ACTIONS.items()}
-
-    def get_prompt_instructions(self, action_name: str) -> dict:
-        if action_name not in ACTIONS:
-            return {}
-        description, required, optional = ACTIONS[action_name]
-        return {"description": description + ".",
-                "payload": {f: {"type": "number" if f == "older_than_hours" else "string", "required": f in required}
-                            for f in required + optional}}
 
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
         hours = payload.get("older_than_hours")

@@ -16,10 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, current_action, register_plugin
+from rekku import current_action, register_plugin
 from rekku.db import session_factory
 from rekku.interfaces.replies import send_output
 from rekku.models import JSONType, UTCDateTime, utcnow
+from rekku.plugin_base import TablePlugin
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +64,14 @@ def touch(interface: str | None, chat_id: str, metadata_: dict | None = None) ->
             continue
 
 
-class RecentChatsPlugin(AIPluginBase):
+class RecentChatsPlugin(TablePlugin):
+    ACTIONS = ACTIONS
+    FIELD_TYPES = {"metadata": "object", "limit": "integer", "older_than_days": "number"}
     idempotent = True
 
     def __init__(self) -> None:
         self._last_touch: dict[tuple[str | None, str], float] = {}
         register_plugin("recent_chats", self)
-
-    @staticmethod
-    def get_supported_action_types() -> list[str]:
-        return list(ACTIONS)
-
-    def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": r, "optional_fields": o} for t, (d, r, o) in ACTIONS.items()}
-
-    def get_prompt_instructions(self, action_name: str) -> dict:
-        if action_name not in ACTIONS:
-            return {}
-        description, required, optional = ACTIONS[action_name]
-        kinds = {"metadata": "object", "limit": "integer", "older_than_days": "number"}
-        return {"description": description + ".",
-                "payload": {f: {"type": kinds.get(f, "string"), "required": f in required}
-                            for f in required + optional}}
 
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
         errors = []

@@ -70,6 +70,33 @@ class AIPluginBase:
         return None
 
 
+class TablePlugin(AIPluginBase):
+    """A plugin whose actions are a table, so schema and instructions are written once:
+    ``ACTIONS = {type: (description, required_fields, optional_fields)}``; ``FIELD_TYPES`` gives a
+    field's JSON type for the instructions (default "string"); ``INSTRUCTION_NOTE`` is appended to
+    every description."""
+
+    ACTIONS: dict[str, tuple[str, list[str], list[str]]] = {}
+    FIELD_TYPES: dict[str, str] = {}
+    INSTRUCTION_NOTE: str = ""
+
+    @classmethod
+    def get_supported_action_types(cls) -> list[str]:
+        return list(cls.ACTIONS)
+
+    def get_supported_actions(self) -> dict:
+        return {t: {"description": d, "required_fields": list(r), "optional_fields": list(o)}
+                for t, (d, r, o) in self.ACTIONS.items()}
+
+    def get_prompt_instructions(self, action_name: str) -> dict:
+        if action_name not in self.ACTIONS:
+            return {}
+        description, required, optional = self.ACTIONS[action_name]
+        return {"description": description + "." + self.INSTRUCTION_NOTE,
+                "payload": {f: {"type": self.FIELD_TYPES.get(f, "string"), "required": f in required}
+                            for f in [*required, *optional]}}
+
+
 @dataclass(frozen=True)
 class ActionSpec:
     """Everything the system knows about one action type, resolved once at registration."""
