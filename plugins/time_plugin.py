@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rekku import AIPluginBase, get_settings, register_plugin
+from rekku.settings import location_of
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -13,13 +14,6 @@ def _zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         return ZoneInfo("UTC")
-
-
-def location_of(tz_name: str, configured: str | None) -> str:
-    """PROMPT_LOCATION, else the city part of the IANA zone ("Europe/Rome" → "Rome")."""
-    if configured and configured.strip():
-        return configured.strip()
-    return tz_name.rsplit("/", 1)[-1].replace("_", " ")
 
 
 def time_context(now: datetime | None = None, tz_name: str | None = None,

@@ -228,5 +228,50 @@ def doctor() -> None:
     sys.exit(1 if any(c.level == "fail" for c in checks) else 0)
 
 
+
+# ----------------------------------------------------------------------------- memory and prompt
+@main.command()
+@click.option("--interface", default=None, help="interface of the chat, e.g. telegram_bot")
+@click.option("--chat-id", default=None)
+@click.option("--thread-id", default=None)
+@click.option("--user-id", default=None)
+@click.option("--username", default=None)
+@click.option("--text", default="", help="the incoming message")
+@click.option("--max-chars", type=click.IntRange(min=1000), default=None,
+              help="character budget (default REKKU_PROMPT_MAX_CHARS)")
+def prompt(interface: str | None, chat_id: str | None, thread_id: str | None, user_id: str | None,
+           username: str | None, text: str, max_chars: int | None) -> None:
+    """Print the prompt context for a message, as GET /v1/prompt gives it (built here, no ingress needed)."""
+    from rekku.prompt import build_prompt
+
+    body = build_prompt(interface=interface, chat_id=chat_id, thread_id=thread_id, user_id=user_id,
+                        username=username, text=text, max_chars=max_chars)
+    click.echo(json.dumps(body, ensure_ascii=False, indent=2))
+    for name, reason in body["meta"]["skipped_injections"].items():
+        click.echo(f"left out: {name}: {reason}", err=True)
+
+
+@main.group()
+def diary() -> None:
+    """Rekku's diary (the ai_diary plugin)."""
+
+
+@diary.command("reset")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+def diary_reset(yes: bool) -> None:
+    """Delete every diary entry (development; replaces upstream's recreate_diary_table.py)."""
+    from rekku.migrate import upgrade
+    from rekku.registry import get_registry
+
+    plugin = get_registry().plugins.get("ai_diary")
+    if plugin is None:
+        raise click.ClickException("the ai_diary plugin is not loaded (see `rekku doctor`)")
+    url = get_settings().resolved_database_url()
+    if not yes:
+        click.confirm(f"Delete every diary entry in {url.split('@')[-1]}?", abort=True)
+    upgrade(url)
+    console.print(f"diary reset: {plugin.reset()} entries deleted")
+
+
 if __name__ == "__main__":
     main()

@@ -20,6 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 RESTRICT_POLICIES = ("on", "trainer_only", "off")
 
 
+def location_of(tz_name: str, configured: str | None) -> str:
+    """PROMPT_LOCATION, else the city part of the IANA zone ("Europe/Rome" → "Rome")."""
+    if configured and configured.strip():
+        return configured.strip()
+    return tz_name.rsplit("/", 1)[-1].replace("_", " ")
+
+
 def _env(name: str, *more: str) -> AliasChoices:
     return AliasChoices(name, *more)
 
@@ -77,6 +84,26 @@ class Settings(BaseSettings):
     default_interface: str = Field("outbox", validation_alias=_env("REKKU_DEFAULT_INTERFACE"))
     #: Seconds one HTTP request to a messaging platform may take.
     interface_timeout: float = Field(15.0, validation_alias=_env("REKKU_INTERFACE_TIMEOUT"))
+
+    # memory and prompt
+    #: Minutes a weather reading stays fresh; beat refreshes it when older (WEATHER_FETCH_TIME).
+    weather_fetch_time: float = Field(30.0, gt=0, validation_alias=_env("WEATHER_FETCH_TIME"))
+    #: Base URL of a wttr.in-compatible service (``<url>/<location>?format=j1``).
+    weather_url: str = Field("https://wttr.in", validation_alias=_env("WEATHER_URL"))
+    #: Seconds one weather request may take.
+    weather_timeout: float = Field(10.0, gt=0, validation_alias=_env("REKKU_WEATHER_TIMEOUT"))
+    #: Most characters of diary entries injected into a prompt (whole entries only).
+    diary_max_chars: int = Field(15000, ge=0, validation_alias=_env("REKKU_DIARY_MAX_CHARS"))
+    #: Oldest diary entry injected into a prompt, in days.
+    diary_max_days: float = Field(7.0, ge=0, validation_alias=_env("REKKU_DIARY_MAX_DAYS"))
+    #: Character budget of a whole GET /v1/prompt answer (JSON); the diary is dropped first.
+    prompt_max_chars: int = Field(100_000, ge=1000, validation_alias=_env("REKKU_PROMPT_MAX_CHARS"))
+    #: Most chat-history entries a prompt carries (before the budget trims older ones).
+    prompt_history_limit: int = Field(30, ge=0, validation_alias=_env("REKKU_PROMPT_HISTORY_LIMIT"))
+    #: Oldest chat-history entry a prompt carries, in days.
+    prompt_history_days: float = Field(7.0, ge=0, validation_alias=_env("REKKU_PROMPT_HISTORY_DAYS"))
+    #: Seconds each plugin's prompt injection may take; a slower one is left out (and logged).
+    injection_timeout: float = Field(3.0, gt=0, validation_alias=_env("REKKU_INJECTION_TIMEOUT"))
 
     # terminal plugin
     #: Longest a terminal command may run, in seconds (a payload's ``timeout`` is capped by it).
@@ -158,6 +185,11 @@ class Settings(BaseSettings):
             return False
         uid = str(user_id).strip()
         return any(uid == u and (i == "*" or i == (interface or "")) for i, u in self.trainer_ids)
+
+    @property
+    def location(self) -> str:
+        """Where Rekku is, for the prompt and the weather: PROMPT_LOCATION, else the city of TZ."""
+        return location_of(self.tz, self.prompt_location)
 
     def plugin_dirs(self) -> list[Path]:
         return [Path(p).expanduser() for p in self.plugin_path.split(os.pathsep) if p.strip()]

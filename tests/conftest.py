@@ -127,3 +127,37 @@ def tg(fakes: dict) -> Iterator[object]:
     yield fakes["telegram"]
     fakes["telegram"].release.set()
 
+
+# ----------------------------------------------------------------------------- memory and prompt (issue 4)
+@pytest.fixture(scope="session")
+def wttr() -> Iterator[object]:
+    """The fake wttr.in (tests/fakes/wttr.py), answering a clear +21°C until told otherwise."""
+    from tests.fakes.wttr import FakeWttr
+
+    fake = FakeWttr().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def memory_stack(tmp_home: Path, wttr: object) -> Iterator[Stack]:
+    """MariaDB, an ingress, a default and an io worker and beat; weather from the fake wttr.in
+    (refreshed every 1.2 s), a 1 s injection timeout, and the misbehaving test injectors switched on."""
+    home = tmp_home / "memory"
+    home.mkdir()
+    db_number = claim_redis_db()
+    db_name, url = create_mariadb()
+    stack = Stack("memory", home, url, db_number, extra_env={
+        "TRAINER_IDS": "telegram_bot:42", "WEATHER_URL": wttr.url, "WEATHER_FETCH_TIME": "0.02",
+        "PROMPT_LOCATION": "Rome", "TZ": "Europe/Rome", "REKKU_INJECTION_TIMEOUT": "1",
+        "REKKU_TEST_SLOW_INJECTION": "1", "REKKU_TEST_FAILING_INJECTION": "1"})
+    try:
+        stack.start_ingress()
+        stack.start_worker("default", concurrency=2, node="memory-main")
+        stack.start_worker("io", concurrency=2, node="memory-io")
+        stack.spawn("beat", log_name="beat")
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(db_number)
+        drop_mariadb(db_name)

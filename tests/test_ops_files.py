@@ -32,8 +32,6 @@ INFRA_SERVICES = frozenset({"redis", "mariadb"})
 #: stay here or be dropped; either way .env.example must keep it.
 RESERVED_PLUGIN_VARIABLES = frozenset({
     # --- listed in DESIGN.md §7
-    "WEATHER_FETCH_TIME",       # weather plugin: cache minutes (default 30)
-    "WEATHER_URL",              # weather plugin: wttr.in-compatible base URL
     "TELEGRAM_BOT_TOKEN",       # telegram_bot interface
     "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
     "DISCORD_WEBHOOK_URL",      # discord_bot interface

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from plugins.time_plugin import location_of, time_context
+from plugins.time_plugin import time_context
+from rekku.settings import location_of
 
 
 def test_local_time_with_utc_and_city_from_tz() -> None:
