@@ -6,15 +6,18 @@ Importing this module discovers the plugins, so ``celery -A rekku.celery_app wor
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import celeryd_after_setup, worker_shutdown
 
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.periodic import register_periodic_tasks
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of
+from rekku.settings import get_settings
 
 #: Extra seconds Celery waits past an action's own limit before interrupting (soft) and killing (hard).
 SOFT_GRACE, HARD_GRACE = 5.0, 15.0
@@ -63,7 +66,35 @@ def make_app() -> Celery:
         key = idempotency_key or f"celery-task:{self.request.id}"
         return submit(body, context=context, idempotency_key=key).as_dict()
 
+    @app.task(name="rekku.reconcile", queue="default", acks_late=True, ignore_result=True, expires=60)
+    def reconcile() -> dict:
+        """Re-enqueue actions the broker lost or a dead worker held (see rekku.reconciler)."""
+        from rekku.reconciler import reconcile as run_pass
+
+        return run_pass()
+
+    settings = get_settings()
+    app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
+        "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
+        "options": {"queue": "default", "expires": settings.reconcile_seconds}}}
     return app
+
+
+_heartbeat_stop = threading.Event()
+
+
+@celeryd_after_setup.connect(weak=False)
+def _start_heartbeat(sender: str, instance: Any, **_kwargs: Any) -> None:
+    """Each worker node says it is alive, so the reconciler can tell orphaned 'running' actions."""
+    from rekku.reconciler import heartbeat_forever
+
+    threading.Thread(target=heartbeat_forever, args=(sender, _heartbeat_stop), name="rekku-heartbeat",
+                     daemon=True).start()
+
+
+@worker_shutdown.connect(weak=False)
+def _stop_heartbeat(**_kwargs: Any) -> None:
+    _heartbeat_stop.set()
 
 
 app = make_app()

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     #: Worker concurrency override for every pool (``rekku worker --concurrency`` wins).
     worker_concurrency: int | None = Field(None, validation_alias=_env("REKKU_WORKER_CONCURRENCY"))
     log_level: str = Field("INFO", validation_alias=_env("REKKU_LOG_LEVEL"))
+    #: Seconds between reconciler passes (re-enqueue what the broker lost or a dead worker held).
+    reconcile_seconds: float = Field(30.0, gt=0, validation_alias=_env("REKKU_RECONCILE_SECONDS"))
+    #: Seconds an unfinished action must sit untouched before the reconciler looks at it.
+    reconcile_grace: float = Field(60.0, ge=0, validation_alias=_env("REKKU_RECONCILE_GRACE"))
+    #: Seconds a worker node counts as alive after its last heartbeat (it beats every third of it).
+    worker_heartbeat_ttl: float = Field(30.0, ge=3, validation_alias=_env("REKKU_WORKER_HEARTBEAT_TTL"))
 
     # interfaces and chat plugins
     telegram_bot_token: str | None = Field(None, validation_alias=_env("TELEGRAM_BOT_TOKEN"))

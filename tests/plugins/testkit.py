@@ -89,3 +89,4 @@ class TestKit(AIPluginBase):
 
 PLUGIN_CLASS = TestKit
 
+

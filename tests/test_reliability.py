@@ -1,0 +1,94 @@
+"""Nothing lost: a broker that forgets everything, a worker node that dies mid-action."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.support import (
+    REDIS_HOST,
+    REDIS_PORT,
+    Stack,
+    claim_redis_db,
+    create_mariadb,
+    drop_mariadb,
+    release_redis_db,
+    stop_process,
+    wait_until,
+)
+
+FAST_RECONCILER = {"REKKU_RECONCILE_SECONDS": "1", "REKKU_RECONCILE_GRACE": "1", "REKKU_WORKER_HEARTBEAT_TTL": "3"}
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """MariaDB and an ingress, no workers yet; the reconciler runs every second."""
+    db_number = claim_redis_db()
+    db_name, url = create_mariadb()
+    stack = Stack("reliability", tmp_path, url, db_number, extra_env=FAST_RECONCILER)
+    engine = sa.create_engine(url)
+    from tests.plugins.counter import TABLE
+
+    try:
+        stack.start_ingress()
+        TABLE.create(engine)
+        yield stack
+    finally:
+        engine.dispose()
+        stack.stop()
+        release_redis_db(db_number)
+        drop_mariadb(db_name)
+
+
+def _invocations(stack: Stack) -> list[str]:
+    engine = sa.create_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.text("SELECT action_id FROM tk_invocations"))]
+    finally:
+        engine.dispose()
+
+
+def _statuses(stack: Stack, batch_ids: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch_id in batch_ids:
+        for action in stack.get(f"/v1/batches/{batch_id}").json()["actions"]:
+            counts[action["status"]] = counts.get(action["status"], 0) + 1
+    return counts
+
+
+def test_broker_flushed_before_workers_start_loses_nothing(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    batches = [stack.submit([{"type": "tk_count", "payload": {}}] * 100)["batch_id"] for _ in range(10)]
+    broker = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    assert broker.llen("default") == 1000
+    broker.flushdb()  # what a Redis restart without persistence does
+    stack.start_worker("default", concurrency=2, node="after-flush")
+    stack.spawn("beat", log_name="beat")
+    wait_until(lambda: _statuses(stack, batches).get("succeeded") == 1000, timeout=120, interval=1,
+               what="all 1000 actions to succeed after the broker lost them")
+    invoked = _invocations(stack)
+    assert len(invoked) == 1000 and len(set(invoked)) == 1000  # each handler ran exactly once
+
+
+def test_worker_node_killed_mid_action_is_rerun_on_another_node(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    doomed = stack.start_worker("default", concurrency=1, node="doomed")
+    stack.spawn("beat", log_name="beat")
+    action_id = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 3}}])["accepted"][0]["id"]
+    wait_until(lambda: stack.journal(action_id), timeout=30, what="the action to start on the doomed node")
+    os.killpg(doomed.pid, signal.SIGKILL)  # the whole node: main process and pool child
+    stop_process(doomed)
+    stack.start_worker("default", concurrency=1, node="survivor")
+    run = stack.wait_action(action_id, timeout=60)
+    assert run["status"] == "succeeded", run
+    assert run["worker"] == "default@survivor" and run["attempts"] == 2
+    assert [line.split()[0] for line in stack.journal(action_id)] == ["start", "start", "done"]
+    # Redis must not hand the dead node's copy out again after the visibility timeout.
+    assert redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db).hlen("unacked") == 0
