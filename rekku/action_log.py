@@ -225,6 +225,23 @@ class ActionLog:
         with self._engine.connect() as c:
             return bool(c.scalar(_CANCEL_REQUESTED, {"aid": action_id}))
 
+    def failed(self, limit: int = 100, before: str | None = None) -> list[dict]:
+        """Dead letters: failed actions (retries exhausted or not retryable), newest first."""
+        query = sa.select(_runs).where(_runs.c.status == FAILED)
+        if before:
+            query = query.where(_runs.c.finished_at < sa.select(_runs.c.finished_at).where(_runs.c.id == before)
+                                .scalar_subquery())
+        with self._engine.connect() as c:
+            rows = c.execute(query.order_by(_runs.c.finished_at.desc()).limit(limit)).all()
+        return [run_as_dict(r) for r in rows]
+
+    def reset_for_retry(self, action_id: str) -> dict | None:
+        """failed → queued (attempts kept, error kept until the next run), for a manual retry."""
+        with self._engine.begin() as c:
+            changed = c.execute(sa.update(_runs).where(_runs.c.id == action_id, _runs.c.status == FAILED)
+                                .values(status=QUEUED, finished_at=None, updated_at=utcnow())).rowcount
+        return self.get(action_id) if changed else None
+
     @staticmethod
     def is_final(status: str) -> bool:
         return status in FINAL_STATES

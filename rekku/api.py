@@ -241,7 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 #: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
-ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api")
+ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api")
 
 
 def extra_routers() -> list[Any]:

@@ -188,14 +188,39 @@ def submit(file: str, context_json: str | None, wait: bool, timeout: float, idem
 
 
 @main.command()
-@click.argument("action_id")
+@click.argument("action_id", required=False)
 @click.option("--wait", type=float, default=0, help="long-poll up to this many seconds")
-def status(action_id: str, wait: float) -> None:
-    """One action's state, as JSON."""
+@click.option("--stuck", is_flag=True, help="list unfinished actions untouched for longer than REKKU_RECONCILE_GRACE")
+def status(action_id: str | None, wait: float, stuck: bool) -> None:
+    """One action's state as JSON, or (--stuck) the actions that are not moving."""
+    if stuck:
+        from rekku.reconciler import stuck as find_stuck
+
+        runs = find_stuck(get_settings())
+        table = Table(title=f"{len(runs)} stuck actions", header_style="bold")
+        for col in ("id", "type", "status", "queue", "worker", "attempts", "last change"):
+            table.add_column(col)
+        for r in runs:
+            table.add_row(r["id"], r["type"], r["status"], r["queue"], r["worker"] or "", str(r["attempts"]),
+                          r["started_at"] or r["created_at"])
+        console.print(table)
+        sys.exit(1 if runs else 0)
+    if not action_id:
+        raise click.UsageError("give an ACTION_ID, or --stuck")
     resp = _request("GET", f"/v1/actions/{action_id}", params={"wait": wait}, timeout=wait + 30)
     if resp.status_code != 200:
         raise click.ClickException(f"{resp.status_code}: {resp.json().get('detail')}")
     console.print_json(data=resp.json())
+
+
+@main.command()
+@click.argument("action_id")
+def retry(action_id: str) -> None:
+    """Run a failed action again (see GET /v1/dead-letters)."""
+    resp = _request("POST", f"/v1/actions/{action_id}/retry")
+    if resp.status_code != 200:
+        raise click.ClickException(f"{resp.status_code}: {resp.json().get('detail')}")
+    console.print(f"action {action_id} queued again on {resp.json()['queue']}")
 
 
 @main.command()

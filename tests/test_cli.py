@@ -74,3 +74,18 @@ def test_cli_without_an_ingress_says_how_to_start_one(stack: Stack) -> None:
     done = subprocess.run([sys.executable, "-m", "rekku", "status", "x"], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=60)
     assert done.returncode == 1 and "cannot reach the ingress" in done.stderr
+
+
+def test_status_stuck_lists_actions_that_do_not_move(stack: Stack) -> None:
+    answer = stack.submit([{"type": "tk_io", "payload": {}}])  # no io worker: it stays queued
+    env = stack.env(REKKU_RECONCILE_GRACE="0", COLUMNS="250")
+    done = subprocess.run([sys.executable, "-m", "rekku", "status", "--stuck"], capture_output=True, text=True,
+                          env=env, cwd=str(ROOT), timeout=60)
+    assert done.returncode == 1 and answer["accepted"][0]["id"] in done.stdout and "stuck actions" in done.stdout
+
+
+def test_retry_command_requeues_a_failed_action(stack: Stack) -> None:
+    run = stack.run("tk_fail")
+    done = rekku(stack, "retry", run["id"])
+    assert done.returncode == 0 and "queued again" in done.stdout
+    assert rekku(stack, "retry", run["id"] + "x").returncode == 1

@@ -247,3 +247,17 @@ def test_seed_example_plugin_loads_validates_and_runs_unchanged(stack: Stack, va
     # The seed's handler calls process_value, a placeholder the docs never define: its run reaches
     # the handler in a worker, and the plugin's own error fails the action, not the worker.
     assert run["status"] == "failed" and run["error"] == "NameError: name 'process_value' is not defined"
+
+
+def test_failed_actions_are_dead_letters_and_can_be_retried(stack: Stack) -> None:
+    run = stack.run("tk_fail", {"message": "dead letter"})
+    letters = stack.get("/v1/dead-letters", params={"limit": 1000}).json()["actions"]
+    assert run["id"] in [a["id"] for a in letters]
+    resp = stack.post(f"/v1/actions/{run['id']}/retry")
+    assert resp.status_code == 200 and resp.json()["status"] == "queued"
+    again = wait_until(lambda: (r := stack.get(f"/v1/actions/{run['id']}").json())["attempts"] == 2
+                       and r["status"] == "failed" and r, timeout=30, what="the retried run to fail again")
+    assert again["error"] == "ValueError: dead letter"
+    ok = stack.run("echo")
+    assert stack.post(f"/v1/actions/{ok['id']}/retry").status_code == 409
+    assert stack.post("/v1/actions/nope/retry").status_code == 404

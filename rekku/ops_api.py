@@ -1,0 +1,50 @@
+"""Operations routes: the dead-letter list and manual retry of a failed action."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+
+from rekku.action_log import NewRun, shared_log
+from rekku.auth import require_token
+from rekku.errors import Conflict, NotFound, ServiceUnavailable
+from rekku.schemas import ActionState, ErrorResponse
+
+router = APIRouter(dependencies=[Depends(require_token)], tags=["operations"],
+                   responses={401: {"model": ErrorResponse}})
+
+
+class DeadLetters(BaseModel):
+    actions: list[ActionState]
+
+
+@router.get("/v1/dead-letters", response_model=DeadLetters)
+def dead_letters(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                 before: Annotated[str | None, Query(max_length=64, description="an action id, for paging")] = None
+                 ) -> Any:
+    """Actions that failed for good (retries exhausted or not retryable), newest first."""
+    return {"actions": shared_log().failed(limit, before)}
+
+
+@router.post("/v1/actions/{action_id}/retry", response_model=ActionState,
+             responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+def retry_action(action_id: str) -> Any:
+    """Run a failed action again (same id, same payload and context)."""
+    from rekku import dispatch
+
+    log = shared_log()
+    current = log.get(action_id)
+    if current is None:
+        raise NotFound(f"no action {action_id}")
+    run = log.reset_for_retry(action_id)
+    if run is None:
+        raise Conflict(f"action {action_id} is {current['status']}; only failed actions can be retried")
+    context = {k: v for k, v in run["context"].items() if k != "batch_id"}
+    unsent = dispatch.enqueue([NewRun(run["id"], 0, run["type"], run["queue"], run["payload"], context)],
+                              run["batch_id"])
+    if unsent:
+        log.fail(action_id, "could not enqueue the retry: the broker is unreachable")
+        raise ServiceUnavailable("the broker is unreachable; the action stays failed")
+    return run
