@@ -1,0 +1,38 @@
+"""Security properties that are easy to lose: JSON only on the broker, no secret in logs or task args."""
+
+from __future__ import annotations
+
+import pickle
+import time
+import uuid
+
+import pytest
+from kombu import Connection
+
+from tests.support import Stack, wait_until
+
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+
+def test_a_pickled_message_is_refused_and_logged_never_executed(stack: Stack) -> None:
+    action_id = str(uuid.uuid4())
+    body = pickle.dumps(((), {"action_id": action_id, "payload": {"seconds": 0}, "context": {}}, {}))
+    with Connection(stack.broker_url) as conn:
+        conn.Producer().publish(body, routing_key="default", serializer=None, content_type="application/x-python-serialize",
+                                content_encoding="binary", headers={"task": "rekku.action.tk_sleep", "id": action_id,
+                                                                    "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+    logs = list((stack.home / "logs").glob("worker-default-*.log"))
+    wait_until(lambda: any("untrusted content" in p.read_text(errors="replace") or "ContentDisallowed" in
+                           p.read_text(errors="replace") for p in logs), timeout=20, what="the refusal in the log")
+    time.sleep(0.5)
+    assert stack.journal(action_id) == []  # the handler never ran
+    assert stack.run("echo")["status"] == "succeeded"  # and the worker still serves
+
+
+def test_tokens_never_appear_in_logs_or_error_answers(stack: Stack) -> None:
+    stack.get("/v1/actions/x", headers={"Authorization": f"Bearer {stack.token}-wrong"})
+    stack.post("/v1/actions", {"actions": [{"type": "nope", "payload": {}}]})
+    stack.run("tk_fail", {"message": "boom"})
+    for path in (stack.home / "logs").glob("*.log"):
+        text = path.read_text(errors="replace")
+        assert stack.token not in text, f"the API token leaked into {path.name}"
