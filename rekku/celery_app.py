@@ -69,9 +69,12 @@ def make_app() -> Celery:
     @app.task(name="rekku.reconcile", queue="default", acks_late=True, ignore_result=True, expires=60)
     def reconcile() -> dict:
         """Re-enqueue actions the broker lost or a dead worker held (see rekku.reconciler)."""
+        from rekku.metrics import count_reconciled
         from rekku.reconciler import reconcile as run_pass
 
-        return run_pass()
+        outcome = run_pass()
+        count_reconciled(outcome)
+        return outcome
 
     settings = get_settings()
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {

@@ -1,7 +1,7 @@
 """Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
 
-The task body (rekku.runner) calls every hook of :data:`HOOKS` at the same points; a concern is
-added by writing a class and listing it, not by adding branches to the task.
+The task body (rekku.runner) calls every hook of its ``HOOKS`` list at the same points; a concern is
+added by writing a class and listing it there, not by adding branches to the task.
 """
 
 from __future__ import annotations
@@ -178,7 +178,3 @@ class LoggingHook(Hook):
 
     def after_skip(self, run: Run, reason: str) -> None:
         log.info("action %s (%s) not run: %s", run.action_id, run.spec.type, reason)
-
-
-#: The hooks every action run passes through, in order.
-HOOKS: list[Hook] = [ActionLogHook(), AuthorizationHook(), ProgressHook(), LoggingHook()]

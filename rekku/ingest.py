@@ -18,6 +18,7 @@ from rekku.action_log import ActionLog, NewRun, shared_log
 from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
 from rekku.errors import ServiceUnavailable
+from rekku.metrics import count_submission
 from rekku.parsing import ParseResult, parse_text, parse_value
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
@@ -62,6 +63,11 @@ class Ingress:
         self.corrections = CorrectionCounter(redis_client) if redis_client is not None else None
 
     def submit(self, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
+        answer = self._submit(body, context, idempotency_key)
+        count_submission(answer.accepted, answer.rejected)
+        return answer
+
+    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None) -> Answer:
         if idempotency_key:
             earlier = self.log.find_batch_response(idempotency_key)
             if earlier is not None:

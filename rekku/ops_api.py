@@ -1,10 +1,10 @@
-"""Operations routes: the dead-letter list and manual retry of a failed action."""
+"""Operations routes: Prometheus metrics, the dead-letter list and manual retry of a failed action."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel
 
 from rekku.action_log import NewRun, shared_log
@@ -48,3 +48,14 @@ def retry_action(action_id: str) -> Any:
         log.fail(action_id, "could not enqueue the retry: the broker is unreachable")
         raise ServiceUnavailable("the broker is unreachable; the action stays failed")
     return run
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics() -> Response:
+    """Prometheus metrics: actions accepted/rejected by type, queue depth per pool, run outcomes and
+    durations by type, reconciler re-enqueues."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from rekku.metrics import render
+
+    return Response(render(), media_type=CONTENT_TYPE_LATEST)

@@ -19,10 +19,14 @@ from rekku import event_loop
 from rekku.action_log import shared_log
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import HOOKS, Run, SkipRun
+from rekku.hooks import ActionLogHook, AuthorizationHook, Hook, LoggingHook, ProgressHook, Run, SkipRun
+from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
+
+#: The hooks every action run passes through, in order (rekku.hooks explains the idea).
+HOOKS: list[Hook] = [ActionLogHook(), AuthorizationHook(), ProgressHook(), MetricsHook(), LoggingHook()]
 
 #: Longest wait between retries, in seconds.
 MAX_BACKOFF = 300.0

@@ -104,3 +104,17 @@ def test_nan_duplicate_keys_and_deep_nesting_in_the_body_are_400(stack: Stack) -
         resp = requests.post(stack.base_url + "/v1/actions", data=raw, headers=headers, timeout=10)
         assert resp.status_code == 400, (raw[:30], resp.text)
         assert reason in json.dumps(resp.json()), resp.text
+
+
+def test_metrics_count_accepted_rejected_runs_durations_and_queue_depth(stack: Stack) -> None:
+    assert requests.get(stack.base_url + "/metrics", timeout=5).status_code == 401
+    stack.submit([{"type": "nope", "payload": {}}])
+    stack.run("echo")
+    stack.run("tk_fail")
+    text = stack.get("/metrics").text
+    assert 'rekku_actions_accepted_total{type="echo"}' in text
+    assert 'rekku_actions_rejected_total{type="nope"}' in text
+    assert 'rekku_action_runs_total{status="succeeded",type="echo"}' in text
+    assert 'rekku_action_runs_total{status="failed",type="tk_fail"}' in text
+    assert 'rekku_action_run_seconds_bucket{le="+Inf",type="echo"}' in text
+    assert 'rekku_queue_depth{pool="default"}' in text and "rekku_reconciler_requeued" in text
