@@ -6,11 +6,12 @@ Importing this module discovers the plugins, so ``celery -A rekku.celery_app wor
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_after_setup, worker_shutdown
 
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.periodic import register_periodic_tasks
@@ -93,6 +94,15 @@ def _start_heartbeat(sender: str, instance: Any, **_kwargs: Any) -> None:
 
     threading.Thread(target=heartbeat_forever, args=(sender, _heartbeat_stop), name="rekku-heartbeat",
                      daemon=True).start()
+
+
+@after_setup_logger.connect(weak=False)
+@after_setup_task_logger.connect(weak=False)
+def _log_format(logger: logging.Logger, **_kwargs: Any) -> None:
+    """Celery's worker and task loggers get our format (REKKU_LOG_FORMAT) and the action ids."""
+    from rekku.logs import install
+
+    install(logger.handlers)
 
 
 @worker_shutdown.connect(weak=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ _STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=get_settings().log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rekku.logs import setup
+
+    setup(get_settings())
 
 
 @click.group()

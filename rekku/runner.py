@@ -76,6 +76,15 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
     ctx = ActionContext.from_request(action_id, spec.type, context, worker=task.request.hostname,
                                      batch_id=(context or {}).get("batch_id"))
     run = Run(task=task, spec=spec, action_id=action_id, payload=payload, context=ctx)
+    token = ctxvars.bind(ctx)  # every log line of this run carries its ids (rekku.logs)
+    try:
+        return _execute(task, spec, run)
+    finally:
+        ctxvars.unbind(token)
+
+
+def _execute(task: Any, spec: ActionSpec, run: Run) -> Any:
+    action_id, payload, ctx = run.action_id, run.payload, run.context
     try:
         _each("before_run", run)
     except SkipRun as skip:

@@ -36,3 +36,22 @@ def test_tokens_never_appear_in_logs_or_error_answers(stack: Stack) -> None:
     for path in (stack.home / "logs").glob("*.log"):
         text = path.read_text(errors="replace")
         assert stack.token not in text, f"the API token leaked into {path.name}"
+
+
+def test_json_logs_carry_the_action_and_batch_id_on_every_line_of_that_action(stack: Stack) -> None:
+    import json
+
+    from tests.support import stop_process
+
+    worker = stack.start_worker("io", concurrency=2, node="jsonlogs", REKKU_LOG_FORMAT="json")
+    try:
+        answer = stack.submit([{"type": "tk_io", "payload": {}}])
+        run = stack.wait_action(answer["accepted"][0]["id"])
+        assert run["status"] == "succeeded"
+    finally:
+        stop_process(worker)
+    lines = (stack.home / "logs" / "worker-io-jsonlogs.log").read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    mine = [e for e in entries if e["action_id"] == run["id"]]
+    assert mine and all(e["batch_id"] == answer["batch_id"] for e in mine)
+    assert any("succeeded" in e["message"] for e in mine)
