@@ -1,9 +1,9 @@
 """`rekku up`: every part on one machine as child processes, and a clean stop on Ctrl-C.
 
-Each child runs in its own process group (so its Celery pool children are signalled with it) and
-gets PR_SET_PDEATHSIG, so even a SIGKILL of `rekku up` leaves no orphan behind. On Ctrl-C or
-SIGTERM every group gets SIGTERM (Celery's warm shutdown: running actions finish), then SIGKILL
-after :data:`STOP_TIMEOUT`.
+Each child runs in its own process group with PR_SET_PDEATHSIG, so even a SIGKILL of `rekku up`
+leaves no orphan behind. On Ctrl-C or SIGTERM every child's main process gets SIGTERM (Celery's
+warm shutdown: running actions finish, held ones go back to the queue), then whatever is left of
+each group gets SIGKILL after :data:`STOP_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -106,8 +106,11 @@ class Supervisor:
         self._stopping = True
 
     def stop(self) -> None:
+        # SIGTERM to each child's main process only: a Celery worker then finishes the actions it
+        # runs and hands back the ones it holds (warm shutdown); its pool processes are its business.
         for proc in self.children.values():
-            _signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         for proc in self.children.values():
             try:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+import sqlalchemy as sa
 
 from tests.support import ROOT, free_port, wait_until
 
@@ -34,7 +35,8 @@ def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port, flower_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "FLOWER", "TRAINER"))}
-    env.update(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1")
+    env.update(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1",
+               REKKU_PLUGIN_PATH=str(ROOT / "tests" / "plugins"))
     out = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rekku", "up"], env=env, cwd=str(ROOT), stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -66,6 +68,12 @@ def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert _status(flower) == 401  # Flower is never open
         user, password = (home / "flower_auth").read_text().strip().split(":", 1)
         assert requests.get(flower, auth=(user, password), timeout=5).status_code == 200
+
+        # Ctrl-C while an action runs: it finishes instead of being left 'running'.
+        resp = requests.post(base + "/v1/actions", headers=headers, timeout=10,
+                             json={"actions": [{"type": "tk_sleep", "payload": {"seconds": 2}}]})
+        sleeper = resp.json()["accepted"][0]["id"]
+        wait_until(lambda: (home / "testkit" / f"{sleeper}.log").exists(), timeout=30, what="the sleep to start")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = proc.wait(60)
@@ -73,6 +81,11 @@ def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert _processes_using(home) == []
     assert not (home / "embedded-redis.url").exists()
+    engine = sa.create_engine(f"sqlite:///{home / 'rekku.db'}")
+    with engine.connect() as conn:
+        states = dict(conn.execute(sa.text("SELECT status, COUNT(*) FROM action_runs GROUP BY status")).all())
+    engine.dispose()
+    assert states == {"succeeded": 2}, states
 
 
 def _status(url: str) -> int | None:

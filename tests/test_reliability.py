@@ -92,3 +92,18 @@ def test_worker_node_killed_mid_action_is_rerun_on_another_node(fresh_stack: Sta
     assert [line.split()[0] for line in stack.journal(action_id)] == ["start", "start", "done"]
     # Redis must not hand the dead node's copy out again after the visibility timeout.
     assert redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db).hlen("unacked") == 0
+
+
+def test_worker_sigterm_finishes_what_runs_and_requeues_what_it_holds(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    worker = stack.start_worker("default", concurrency=1, node="leaving")
+    sleeper = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 2}}])["accepted"][0]["id"]
+    wait_until(lambda: stack.journal(sleeper), timeout=30, what="the sleep to start")
+    held = [a["id"] for a in stack.submit([{"type": "tk_count", "payload": {}}] * 3)["accepted"]]
+    os.kill(worker.pid, signal.SIGTERM)  # Celery's warm shutdown, as `docker stop` or systemd sends
+    assert worker.wait(30) == 0
+    assert stack.get(f"/v1/actions/{sleeper}").json()["status"] == "succeeded"
+    stack.start_worker("default", concurrency=1, node="next")
+    for action_id in held:
+        assert stack.wait_action(action_id)["status"] == "succeeded"
+    assert sorted(_invocations(stack)) == sorted(held)  # each once, none lost
