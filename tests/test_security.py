@@ -18,9 +18,10 @@ def test_a_pickled_message_is_refused_and_logged_never_executed(stack: Stack) ->
     action_id = str(uuid.uuid4())
     body = pickle.dumps(((), {"action_id": action_id, "payload": {"seconds": 0}, "context": {}}, {}))
     with Connection(stack.broker_url) as conn:
-        conn.Producer().publish(body, routing_key="default", serializer=None, content_type="application/x-python-serialize",
-                                content_encoding="binary", headers={"task": "rekku.action.tk_sleep", "id": action_id,
-                                                                    "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+        conn.Producer().publish(
+            body, routing_key="default", serializer=None, content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"task": "rekku.action.tk_sleep", "id": action_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""})
     logs = list((stack.home / "logs").glob("worker-default-*.log"))
     wait_until(lambda: any("untrusted content" in p.read_text(errors="replace") or "ContentDisallowed" in
                            p.read_text(errors="replace") for p in logs), timeout=20, what="the refusal in the log")
