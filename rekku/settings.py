@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, validation_alias=_env("REKKU_PORT"))
     #: Largest accepted request body, in bytes.
     max_body_bytes: int = Field(1024 * 1024, validation_alias=_env("REKKU_MAX_BODY_BYTES"))
+    #: Longest string in any action payload field, in characters (plugins may set lower limits).
+    max_field_chars: int = Field(100_000, ge=100, validation_alias=_env("REKKU_MAX_FIELD_CHARS"))
     #: Longest ``?wait=`` a client may ask for, in seconds.
     max_wait_seconds: float = Field(300.0, validation_alias=_env("REKKU_MAX_WAIT"))
 

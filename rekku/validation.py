@@ -39,6 +39,27 @@ def _dedupe(messages: list[str]) -> list[str]:
     return list(dict.fromkeys(m for m in messages if m))
 
 
+def _too_long(spec: ActionSpec, payload: dict, limit: int) -> list[str]:
+    """Every string in the payload (nested ones too) is bounded, so no field can carry megabytes."""
+    errors = []
+
+    def visit(value: object, path: str) -> None:
+        if isinstance(value, str):
+            if len(value) > limit:
+                errors.append(f"Field '{path}' is too long for action '{spec.type}' "
+                              f"({len(value)} characters; at most {limit})")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                visit(item, f"{path}[{i}]")
+
+    for key, value in payload.items():
+        visit(value, str(key))
+    return errors
+
+
 def _schema_errors(spec: ActionSpec, payload: dict) -> list[str]:
     errors = []
     for name in spec.required_fields:
@@ -86,7 +107,7 @@ def validate_one(index: int, raw: Any, registry: Registry, context: dict,
     payload = raw["payload"]
     if not isinstance(payload, dict):
         return Rejection(index, action_type, ["'payload' must be a dict"])
-    errors = _schema_errors(spec, payload)
+    errors = _schema_errors(spec, payload) + _too_long(spec, payload, settings.max_field_chars)
     if not errors:
         plugin = registry.plugins[spec.plugin]
         try:

@@ -128,3 +128,10 @@ def test_legacy_telegram_trainer_id_and_interface_scoping(tmp_path) -> None:
     assert s.is_trainer("discord_bot", "5") and not s.is_trainer("telegram_bot", "5")
     assert s.is_trainer("anything", "9")  # an id without interface counts everywhere
     assert not s.is_trainer("telegram_bot", None) and not s.is_trainer("telegram_bot", "")
+
+
+def test_every_payload_string_is_bounded_even_nested(registry, tmp_path) -> None:
+    payload = {"text": "x" * 101, "target": "1", "extra": {"deep": ["ok", "y" * 150]}}
+    _, rejected = errors_of(registry, [{"type": "send", "payload": payload}], tmp_path, REKKU_MAX_FIELD_CHARS="100")
+    assert rejected[0][2] == ["Field 'text' is too long for action 'send' (101 characters; at most 100)",
+                              "Field 'extra.deep[1]' is too long for action 'send' (150 characters; at most 100)"]
