@@ -236,12 +236,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in extra_routers():
         app.include_router(router)
+    _document_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 
 
+def _document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema says what the API really answers: our one error shape for 400/422 (FastAPI
+    documents its own validation body, which we replace), and either shape for POST /v1/actions' 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        malformed = {"description": "Malformed HTTP request (e.g. a URL longer than the server accepts, "
+                                    "answered by the HTTP server itself) or a body that is not JSON",
+                     "content": {"application/json": {"schema": error_ref},
+                                 "text/plain": {"schema": {"type": "string"}}}}
+        for path, methods in schema.get("paths", {}).items():
+            for method, operation in methods.items():
+                responses = operation.get("responses", {})
+                responses["400"] = malformed
+                if "422" not in responses:
+                    continue
+                content = responses["422"].setdefault("content", {}).setdefault("application/json", {})
+                if path == "/v1/actions" and method == "post":
+                    content["schema"] = {"anyOf": [{"$ref": "#/components/schemas/SubmitResponse"}, error_ref]}
+                else:
+                    content["schema"] = error_ref
+                responses["422"]["description"] = "The request does not match what this route takes"
+        schema["components"]["schemas"].pop("HTTPValidationError", None)
+        schema["components"]["schemas"].pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 #: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
-ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api")
+ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api", "rekku.artifacts_api")
 
 
 def extra_routers() -> list[Any]:

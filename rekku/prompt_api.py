@@ -22,7 +22,7 @@ router = APIRouter(dependencies=[Depends(require_token)])
 def get_prompt(interface: Annotated[str | None, Query(max_length=64)] = None, chat_id: Id = None,
                thread_id: Id = None, user_id: Id = None,
                username: Annotated[str | None, Query(max_length=256)] = None, message_id: Id = None,
-               text: Annotated[str, Query(max_length=100_000)] = "",
+               text: Annotated[str, Query(max_length=8000, description="the incoming message")] = "",
                max_chars: Annotated[int | None, Query(ge=1000, description="character budget of the answer "
                                                       "(default REKKU_PROMPT_MAX_CHARS)")] = None) -> Any:
     """Context (time, weather, participants, diary, chat history, plugins' injections), the input

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,11 +23,13 @@ class RequestContext(BaseModel):
 
 
 class SubmitRequest(BaseModel):
-    """Either ``actions`` (any of the three JSON forms) or ``text`` (a raw LLM reply)."""
+    """Either ``actions`` (any of the three JSON forms) or ``text`` (a raw LLM reply), not both."""
 
-    model_config = ConfigDict(extra="ignore")
-    actions: list[Any] | dict[str, Any] | None = None
-    text: str | None = None
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["actions"]}, {"required": ["text"]}]})
+    actions: (Annotated[list[Any], Field(min_length=1)] | Annotated[dict[str, Any], Field(min_length=1)]) = Field(
+        None, description="the LLM's actions, in any accepted form")
+    text: str = Field(None, min_length=1, description="a raw LLM reply; fences and prose around the JSON are tolerated")
     context: RequestContext | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
 
