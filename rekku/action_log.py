@@ -7,13 +7,16 @@ claim it after it finished, and a cancelled action is never started.
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rekku.db import get_engine
 from rekku.models import (
@@ -28,6 +31,11 @@ from rekku.models import (
     utcnow,
 )
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Tries of one state change when the database drops the connection under it.
+RECONNECT_ATTEMPTS = 3
 #: Longest error text kept per action, in characters.
 MAX_ERROR_CHARS = 8000
 
@@ -101,6 +109,21 @@ class ActionLog:
     def __init__(self, engine: Engine | None = None) -> None:
         self._engine = engine or get_engine()
 
+    def _do(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
+        """Run ``work`` in a transaction (or a read), again on a fresh connection when the database
+        dropped the one it had (server restart, killed connection): the worker's state changes are
+        conditional UPDATEs, safe to repeat, and an action must not be left behind by a hiccup."""
+        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+            try:
+                with (self._engine.begin() if write else self._engine.connect()) as c:
+                    return work(c)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt == RECONNECT_ATTEMPTS:
+                    raise
+                log.warning("database connection lost (%s); retrying on a new one", type(exc.orig).__name__)
+                time.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------------ ingress side
     def find_batch_response(self, idempotency_key: str) -> dict | None:
         with self._engine.connect() as c:
@@ -145,18 +168,16 @@ class ActionLog:
         """queued/running → running. False when the action is final (already done, cancelled) or unknown.
 
         ``running`` is claimable because a redelivered task means its previous holder died."""
-        with self._engine.begin() as c:
-            return c.execute(_CLAIM, {"aid": action_id, "worker": worker, "now": utcnow()}).rowcount == 1
+        now = utcnow()
+        return self._do(lambda c: c.execute(_CLAIM, {"aid": action_id, "worker": worker, "now": now}).rowcount == 1)
 
     def state(self, action_id: str) -> tuple[str, bool] | None:
         """``(status, cancel_requested)``, or None for an unknown action: a read, no lock taken."""
-        with self._engine.connect() as c:
-            row = c.execute(_STATE, {"aid": action_id}).first()
-            return (row.status, bool(row.cancel_requested)) if row else None
+        row = self._do(lambda c: c.execute(_STATE, {"aid": action_id}).first(), write=False)
+        return (row.status, bool(row.cancel_requested)) if row else None
 
     def attempts(self, action_id: str) -> int:
-        with self._engine.connect() as c:
-            return c.scalar(_ATTEMPTS, {"aid": action_id}) or 0
+        return self._do(lambda c: c.scalar(_ATTEMPTS, {"aid": action_id}), write=False) or 0
 
     def succeed(self, action_id: str, result: Any) -> None:
         self._finish(action_id, SUCCEEDED, result=_json_safe(result))
@@ -169,28 +190,27 @@ class ActionLog:
 
     def _finish(self, action_id: str, status: str, *, result: Any = None, error: str | None = None,
                 from_states: tuple[str, ...] = (RUNNING,)) -> None:
-        with self._engine.begin() as c:
-            c.execute(_FINISH, {"aid": action_id, "from_states": list(from_states), "status": status,
-                                "result": result, "error": error, "now": utcnow()})
+        params = {"aid": action_id, "from_states": list(from_states), "status": status,
+                  "result": result, "error": error, "now": utcnow()}
+        self._do(lambda c: c.execute(_FINISH, params))
 
     def claim_and_finish(self, action_id: str, worker: str, started: datetime, *, succeeded: bool,
                          result: Any = None, error: str | None = None) -> None:
         """Record a whole run in one write (for runs that ended before their claim was written)."""
-        with self._engine.begin() as c:
-            c.execute(_CLAIM_AND_FINISH, {
-                "aid": action_id, "worker": worker, "started": started, "now": utcnow(),
-                "status": SUCCEEDED if succeeded else FAILED,
-                "result": _json_safe(result) if succeeded else None,
-                "error": None if succeeded else (error or "")[:MAX_ERROR_CHARS]})
+        params = {"aid": action_id, "worker": worker, "started": started, "now": utcnow(),
+                  "status": SUCCEEDED if succeeded else FAILED,
+                  "result": _json_safe(result) if succeeded else None,
+                  "error": None if succeeded else (error or "")[:MAX_ERROR_CHARS]}
+        self._do(lambda c: c.execute(_CLAIM_AND_FINISH, params))
 
     def requeue(self, action_id: str, error: str) -> None:
         """running → queued, keeping the last error, before a retry is scheduled."""
-        with self._engine.begin() as c:
-            c.execute(_REQUEUE, {"aid": action_id, "error": error[:MAX_ERROR_CHARS], "now": utcnow()})
+        params = {"aid": action_id, "error": error[:MAX_ERROR_CHARS], "now": utcnow()}
+        self._do(lambda c: c.execute(_REQUEUE, params))
 
     def set_progress(self, action_id: str, progress: dict) -> None:
-        with self._engine.begin() as c:
-            c.execute(_PROGRESS, {"aid": action_id, "progress": _json_safe(progress), "now": utcnow()})
+        params = {"aid": action_id, "progress": _json_safe(progress), "now": utcnow()}
+        self._do(lambda c: c.execute(_PROGRESS, params))
 
     # ------------------------------------------------------------------ reads and cancel
     def get(self, action_id: str) -> dict | None:
@@ -222,8 +242,7 @@ class ActionLog:
             return c.scalar(sa.select(_runs.c.status).where(_runs.c.id == action_id)), bool(res.rowcount)
 
     def cancel_requested(self, action_id: str) -> bool:
-        with self._engine.connect() as c:
-            return bool(c.scalar(_CANCEL_REQUESTED, {"aid": action_id}))
+        return bool(self._do(lambda c: c.scalar(_CANCEL_REQUESTED, {"aid": action_id}), write=False))
 
     def failed(self, limit: int = 100, before: str | None = None) -> list[dict]:
         """Dead letters: failed actions (retries exhausted or not retryable), newest first."""

@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
 
 from rekku import context as ctxvars
 from rekku import event_loop
@@ -94,7 +95,13 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> Any:
         _each("after_failure", run, _describe(exc))
         raise ActionFailed(_describe(exc)) from None
     try:
-        result = invoke_handler(spec, payload, ctx)
+        try:
+            result = invoke_handler(spec, payload, ctx)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # The database dropped the handler's connection: nothing was committed on it, try again.
+            raise TransientError(f"database connection lost ({type(exc.orig).__name__})") from exc
     except Retry:
         raise
     except TransientError as exc:

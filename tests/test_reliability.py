@@ -107,3 +107,39 @@ def test_worker_sigterm_finishes_what_runs_and_requeues_what_it_holds(fresh_stac
     for action_id in held:
         assert stack.wait_action(action_id)["status"] == "succeeded"
     assert sorted(_invocations(stack)) == sorted(held)  # each once, none lost
+
+
+def _kill_connections(database: str) -> int:
+    import MySQLdb
+
+    from tests.support import MARIADB
+
+    admin = MySQLdb.connect(**MARIADB)
+    cur = admin.cursor()
+    cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()", (database,))
+    killed = 0
+    for (conn_id,) in cur.fetchall():
+        try:
+            cur.execute(f"KILL {int(conn_id)}")
+            killed += 1
+        except MySQLdb.OperationalError:
+            pass  # it ended on its own meanwhile
+    admin.close()
+    return killed
+
+
+def test_database_connections_killed_mid_run_leave_no_action_stuck(fresh_stack: Stack) -> None:
+    import time
+
+    stack = fresh_stack
+    database = stack.database_url.rsplit("/", 1)[1].split("?")[0]
+    stack.start_worker("default", concurrency=2, node="hiccup")
+    stack.spawn("beat", log_name="beat")
+    batches = [stack.submit([{"type": "tk_count", "payload": {}}] * 100)["batch_id"] for _ in range(3)]
+    killed = 0
+    for _ in range(5):  # the server drops every connection of the workers, the ingress and beat
+        time.sleep(0.3)
+        killed += _kill_connections(database)
+    assert killed > 0
+    wait_until(lambda: _statuses(stack, batches).get("succeeded") == 300, timeout=120, interval=1,
+               what="all 300 actions to succeed after the database dropped its connections")
