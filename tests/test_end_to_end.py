@@ -25,11 +25,11 @@ def test_echo_result_is_readable_over_http(stack: Stack) -> None:
 
 
 def test_progress_reported_by_a_handler_is_readable_while_it_runs(stack: Stack) -> None:
-    answer = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 2}}])
+    answer = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 5}}])
     action_id = answer["accepted"][0]["id"]
     running = wait_until(lambda: (r := stack.get(f"/v1/actions/{action_id}").json())["progress"] and r,
-                         timeout=20, what="progress to show")
-    assert running["status"] == "running" and running["progress"] == {"step": "sleeping", "seconds": 2}
+                         timeout=30, what="progress to show")
+    assert running["status"] == "running" and running["progress"] == {"step": "sleeping", "seconds": 5}
     assert stack.wait_action(action_id)["status"] == "succeeded"
 
 
