@@ -143,3 +143,44 @@ def test_database_connections_killed_mid_run_leave_no_action_stuck(fresh_stack: 
     assert killed > 0
     wait_until(lambda: _statuses(stack, batches).get("succeeded") == 300, timeout=120, interval=1,
                what="all 300 actions to succeed after the database dropped its connections")
+
+
+def test_pool_processes_killed_during_1000_mixed_actions_every_action_ends_final(fresh_stack: Stack) -> None:
+    import random
+    import time
+
+    stack = fresh_stack
+    worker = stack.start_worker("default", concurrency=2, node="battered")
+    stack.spawn("beat", log_name="beat")
+    kinds = [{"type": "tk_count", "payload": {}}, {"type": "echo", "payload": {}},
+             {"type": "tk_fail", "payload": {}}, {"type": "tk_sleep", "payload": {"seconds": 0.05}}]
+    rng = random.Random(7)
+    batches = [stack.submit([rng.choice(kinds) for _ in range(100)])["batch_id"] for _ in range(10)]
+    kills = 0
+    for _ in range(6):
+        time.sleep(0.5)
+        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+        if children:
+            os.kill(int(rng.choice(children)), signal.SIGKILL)
+            kills += 1
+    assert kills
+    wait_until(lambda: sum(_statuses(stack, batches).get(s, 0) for s in ("succeeded", "failed")) == 1000,
+               timeout=180, interval=1, what="every action to end succeeded or failed")
+    counts = _statuses(stack, batches)
+    runs = [a for b in batches for a in stack.get(f"/v1/batches/{b}").json()["actions"]]
+    assert all(a["status"] == "failed" for a in runs if a["type"] == "tk_fail"), counts
+    assert all(a["status"] == "succeeded" for a in runs if a["type"] != "tk_fail"), counts
+    invoked = _invocations(stack)
+    assert {a["id"] for a in runs if a["type"] == "tk_count"} == set(invoked)
+    # A finished action is never run again: deliver every counting action once more.
+    from celery import Celery
+
+    before = len(invoked)
+    app = Celery(broker=stack.broker_url)
+    for a in runs:
+        if a["type"] == "tk_count":
+            app.send_task("rekku.action.tk_count", kwargs={"action_id": a["id"], "payload": {}, "context": {}},
+                          task_id=a["id"], queue="default")
+    app.close()
+    time.sleep(3)
+    assert len(_invocations(stack)) == before
