@@ -161,3 +161,58 @@ def memory_stack(tmp_home: Path, wttr: object) -> Iterator[Stack]:
         stack.stop()
         release_redis_db(db_number)
         drop_mariadb(db_name)
+
+
+# ----------------------------------------------------------------------------- selenium and reddit (issue 7)
+#: The fake Reddit app and account the plugin stack is configured with.
+REDDIT_ACCOUNT = {"client_id": "fake-client", "secret": "fake-secret", "username": "rekku_bot", "password": "pw"}
+#: The speech action's time limit in the plugin stack (a hung page fails after it plus Celery's grace).
+SPEECH_TIME_LIMIT = 6
+
+
+@pytest.fixture(scope="session")
+def tts_site() -> Iterator[object]:
+    """The fake text-to-speech site (tests/fakes/tts_site.py), for real headless Chromium."""
+    from tests.fakes.tts_site import FakeTTSSite
+
+    site = FakeTTSSite().start()
+    yield site
+    site.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_reddit() -> Iterator[object]:
+    from tests.fakes.reddit import FakeReddit
+
+    fake = FakeReddit(**REDDIT_ACCOUNT).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: object) -> Iterator[Stack]:
+    """SQLite, an ingress, a default, an io and a selenium worker (one browser), against the fake
+    text-to-speech site, fake Telegram and fake Reddit; short browser timeouts."""
+    home = tmp_home / "plugins"
+    home.mkdir()
+    db_number = claim_redis_db()
+    stack = Stack("plugins", home, f"sqlite:///{home / 'rekku.db'}", db_number, extra_env={
+        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+        "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_INTERFACE_TIMEOUT": "5",
+        "ELEVENLABS_URL": tts_site.url, "ELEVENLABS_EMAIL": tts_site.email, "ELEVENLABS_PASSWORD": tts_site.password,
+        "ELEVENLABS_GENERATE_TIMEOUT": "2", "ELEVENLABS_DOWNLOAD_TIMEOUT": "2",
+        "ELEVENLABS_TIME_LIMIT": str(SPEECH_TIME_LIMIT), "REKKU_ARTIFACT_DIR": str(home / "artifacts"),
+        "REKKU_ARTIFACT_MAX_BYTES": "100000", "REKKU_SELENIUM_HEADLESS": "1",
+        "REDDIT_CLIENT_ID": REDDIT_ACCOUNT["client_id"], "REDDIT_CLIENT_SECRET": REDDIT_ACCOUNT["secret"],
+        "REDDIT_USERNAME": REDDIT_ACCOUNT["username"], "REDDIT_PASSWORD": REDDIT_ACCOUNT["password"],
+        "REDDIT_URL": fake_reddit.url, "REDDIT_OAUTH_URL": fake_reddit.url, "REDDIT_RATE_LIMIT": "600/m"})
+    try:
+        stack.start_ingress()
+        stack.start_worker("default", concurrency=1, node="plugins-main")
+        stack.start_worker("io", concurrency=4, node="plugins-io")
+        stack.start_worker("selenium", concurrency=1, node="plugins-browser")
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(db_number)
+

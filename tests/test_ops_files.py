@@ -35,21 +35,7 @@ RESERVED_PLUGIN_VARIABLES = frozenset({
     "TELEGRAM_BOT_TOKEN",       # telegram_bot interface
     "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
     "DISCORD_WEBHOOK_URL",      # discord_bot interface
-    "REDDIT_CLIENT_ID",         # reddit plugin (praw)
-    "REDDIT_CLIENT_SECRET",     # reddit plugin
-    "REDDIT_USERNAME",          # reddit plugin
-    "REDDIT_PASSWORD",          # reddit plugin
-    "REDDIT_USER_AGENT",        # reddit plugin
-    "REDDIT_OAUTH_URL",         # reddit plugin: OAuth API base URL
-    "REDDIT_URL",               # reddit plugin: site base URL
-    "ELEVENLABS_EMAIL",         # selenium_elevenlabs plugin
-    "ELEVENLABS_PASSWORD",      # selenium_elevenlabs plugin
-    "ELEVENLABS_URL",           # selenium_elevenlabs plugin: site base URL
-    "REKKU_SELENIUM_HEADLESS",  # selenium pool: headless Chromium
-    "SELENIUM_REMOTE_URL",      # selenium pool: Selenium Grid instead of a local Chromium
     # --- not (yet) named in DESIGN.md §7: knobs of the plugins and pools described there
-    "REKKU_ARTIFACT_DIR",       # where actions write files (audio, downloads); the image sets /artifacts
-    "SELENIUM_MAX_ACTIONS",     # selenium pool: recycle a browser after N actions (DESIGN.md §6)
     "EVENT_TICK_SECONDS",       # event plugin: beat's due-event check interval
     "TERMINAL_MAX_TIMEOUT",     # terminal plugin: longest command run
     "TERMINAL_MAX_OUTPUT",      # terminal plugin: output cap

@@ -1,0 +1,242 @@
+"""One browser per selenium worker process: started lazily, reused, health-checked, recycled.
+
+A browser action does ``with browser_session() as driver: ...``. The first one in a process starts
+Chromium (never in the process-init hook, which Celery kills after 4 s); later ones reuse it after a
+quick health check (a dead or wedged browser is replaced). After ``SELENIUM_MAX_ACTIONS`` actions the
+browser is recycled, which bounds Chromium's memory growth. An action that fails for any reason
+other than :class:`PageError` (a time limit on a hung page, a crash, a lost session) discards the
+browser, so the next action starts from a clean one and the worker keeps serving.
+
+Each browser gets a fresh profile and download directory under the system temp dir, removed with
+it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a Selenium Grid instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rekku.errors import PluginError
+from rekku.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+#: Chromium flags safe in containers and on machines without internet (no background traffic).
+CHROMIUM_FLAGS = (
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
+    "--disable-extensions", "--disable-default-apps", "--metrics-recording-only", "--mute-audio",
+    "--window-size=1280,900",
+)
+#: Names of downloads still in progress.
+PARTIAL = (".crdownload", ".tmp")
+#: Seconds the health check and a quit may take before the browser is considered wedged.
+HEALTH_TIMEOUT = 5.0
+
+
+class PageError(PluginError):
+    """The page said no (wrong password, a missing element): the action fails, the browser is fine."""
+
+
+class Browser:
+    """One WebDriver session and its private directories."""
+
+    def __init__(self, settings: Settings) -> None:
+        from selenium import webdriver
+
+        self.root = Path(tempfile.mkdtemp(prefix=f"rekku-browser-{os.getpid()}-"))
+        self.downloads = self.root / "downloads"
+        self.downloads.mkdir()
+        self.actions = 0
+        self.started = time.monotonic()
+        options = webdriver.ChromeOptions()
+        options.page_load_strategy = "eager"  # DOM ready is enough: waits are on elements
+        if settings.selenium_headless:
+            options.add_argument("--headless=new")
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_experimental_option("prefs", {
+            "download.default_directory": str(self.downloads), "download.prompt_for_download": False,
+            "download.directory_upgrade": True, "safebrowsing.enabled": False})
+        self.remote = bool(settings.selenium_remote_url)
+        if self.remote:
+            options.enable_downloads = True  # files stay on the Grid node; fetched in wait_for_download
+            self.driver = webdriver.Remote(command_executor=settings.selenium_remote_url, options=options)
+        else:
+            options.binary_location = settings.chromium_path
+            options.add_argument(f"--user-data-dir={self.root / 'profile'}")
+            service = webdriver.ChromeService(executable_path=settings.chromedriver_path,
+                                              log_output=str(self.root / "chromedriver.log"))
+            self.driver = webdriver.Chrome(service=service, options=options)
+            with contextlib.suppress(Exception):  # headless Chromium needs to be told where downloads go
+                self.driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                                            {"behavior": "allow", "downloadPath": str(self.downloads)})
+        self.driver.set_page_load_timeout(60)
+
+    def healthy(self) -> bool:
+        """The browser answers a trivial script within HEALTH_TIMEOUT."""
+        outcome: list[Any] = []
+
+        def probe() -> None:
+            try:
+                outcome.append(self.driver.execute_script("return 1"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(HEALTH_TIMEOUT)
+        return outcome == [1]
+
+    def clear_downloads(self) -> None:
+        for item in self.downloads.iterdir():
+            item.unlink(missing_ok=True) if not item.is_dir() else shutil.rmtree(item, ignore_errors=True)
+        if self.remote:
+            with contextlib.suppress(Exception):
+                self.driver.delete_downloadable_files()
+
+    def wait_for_download(self, suffix: str, timeout: float) -> Path | None:
+        """The downloaded file ending in ``suffix`` once no partial download is left (fetched from the
+        Grid node when remote), or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.remote:
+                names = self.driver.get_downloadable_files()
+                done = [n for n in names if n.lower().endswith(suffix)]
+                if done and not any(n.endswith(PARTIAL) for n in names):
+                    self.driver.download_file(done[-1], str(self.downloads))
+                    return self.downloads / done[-1]
+            else:
+                files = list(self.downloads.iterdir())
+                done = [f for f in files if f.name.lower().endswith(suffix)]
+                if done and not any(f.name.endswith(PARTIAL) for f in files):
+                    return max(done, key=lambda f: f.stat().st_mtime)
+            time.sleep(0.05)
+        return None
+
+    def close(self) -> None:
+        """Quit the session; a browser that does not quit in time is killed."""
+        pid = None
+        service = getattr(self.driver, "service", None)
+        if service is not None and getattr(service, "process", None) is not None:
+            pid = service.process.pid
+        done = threading.Event()
+
+        def quit_driver() -> None:
+            with contextlib.suppress(Exception):
+                self.driver.quit()
+            done.set()
+
+        threading.Thread(target=quit_driver, daemon=True).start()
+        if not done.wait(HEALTH_TIMEOUT) and pid is not None:
+            _kill_tree(pid)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL chromedriver and every Chromium process it started (they are its descendants)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    todo, seen = [pid], []
+    while todo:
+        current = todo.pop()
+        seen.append(current)
+        todo += children.get(current, [])
+    for victim in seen:
+        with contextlib.suppress(OSError):
+            os.kill(victim, signal.SIGKILL)
+
+
+class BrowserHolder:
+    """The process's browser (one per prefork child; a forked child never uses its parent's)."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._browser: Browser | None = None
+        self._pid = os.getpid()
+        self.starts = 0
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings or get_settings()
+
+    def acquire(self) -> Browser:
+        """A healthy browser: the current one, or a new one."""
+        if self._pid != os.getpid():  # inherited through fork: not ours to use or quit
+            self._browser, self._pid = None, os.getpid()
+        browser = self._browser
+        limit = self.settings.selenium_max_actions
+        if browser is not None and limit and browser.actions >= limit:
+            log.info("recycling the browser after %s actions", browser.actions)
+            self.discard()
+        elif browser is not None and not browser.healthy():
+            log.warning("the browser stopped answering; starting a new one")
+            self.discard()
+        if self._browser is None:
+            self._browser = Browser(self.settings)
+            self.starts += 1
+            log.info("browser started (%s)", "remote" if self._browser.remote else "local Chromium")
+        return self._browser
+
+    def discard(self) -> None:
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            browser.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Browser]:
+        """The browser for one action. A PageError keeps it; anything else (a time limit, a crash) discards it."""
+        browser = self.acquire()
+        browser.actions += 1
+        browser.clear_downloads()
+        try:
+            yield browser
+        except PageError:
+            raise
+        except BaseException:
+            log.warning("discarding the browser after a failed action")
+            self.discard()
+            raise
+
+
+_holder = BrowserHolder()
+
+
+def browser_session() -> contextlib.AbstractContextManager[Browser]:
+    """``with browser_session() as browser: browser.driver.get(...)`` — the process's browser."""
+    return _holder.session()
+
+
+def holder() -> BrowserHolder:
+    return _holder
+
+
+def _close_at_exit(**_kwargs: Any) -> None:
+    if _holder._pid == os.getpid():
+        _holder.discard()
+
+
+def _register_shutdown() -> None:
+    """Quit the browser when the pool process ends (billiard skips atexit in its children)."""
+    import atexit
+
+    from celery.signals import worker_process_shutdown
+
+    atexit.register(_close_at_exit)
+    worker_process_shutdown.connect(_close_at_exit, weak=False)
+
+
+_register_shutdown()
