@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     #: Celery rate limit of message_reddit per worker node (one account: run one io node for Reddit).
     reddit_rate_limit: str = Field("10/m", validation_alias=_env("REDDIT_RATE_LIMIT"))
 
+    # events
+    #: Seconds between beat's checks for due events (the dispatcher task rekku.periodic.event.tick).
+    event_tick_seconds: float = Field(5.0, gt=0, validation_alias=_env("EVENT_TICK_SECONDS"))
+    #: Seconds an unfinished event delivery may sit untouched before a tick enqueues it again.
+    event_redeliver_seconds: float = Field(60.0, gt=0, validation_alias=_env("REKKU_EVENT_REDELIVER_SECONDS"))
+
     @field_validator("restrict_actions")
     @classmethod
     def _check_policy(cls, value: str) -> str:

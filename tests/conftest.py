@@ -216,3 +216,31 @@ def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: obj
         stack.stop()
         release_redis_db(db_number)
 
+
+# ----------------------------------------------------------------------------- events (issue 5)
+@pytest.fixture(scope="session")
+def event_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
+    """MariaDB, an ingress, a default worker, two io workers and two beat processes ticking every second;
+    Telegram and the webhook against the fakes; a lost delivery is enqueued again after 4 s."""
+    home = tmp_home / "events"
+    home.mkdir()
+    db_number = claim_redis_db()
+    db_name, url = create_mariadb()
+    stack = Stack("events", home, url, db_number, extra_env={
+        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN, "TZ": "Europe/Rome",
+        "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook",
+        "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET, "REKKU_INTERFACE_TIMEOUT": "5",
+        "EVENT_TICK_SECONDS": "1", "REKKU_EVENT_REDELIVER_SECONDS": "4"})
+    try:
+        stack.start_ingress()
+        stack.start_worker("default", concurrency=2, node="events-main")
+        stack.start_worker("io", concurrency=4, node="events-io1")
+        stack.start_worker("io", concurrency=4, node="events-io2")
+        for name in ("beat1", "beat2"):  # two beats at once, each with its own schedule file
+            (home / name).mkdir()
+            stack.spawn("beat", log_name=name, REKKU_HOME=str(home / name))
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(db_number)
+        drop_mariadb(db_name)

@@ -36,7 +36,6 @@ RESERVED_PLUGIN_VARIABLES = frozenset({
     "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
     "DISCORD_WEBHOOK_URL",      # discord_bot interface
     # --- not (yet) named in DESIGN.md §7: knobs of the plugins and pools described there
-    "EVENT_TICK_SECONDS",       # event plugin: beat's due-event check interval
     "TERMINAL_MAX_TIMEOUT",     # terminal plugin: longest command run
     "TERMINAL_MAX_OUTPUT",      # terminal plugin: output cap
     "TERMINAL_SESSION_IDLE",    # terminal plugin: idle persistent sessions are closed

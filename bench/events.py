@@ -1,0 +1,202 @@
+"""``python -m bench.events``: 100,000 pending events, 10,000 of them due at the same moment.
+
+Measures, through the outbox interface: how long after the due time all the due reminders are
+delivered, the lateness p50/p99 of each (outbox ``created_at`` − due time), and duplicates
+(reminders stored twice for one occurrence, or occurrences recorded twice: must be 0). Targets: all
+delivered within 10 s of the due time, p99 lateness ≤ tick + 1 s, 0 duplicates.
+
+The events are written straight into ``scheduled_events`` (creating 100,000 through the ingress
+would measure the ingress, not the scheduler); one default worker runs the dispatcher, ``--io-workers``
+io workers (threads) the deliveries, one beat ticks every ``--tick`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import redis
+import sqlalchemy as sa
+
+from bench.stack import DEFAULT_BROKER_URL, ROOT, Database, _die_with_parent, wait_until
+
+RESULTS = Path(__file__).resolve().parent / "results" / "events.json"
+#: Targets: every due reminder delivered within this many seconds of the due time; p99 within tick + this.
+DELIVERED_WITHIN, P99_SLACK = 10.0, 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=100_000, help="pending events (default %(default)s)")
+    p.add_argument("--due", type=int, default=10_000, help="of which due at the same moment (default %(default)s)")
+    p.add_argument("--tick", type=float, default=1.0, help="EVENT_TICK_SECONDS (default %(default)s)")
+    p.add_argument("--lead", type=float, default=25.0,
+                   help="seconds from inserting the events to their due time (workers start meanwhile)")
+    p.add_argument("--io-workers", type=int, default=2, help="io worker processes (default %(default)s)")
+    p.add_argument("--io-concurrency", type=int, default=8, help="threads of each io worker (default %(default)s)")
+    p.add_argument("--broker-url", default=DEFAULT_BROKER_URL, help="Redis db the bench owns and FLUSHes")
+    p.add_argument("--database-url", default="mariadb",
+                   help="'mariadb' (default: a fresh database on 127.0.0.1:3306, dropped afterwards), "
+                        "'sqlite' (in the bench home) or a URL")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--keep-home", action="store_true")
+    return p.parse_args(argv)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def insert_events(url: str, total: int, due: int, due_at: datetime) -> None:
+    from rekku.events import events, new_event
+    from rekku.schedule import Rule
+
+    engine = sa.create_engine(url)
+    now = datetime.now(timezone.utc)
+    zone = ZoneInfo("Europe/Rome")
+    rows = []
+    for i in range(total):
+        at = due_at if i < due else due_at + timedelta(days=1 + i % 365, seconds=i)
+        rule = Rule(tz="Europe/Rome", start=at.astimezone(zone).replace(tzinfo=None).isoformat(), repeat="none")
+        rows.append(new_event(rule, at, f"bench event {i}", "outbox", f"bench-{i % 100}", now=now))
+        if len(rows) == 5000:
+            with engine.begin() as conn:
+                conn.execute(sa.insert(events), rows)
+            rows = []
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(events), rows)
+    engine.dispose()
+
+
+def measure(url: str, due: int, due_at: datetime, timeout: float) -> dict:
+    from rekku.events import DELIVERED, deliveries, events, message_id
+    from rekku.interfaces.models import OutboxMessage
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        due_ids = conn.scalars(sa.select(events.c.id).where(events.c.next_run == due_at)).all()
+    reminder_ids = {message_id(event_id, due_at, "reminder") for event_id in due_ids}
+    deadline = time.monotonic() + timeout
+    table = OutboxMessage.__table__
+    done = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            done = conn.scalar(sa.select(sa.func.count()).select_from(deliveries)
+                               .where(deliveries.c.status == DELIVERED))
+        if done >= due:
+            break
+        time.sleep(0.2)
+    time.sleep(2)  # a few more ticks: anything delivered twice shows up
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.action_id, table.c.created_at)
+                            .where(table.c.text.like("⏰ Reminder:%"))).all()
+        recorded = conn.scalar(sa.select(sa.func.count()).select_from(deliveries))
+        occurrences = conn.scalar(sa.select(sa.func.count(sa.distinct(deliveries.c.event_id))))
+    engine.dispose()
+    ours = [r for r in rows if r.action_id in reminder_ids]
+    late = [(r.created_at.replace(tzinfo=timezone.utc) - due_at).total_seconds() for r in ours]
+    duplicates = (len(ours) - len({r.action_id for r in ours})) + (recorded - occurrences)
+    return {"due": due, "delivered": len({r.action_id for r in ours}), "stray": len(rows) - len(ours),
+            "duplicates": duplicates, "all_delivered_after_s": max(late) if late else None,
+            "lateness_p50_s": percentile(late, 50) if late else None,
+            "lateness_p99_s": percentile(late, 99) if late else None,
+            "lateness_min_s": min(late) if late else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    home = Path(tempfile.mkdtemp(prefix="rekku-bench-events-"))
+    (home / "logs").mkdir()
+    broker = redis.Redis.from_url(args.broker_url)
+    lease_key = f"rekku-bench-lease:{broker.connection_pool.connection_kwargs.get('db', 0)}"
+    lease = redis.Redis.from_url(args.broker_url.rsplit("/", 1)[0] + "/0")
+    if not lease.set(lease_key, os.getpid(), nx=True, ex=3600):
+        raise SystemExit(f"another bench run holds {args.broker_url}; pass --broker-url with another db")
+    broker.flushdb()
+    db = Database.prepare(None if args.database_url == "sqlite" else args.database_url, home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "TRAINER", "FLOWER"))}
+    env.update(REKKU_HOME=str(home), REKKU_BROKER_URL=args.broker_url, REKKU_DATABASE_URL=db.url,
+               REKKU_API_TOKEN=uuid.uuid4().hex, REKKU_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
+               EVENT_TICK_SECONDS=str(args.tick), TZ="Europe/Rome")
+    os.environ.update({k: v for k, v in env.items() if k.startswith("REKKU_") or k == "EVENT_TICK_SECONDS"})
+    children: list[subprocess.Popen] = []
+
+    def spawn(name: str, *argv: str) -> subprocess.Popen:
+        with open(home / "logs" / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "rekku", *argv], env=env, cwd=str(ROOT),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        children.append(proc)
+        return proc
+
+    failed = True
+    try:
+        subprocess.run([sys.executable, "-m", "rekku", "migrate"], env=env, cwd=str(ROOT), check=True,
+                       stdout=subprocess.DEVNULL)
+        started = time.monotonic()
+        due_at = (datetime.now(timezone.utc) + timedelta(seconds=args.lead)).replace(microsecond=0)
+        print(f"inserting {args.events:,} events ({args.due:,} due at {due_at.isoformat()}) …", flush=True)
+        insert_events(db.url, args.events, args.due, due_at)
+        print(f"inserted in {time.monotonic() - started:.1f} s; starting workers and beat", flush=True)
+        spawn("worker-default", "worker", "--pool", "default", "--concurrency", "2", "--node", f"bev{os.getpid()}")
+        for n in range(args.io_workers):
+            spawn(f"worker-io{n}", "worker", "--pool", "io", "--concurrency", str(args.io_concurrency),
+                  "--node", f"bev{os.getpid()}-{n}")
+        spawn("beat", "beat")
+        left = (due_at - datetime.now(timezone.utc)).total_seconds()
+        if left < 3:
+            raise SystemExit(f"the events were due before the workers started ({left:.1f} s left); raise --lead")
+        wait_until(lambda: datetime.now(timezone.utc) >= due_at, left + 1, "the due time", interval=0.05)
+        result = measure(db.url, args.due, due_at, timeout=120)
+        result.update(events=args.events, tick_s=args.tick, database=db.url.split(":", 1)[0],
+                      cpus=os.cpu_count(), load_after=os.getloadavg())
+        checks = {"all delivered": result["delivered"] == args.due,
+                  f"within {DELIVERED_WITHIN:g} s": (result["all_delivered_after_s"] or 1e9) <= DELIVERED_WITHIN,
+                  f"p99 ≤ tick + {P99_SLACK:g} s": (result["lateness_p99_s"] or 1e9) <= args.tick + P99_SLACK,
+                  "no duplicates": result["duplicates"] == 0}
+        result["checks"] = checks
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2, default=str))
+        print(f"delivered {result['delivered']:,}/{args.due:,} (of {args.events:,} pending) · all within "
+              f"{result['all_delivered_after_s']:.2f} s of due · lateness p50 {result['lateness_p50_s']:.2f} s, "
+              f"p99 {result['lateness_p99_s']:.2f} s (tick {args.tick:g} s) · duplicates {result['duplicates']}")
+        for name, ok in checks.items():
+            print(f"  {'PASS' if ok else 'MISS'}  {name}")
+        print(f"results: {args.output}")
+        failed = not all(checks.values())
+        return 1 if failed else 0
+    finally:
+        for proc in children:
+            try:
+                os.killpg(proc.pid, 15)
+            except ProcessLookupError:
+                pass
+        for proc in children:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+        broker.flushdb()
+        lease.delete(lease_key)
+        db.drop()
+        if args.keep_home or failed:
+            print(f"bench home kept: {home}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""event: reminders and scheduled actions, delivered by celery beat through any interface (UPSTREAM.md §2).
+
+``event`` keeps upstream's payload (``date`` YYYY-MM-DD, ``time`` HH:MM, ``description`` ≤500,
+``repeat``, ``created_by``) and adds: ``time`` with seconds, ``datetime`` (ISO 8601, with an offset
+or local to the zone), ``in`` ("in 10 minutes"), ``timezone`` (IANA, default ``TZ``), ``repeat``
+``yearly`` / ``every N minutes|hours`` / ``cron``, ``until``, ``count``, a delivery ``target``
+{interface, chat_id, thread_id} (default: the chat the request came from) and ``actions`` to run
+when it is due. Past times are refused. The time math is :mod:`rekku.schedule` (pure), delivery is
+:mod:`rekku.events` (beat → dispatcher → one delivery per occurrence, exactly once).
+
+Upstream's bugs fixed: delivery is not hard-wired to Telegram; an occurrence is marked delivered
+only when it was; recurrences keep local wall-clock time (no UTC drift); ``always`` (which re-fired
+every tick) is refused with a pointer to ``every``; monthly keeps the day of month.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from rekku import PluginError, current_action, get_settings, register_plugin
+from rekku.db import session_factory
+from rekku.events import ACTIVE, CANCELLED, events, new_event, tick
+from rekku.interfaces.registry import get_interfaces
+from rekku.interfaces.replies import send_output
+from rekku.models import utcnow
+from rekku.plugin_base import TablePlugin
+from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence
+
+_WHEN = ["date", "time", "datetime", "in", "timezone", "repeat", "every", "cron", "until", "count"]
+
+ACTIONS = {
+    "event": ("Schedule a reminder (optionally recurring, optionally running actions when due). Say when with "
+              "'date' (YYYY-MM-DD) + 'time' (HH:MM or HH:MM:SS, default 00:00), or 'datetime' (ISO 8601, e.g. "
+              "2026-12-24T09:00:00+01:00), or 'in' (e.g. 'in 10 minutes'); times are local to 'timezone' (IANA, "
+              "default the configured TZ). 'repeat': none, daily, weekly, monthly, yearly, 'every 15 minutes', "
+              "'every 2 hours', or cron with 'cron' ('0 9 * * 1-5'); end a series with 'until' or 'count'. "
+              "'target' {interface, chat_id, thread_id} defaults to this chat; 'actions' is a list of "
+              "{type, payload} run when due",
+              ["description"], ["created_by", "target", "actions", *_WHEN]),
+    "list_events": ("List scheduled events (default: those of this chat still waiting)", [],
+                    ["interface", "chat_id", "include_finished", "limit"]),
+    "cancel_event": ("Cancel a scheduled event by its id", ["id"], []),
+}
+
+#: Longest description, as upstream.
+MAX_DESCRIPTION = 500
+
+
+class EventPlugin(TablePlugin):
+    ACTIONS = ACTIONS
+    FIELD_TYPES = {"target": "object", "actions": "array", "count": "integer", "include_finished": "boolean",
+                   "limit": "integer", "id": "integer"}
+    idempotent = True  # a re-run finds the event its first run created (by action id)
+
+    def __init__(self) -> None:
+        register_plugin("event", self)
+
+    # ------------------------------------------------------------------ beat
+    def periodic_tasks(self) -> dict:
+        return {"tick": {"every": get_settings().event_tick_seconds, "run": tick, "pool": "default"}}
+
+    # ------------------------------------------------------------------ validation
+    def validate_payload(self, action_type: str, payload: dict) -> list[str]:
+        if action_type == "cancel_event":
+            value = payload.get("id")
+            if isinstance(value, bool) or not str(value).strip().isdigit():
+                return ["Field 'id' must be an event id (an integer) for action 'cancel_event'"]
+            return []
+        if action_type == "list_events":
+            limit = payload.get("limit")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 500):
+                return ["Field 'limit' must be an integer from 1 to 500 for action 'list_events'"]
+            return []
+        errors = []
+        description = payload.get("description")
+        if not isinstance(description, str):
+            errors.append("Field 'description' must be a string for action 'event'")
+        elif len(description) > MAX_DESCRIPTION:
+            errors.append(f"Field 'description' must be at most {MAX_DESCRIPTION} characters for action 'event'")
+        target = payload.get("target")
+        if target is not None and not (isinstance(target, dict) and target.get("chat_id") not in (None, "")):
+            errors.append("Field 'target' must be an object {interface, chat_id, thread_id} with a chat_id "
+                          "for action 'event'")
+        actions = payload.get("actions")
+        if actions is not None:
+            if not isinstance(actions, list) or not all(
+                    isinstance(a, dict) and isinstance(a.get("type"), str) and isinstance(a.get("payload", {}), dict)
+                    for a in actions):
+                errors.append("Field 'actions' must be a list of {type, payload} objects for action 'event'")
+            else:
+                from rekku.registry import get_registry
+
+                unknown = sorted({a["type"] for a in actions} - set(get_registry().actions))
+                if unknown:
+                    errors.append(f"Field 'actions' names unsupported action types {unknown} for action 'event'")
+        try:
+            build_rule(payload, utcnow(), get_settings().tz)
+        except ScheduleError as exc:
+            errors.append(f"{exc} (action 'event')")
+        return errors
+
+    # ------------------------------------------------------------------ handlers
+    def handle_custom_action(self, action_type: str, payload: dict) -> Any:
+        if action_type == "event":
+            return self._create(payload)
+        if action_type == "cancel_event":
+            return self._cancel(int(str(payload["id"]).strip()))
+        return self._list(payload)
+
+    def _create(self, payload: dict) -> dict:
+        ctx = current_action()
+        settings = get_settings()
+        try:
+            rule, first = build_rule(payload, utcnow(), settings.tz)
+        except ScheduleError as exc:
+            raise PluginError(str(exc)) from None
+        target = payload.get("target") or {}
+        interface = str(target.get("interface") or (ctx.interface if ctx and ctx.interface else "")
+                        or settings.default_interface)
+        chat_id = target.get("chat_id") or (ctx.chat_id if ctx else None)
+        thread_id = target.get("thread_id") if target else (ctx.thread_id if ctx else None)
+        if chat_id in (None, ""):
+            raise PluginError("The event has no 'target' and the request came from no chat; give "
+                              "target {interface, chat_id}")
+        interfaces = get_interfaces()
+        if interfaces.get(interface) is None:
+            reason = interfaces.disabled.get(interface, "no such interface")
+            raise PluginError(f"Interface '{interface}' is unavailable: {reason}")
+        action_id = ctx.action_id if ctx else None
+        sessions = session_factory()
+        if action_id:
+            with sessions() as s:
+                earlier = s.execute(sa.select(events).where(events.c.action_id == action_id)).one_or_none()
+            if earlier is not None:
+                return _describe(earlier)
+        created_by = payload.get("created_by") or (ctx.user_id or ctx.username if ctx else None)
+        row = new_event(rule, first, payload["description"], interface, str(chat_id), thread_id,
+                        created_by=str(created_by) if created_by else None, actions=payload.get("actions"),
+                        action_id=action_id)
+        with sessions.begin() as s:
+            event_id = s.execute(sa.insert(events).values(**row)).inserted_primary_key[0]
+        return _describe({**row, "id": event_id})
+
+    def _cancel(self, event_id: int) -> dict:
+        with session_factory().begin() as s:
+            done = s.execute(sa.update(events).where(events.c.id == event_id, events.c.status == ACTIVE)
+                             .values(status=CANCELLED, updated_at=utcnow())).rowcount
+            status = s.scalar(sa.select(events.c.status).where(events.c.id == event_id))
+        if status is None:
+            raise PluginError(f"No event with id {event_id}")
+        return {"id": event_id, "cancelled": bool(done), "status": status}
+
+    def _list(self, payload: dict) -> dict:
+        ctx = current_action()
+        query = sa.select(events).order_by(events.c.next_run, events.c.id).limit(int(payload.get("limit", 50)))
+        chat_id = payload.get("chat_id") or (ctx.chat_id if ctx else None)
+        if chat_id:
+            query = query.where(events.c.chat_id == str(chat_id))
+        if payload.get("interface"):
+            query = query.where(events.c.interface == str(payload["interface"]))
+        if not payload.get("include_finished"):
+            query = query.where(events.c.status == ACTIVE)
+        with session_factory()() as s:
+            rows = s.execute(query).all()
+        result = {"events": [_describe(r) for r in rows]}
+        send_output(result, f"{len(rows)} events")
+        return result
+
+
+def _describe(row: Any) -> dict:
+    """An event as actions return it: local and UTC times of the next occurrence, and the next few."""
+    data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
+    rule = Rule.from_dict(data["rule"])
+    next_run = data.get("next_run")
+    out = {"id": data["id"], "description": data["description"], "status": data["status"],
+           "repeat": data["recurrence_type"], "timezone": data["timezone"],
+           "target": {"interface": data["interface"], "chat_id": data["chat_id"],
+                      "thread_id": data["thread_id"] or None},
+           "created_by": data["created_by"], "actions": data["actions"] or []}
+    if next_run is not None and data["status"] == ACTIVE:
+        out["next_run"] = next_run.isoformat()
+        out["next_run_local"] = next_run.astimezone(rule.zone).isoformat()
+        out["upcoming_local"] = [t.astimezone(rule.zone).isoformat() for t in _next_few(rule, data)]
+    for key in ("every", "cron", "until", "count"):
+        if getattr(rule, key) is not None:
+            out[key] = getattr(rule, key)
+    return out
+
+
+def _next_few(rule: Rule, data: dict) -> list:
+    out = [data["next_run"]]
+    index = data["occurrence_index"]
+    while len(out) < 3:
+        found = next_occurrence(rule, out[-1], index)
+        if found is None:
+            break
+        out.append(found[0])
+        index = found[1]
+    return out
+
+
+PLUGIN_CLASS = EventPlugin

@@ -1,0 +1,353 @@
+"""Due events: the tables, the dispatcher beat runs every ``EVENT_TICK_SECONDS``, and the delivery task.
+
+Exactly once, end to end:
+
+1. **Claim.** :func:`dispatch_due` takes due rows of ``scheduled_events`` (MariaDB: ``SELECT … FOR
+   UPDATE SKIP LOCKED``, so two dispatchers started by two beats split the rows; SQLite: a
+   conditional ``UPDATE … WHERE next_run = :seen`` under its single writer). In the same
+   transaction it inserts one ``event_deliveries`` row per occurrence — unique on (event, occurrence
+   time) — and advances the event to its next occurrence (or ends it). Only then, after the commit,
+   are deliveries enqueued.
+2. **Deliver.** ``rekku.event.deliver`` (io pool) sends the reminder through the target interface
+   and the ``event_reminder`` system message to the webhook (else the outbox), each under a
+   deterministic message id (``event:<id>:<occurrence>:reminder`` / ``:system``) that the interface
+   layer records per part, so a redelivered or retried delivery never sends twice; scheduled
+   actions go through :meth:`Ingress.submit` with the idempotency key ``event:<id>:<occurrence>:actions``.
+   The row becomes ``delivered`` only when all of that succeeded; a failure leaves it ``failed``
+   with the error and is retried with backoff up to :data:`MAX_ATTEMPTS`.
+3. **Recover.** A delivery whose message was lost (broker, or a worker killed while the row was
+   ``pending``) is enqueued again by the next tick once it sat untouched for
+   ``REKKU_EVENT_REDELIVER_SECONDS``; that is safe because step 2 is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from celery import shared_task
+
+from rekku.db import get_engine, session_factory
+from rekku.models import JSONType, UTCDateTime, utcnow
+from rekku.schedule import Rule, next_occurrence
+from rekku.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+#: Event states: waiting for its next occurrence, series over, cancelled by ``cancel_event``.
+ACTIVE, DONE, CANCELLED = "active", "done", "cancelled"
+#: Delivery states; ``failed`` rows are retried while attempts remain and are never ``delivered`` unless sent.
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+#: Delivery attempts before a failed occurrence is left failed for good.
+MAX_ATTEMPTS = 6
+#: Longest wait between delivery retries, in seconds.
+MAX_BACKOFF = 300.0
+#: Events claimed per dispatcher transaction.
+CLAIM_BATCH = 500
+#: Occurrences per delivery task message (each still delivered and recorded on its own).
+DELIVERY_CHUNK = 20
+#: Task name of the delivery task (queue ``io``).
+DELIVER_TASK = "rekku.event.deliver"
+#: Namespace of the deterministic message ids of an occurrence.
+_NAMESPACE = uuid.UUID("5b1f3c1e-7a0e-4d8e-9c55-2f0b6f1f0e11")
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+metadata = sa.MetaData()
+events = sa.Table(
+    "scheduled_events", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("date", sa.String(10)),
+    sa.Column("time", sa.String(8)),
+    sa.Column("recurrence_type", sa.String(16), nullable=False),
+    sa.Column("next_run", UTCDateTime),
+    sa.Column("description", sa.String(500), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("delivered", sa.Boolean, nullable=False),
+    sa.Column("created_by", sa.String(191)),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("rule", JSONType, nullable=False),
+    sa.Column("occurrence_index", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("interface", sa.String(64), nullable=False),
+    sa.Column("chat_id", sa.String(191), nullable=False),
+    sa.Column("thread_id", sa.String(191), nullable=False),
+    sa.Column("actions", JSONType),
+    sa.Column("action_id", sa.String(36)),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+deliveries = sa.Table(
+    "event_deliveries", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("event_id", BigId, nullable=False),
+    sa.Column("occurrence", UTCDateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("result", JSONType),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("delivered_at", UTCDateTime),
+    #: When the backoff retry of a failed attempt is due (recovery leaves the row alone until then).
+    sa.Column("retry_at", UTCDateTime),
+    sa.UniqueConstraint("event_id", "occurrence", name="uq_event_deliveries_occurrence"),
+)
+
+
+def occurrence_key(event_id: int, occurrence: datetime) -> str:
+    """``event:<id>:<occurrence iso UTC>``: the stem of every idempotency key of one occurrence."""
+    return f"event:{event_id}:{occurrence.isoformat()}"
+
+
+def message_id(event_id: int, occurrence: datetime, part: str) -> str:
+    """A deterministic action id (a UUID, 36 chars) for one message of one occurrence."""
+    return str(uuid.uuid5(_NAMESPACE, f"{occurrence_key(event_id, occurrence)}:{part}"))
+
+
+def new_event(rule: Rule, first: datetime, description: str, interface: str, chat_id: str,
+              thread_id: str | None = None, *, created_by: str | None = None, actions: list | None = None,
+              action_id: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """The ``scheduled_events`` row of a new event whose first occurrence is ``first``."""
+    now = now or utcnow()
+    local = first.astimezone(rule.zone)
+    return {"date": local.date().isoformat(), "time": local.time().isoformat(timespec="seconds"),
+            "recurrence_type": rule.repeat, "next_run": first, "description": description, "created_at": now,
+            "delivered": False, "created_by": created_by, "timezone": rule.tz, "rule": rule.as_dict(),
+            "occurrence_index": 0, "status": ACTIVE, "interface": interface, "chat_id": str(chat_id),
+            "thread_id": str(thread_id or ""), "actions": actions or None, "action_id": action_id,
+            "updated_at": now}
+
+
+# ----------------------------------------------------------------------------- dispatcher
+def _advance(row: Any, now: datetime) -> dict[str, Any]:
+    """The event's new columns once its occurrence at ``row.next_run`` is claimed."""
+    rule = Rule.from_dict(row.rule)
+    found = next_occurrence(rule, max(now, row.next_run), row.occurrence_index)
+    if found is None:
+        return {"status": DONE, "delivered": True, "updated_at": now}
+    return {"next_run": found[0], "occurrence_index": found[1], "updated_at": now}
+
+
+def _claim_batch(now: datetime, limit: int) -> list[tuple[int, datetime]]:
+    """Claim up to ``limit`` due occurrences in one transaction; returns (event id, occurrence)."""
+    engine = get_engine()
+    mysql = engine.dialect.name == "mysql"
+    claimed: list[tuple[int, datetime]] = []
+    # READ COMMITTED: the locking read takes no gap locks, so dispatchers racing on MariaDB skip each
+    # other's rows instead of deadlocking on the index ranges they scanned.
+    options = {"isolation_level": "READ COMMITTED"} if mysql else {}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        query = (sa.select(events.c.id, events.c.next_run, events.c.rule, events.c.occurrence_index)
+                 .where(events.c.status == ACTIVE, events.c.next_run <= now)
+                 .order_by(events.c.next_run).limit(limit))
+        if mysql:
+            query = query.with_for_update(skip_locked=True)
+        rows = conn.execute(query).all()
+        if not rows:
+            return []
+        updates = []
+        for row in rows:
+            change = _advance(row, now)
+            if mysql:  # the rows are locked: nobody else can claim them
+                updates.append({"b_id": row.id, **{f"v_{k}": v for k, v in change.items()}})
+                claimed.append((row.id, row.next_run))
+                continue
+            done = conn.execute(sa.update(events).where(events.c.id == row.id, events.c.status == ACTIVE,
+                                                        events.c.next_run == row.next_run).values(**change))
+            if done.rowcount == 1:
+                claimed.append((row.id, row.next_run))
+        if mysql:
+            for keys in {tuple(sorted(u)) for u in updates}:  # one executemany per shape of change
+                group = [u for u in updates if tuple(sorted(u)) == keys]
+                values = {k[2:]: sa.bindparam(k) for k in keys if k.startswith("v_")}
+                conn.execute(sa.update(events).where(events.c.id == sa.bindparam("b_id")).values(**values), group)
+        if claimed:
+            conn.execute(sa.insert(deliveries), [
+                {"event_id": event_id, "occurrence": at, "status": PENDING, "attempts": 0,
+                 "created_at": now, "updated_at": now} for event_id, at in claimed])
+    return claimed
+
+
+def _stale(now: datetime, lease: float) -> list[tuple[int, datetime]]:
+    """Deliveries not finished and untouched for ``lease`` seconds (their message was lost)."""
+    with get_engine().connect() as conn:
+        rows = conn.execute(sa.select(deliveries.c.event_id, deliveries.c.occurrence)
+                            .where(deliveries.c.status != DELIVERED, deliveries.c.attempts < MAX_ATTEMPTS,
+                                   deliveries.c.updated_at <= now - timedelta(seconds=lease),
+                                   sa.or_(deliveries.c.retry_at.is_(None),
+                                          deliveries.c.retry_at <= now - timedelta(seconds=lease)))
+                            .limit(CLAIM_BATCH)).all()
+    return [(r.event_id, r.occurrence) for r in rows]
+
+
+def _touch(keys: list[tuple[int, datetime]], now: datetime) -> None:
+    with get_engine().begin() as conn:
+        for event_id, at in keys:
+            conn.execute(sa.update(deliveries).where(deliveries.c.event_id == event_id,
+                                                     deliveries.c.occurrence == at).values(updated_at=now))
+
+
+def enqueue_deliveries(keys: list[tuple[int, datetime]], countdown: float | None = None) -> None:
+    """Publish delivery tasks for these occurrences, :data:`DELIVERY_CHUNK` per message."""
+    from rekku.celery_app import app
+
+    items = [[event_id, at.isoformat()] for event_id, at in keys]
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(items), DELIVERY_CHUNK):
+            app.send_task(DELIVER_TASK, kwargs={"items": items[start:start + DELIVERY_CHUNK]}, queue="io",
+                          countdown=countdown, producer=producer)
+
+
+def dispatch_due(now: datetime | None = None, enqueue: Any = None) -> int:
+    """Claim every due occurrence, record it, advance its event, then enqueue its delivery; returns how many.
+
+    ``now`` and ``enqueue`` are injectable: a test drives the scheduler with its own clock and
+    collects what would be enqueued."""
+    now = now or utcnow()
+    enqueue = enqueue or enqueue_deliveries
+    claimed, deadlocks = 0, 0
+    while True:
+        try:
+            batch = _claim_batch(now, CLAIM_BATCH)
+        except sa.exc.OperationalError as exc:  # MariaDB: two dispatchers' inserts deadlocked; ours rolled back
+            deadlocks += 1
+            if getattr(exc.orig, "args", (None,))[0] not in (1213, 1205) or deadlocks > 5:
+                raise
+            continue
+        if not batch:
+            return claimed
+        claimed += len(batch)
+        enqueue(batch)
+        if len(batch) < CLAIM_BATCH:
+            return claimed
+
+
+def recover_lost(now: datetime | None = None, enqueue: Any = None) -> int:
+    """Enqueue again the deliveries left unfinished and untouched for ``REKKU_EVENT_REDELIVER_SECONDS``."""
+    now = now or utcnow()
+    stale = _stale(now, get_settings().event_redeliver_seconds)
+    if stale:
+        _touch(stale, now)
+        log.warning("re-enqueuing %d event deliveries whose message was lost", len(stale))
+        (enqueue or enqueue_deliveries)(stale)
+    return len(stale)
+
+
+def tick() -> dict[str, int]:
+    """What beat runs every EVENT_TICK_SECONDS (``rekku.periodic.event.tick``)."""
+    return {"claimed": dispatch_due(), "redelivered": recover_lost()}
+
+
+# ----------------------------------------------------------------------------- delivery
+def reminder_text(description: str) -> str:
+    return f"⏰ Reminder: {description}"
+
+
+def system_message(event: Any, occurrence: datetime) -> str:
+    import json
+
+    zone = Rule.from_dict(event.rule).zone
+    return json.dumps({"system_message": {
+        "type": "event_reminder", "event_id": event.id, "description": event.description,
+        "scheduled": occurrence.astimezone(zone).isoformat(), "scheduled_utc": occurrence.isoformat(),
+        "timezone": event.timezone, "recurrence": event.recurrence_type, "created_by": event.created_by,
+        "target": {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None},
+    }}, ensure_ascii=False)
+
+
+def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
+    """Send one occurrence of ``event`` (a scheduled_events row): reminder, system message, scheduled
+    actions. Idempotent (deterministic message ids and idempotency key); raises on failure."""
+    from rekku.ingest import default_ingress
+    from rekku.interfaces.delivery import deliver
+    from rekku.interfaces.links import Chat
+    from rekku.interfaces.registry import get_interfaces
+
+    event_id = event.id
+    target = Chat(event.interface, event.chat_id, event.thread_id or None)
+    result: dict[str, Any] = {"reminder": deliver(target, message_id(event_id, occurrence, "reminder"),
+                                                  text=reminder_text(event.description))}
+    interfaces = get_interfaces()
+    system_iface = "webhook" if interfaces.get("webhook") is not None else "outbox"
+    if interfaces.get(system_iface) is not None:
+        result["system_message"] = deliver(Chat(system_iface, event.chat_id, event.thread_id or None),
+                                           message_id(event_id, occurrence, "system"),
+                                           text=system_message(event, occurrence), forward=False)
+    if event.actions:
+        context = {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None,
+                   "user_id": event.created_by}
+        answer = default_ingress().submit({"actions": event.actions}, context=context,
+                                          idempotency_key=f"{occurrence_key(event_id, occurrence)}:actions")
+        result["actions"] = {"batch_id": answer.batch_id, "accepted": answer.accepted, "rejected": answer.rejected}
+    return result
+
+
+def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]], dict[int, Any]]:
+    """The still-undelivered occurrences among ``items`` (their rows), attempts counted, and their events.
+    Three round trips for the whole chunk."""
+    wanted = {(int(event_id), datetime.fromisoformat(at)) for event_id, at in items}
+    ids = sorted({event_id for event_id, _ in wanted})
+    with get_engine().begin() as conn:
+        rows = [r for r in conn.execute(sa.select(deliveries.c.id, deliveries.c.event_id, deliveries.c.occurrence,
+                                                  deliveries.c.attempts)
+                                        .where(deliveries.c.event_id.in_(ids), deliveries.c.status != DELIVERED,
+                                               deliveries.c.attempts < MAX_ATTEMPTS)).all()
+                if (r.event_id, r.occurrence) in wanted]
+        if not rows:
+            return [], {}
+        conn.execute(sa.update(deliveries).where(deliveries.c.id.in_([r.id for r in rows]))
+                     .values(attempts=deliveries.c.attempts + 1, updated_at=utcnow()))
+        found = {e.id: e for e in conn.execute(sa.select(events).where(events.c.id.in_(ids))).all()}
+    return [(r, r.occurrence) for r in rows], found
+
+
+@shared_task(name=DELIVER_TASK, queue="io", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_task(items: list[list[Any]]) -> dict[str, int]:
+    """Deliver each (event id, occurrence iso) once; a failed one is retried alone, with backoff."""
+    rows, found = _open_deliveries(items)
+    done: list[dict[str, Any]] = []
+    failed = 0
+    for row, occurrence in rows:
+        attempts = row.attempts + 1
+        event = found.get(row.event_id)
+        try:
+            result = deliver_occurrence(event, occurrence) if event is not None else {"skipped": "event deleted"}
+        except Exception as exc:
+            failed += 1
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            log.warning("event %s occurrence %s: delivery attempt %d failed: %s", row.event_id,
+                        occurrence.isoformat(), attempts, error)
+            countdown = min(MAX_BACKOFF, 2.0 ** attempts)
+            _record(row.event_id, occurrence, status=FAILED, error=error, updated_at=utcnow(),
+                    retry_at=utcnow() + timedelta(seconds=countdown))
+            if attempts < MAX_ATTEMPTS:
+                try:
+                    enqueue_deliveries([(row.event_id, occurrence)], countdown=countdown)
+                except Exception:  # the next tick's recovery re-enqueues it
+                    log.exception("could not schedule the retry of event %s at %s", row.event_id, occurrence)
+            continue
+        now = utcnow()
+        done.append({"b_id": row.id, "result": _json_safe(result), "delivered_at": now, "updated_at": now})
+    if done:
+        with get_engine().begin() as conn:
+            conn.execute(sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"),
+                                                     deliveries.c.status != DELIVERED)
+                         .values(status=DELIVERED, error=None, result=sa.bindparam("result"),
+                                 delivered_at=sa.bindparam("delivered_at"), updated_at=sa.bindparam("updated_at")),
+                         done)
+    return {"delivered": len(done), "failed": failed}
+
+
+def _record(event_id: int, occurrence: datetime, **values: Any) -> None:
+    with session_factory().begin() as s:
+        s.execute(sa.update(deliveries).where(deliveries.c.event_id == event_id,
+                                              deliveries.c.occurrence == occurrence,
+                                              deliveries.c.status != DELIVERED).values(**values))
+
+
+def _json_safe(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
