@@ -13,6 +13,9 @@ Exactly once, end to end:
    deterministic message id (``event:<id>:<occurrence>:reminder`` / ``:system``) that the interface
    layer records per part, so a redelivered or retried delivery never sends twice; scheduled
    actions go through :meth:`Ingress.submit` with the idempotency key ``event:<id>:<occurrence>:actions``.
+   When the reminder and the system message both go to the outbox (no webhook, no scheduled actions,
+   a chat without forwards) a chunk's messages, their delivery records and the ``delivered`` marks
+   commit in one transaction instead; on any error it falls back to the one-by-one path.
    The row becomes ``delivered`` only when all of that succeeded; a failure leaves it ``failed``
    with the error and is retried with backoff up to :data:`MAX_ATTEMPTS`.
 3. **Recover.** A delivery whose message was lost (broker, or a worker killed while the row was
@@ -47,7 +50,8 @@ MAX_ATTEMPTS = 6
 MAX_BACKOFF = 300.0
 #: Events claimed per dispatcher transaction.
 CLAIM_BATCH = 500
-#: Occurrences per delivery task message (each still delivered and recorded on its own).
+#: Occurrences per delivery task message (those for the outbox are written in one transaction, the
+#: others delivered and recorded one by one).
 DELIVERY_CHUNK = 20
 #: Task name of the delivery task (queue ``io``).
 DELIVER_TASK = "rekku.event.deliver"
@@ -303,12 +307,104 @@ def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]]
     return [(r, r.occurrence) for r in rows], found
 
 
+def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> list[tuple[Any, datetime]]:
+    """The occurrences of a chunk that :func:`_deliver_to_outbox` may write in one transaction: target the
+    outbox, system message to the outbox too (no webhook), no scheduled actions, and a chat with no
+    cross-platform forwards (those take the per-occurrence path, which honours them)."""
+    from rekku.interfaces.models import ChatForward
+    from rekku.interfaces.registry import get_interfaces
+
+    interfaces = get_interfaces()
+    outbox = interfaces.get("outbox")
+    if outbox is None or not outbox.stored or interfaces.get("webhook") is not None:
+        return []
+    picked = [(row, at) for row, at in rows if (event := found.get(row.event_id)) is not None
+              and event.interface == "outbox" and not event.actions]
+    if not picked:
+        return []
+    chats = sorted({found[row.event_id].chat_id for row, _ in picked})
+    with get_engine().connect() as conn:
+        linked = set(conn.scalars(sa.select(ChatForward.source_chat_id).distinct()
+                                  .where(ChatForward.source_interface == "outbox",
+                                         ChatForward.source_chat_id.in_(chats))).all())
+    return [(row, at) for row, at in picked if found[row.event_id].chat_id not in linked]
+
+
+def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> int:
+    """Deliver these outbox occurrences in ONE transaction: the outbox messages (reminder and system
+    message), their ``interface_deliveries`` records and the occurrences marked delivered commit
+    together, so it is exactly once like the per-occurrence path. Raises (nothing written) if any part
+    was already recorded or anything fails; the caller then takes the per-occurrence path."""
+    from rekku.interfaces.base import split_text
+    from rekku.interfaces.delivery import Report, _part_key, _summary
+    from rekku.interfaces.links import Chat
+    from rekku.interfaces.models import SENT, Delivery, OutboxMessage
+    from rekku.interfaces.registry import get_interfaces
+
+    limit = get_interfaces().get("outbox").max_text
+    messages: list[dict[str, Any]] = []  # outbox rows, in order
+    keys: list[tuple[int, str, Chat]] = []  # (row index, part, chat) of each message
+    for n, (row, at) in enumerate(rows):
+        event = found[row.event_id]
+        thread = event.thread_id or None
+        for part, text in (("reminder", reminder_text(event.description)), ("system", system_message(event, at))):
+            if len(split_text(text, limit)) != 1:
+                raise ValueError("a message of more than one part")
+            now = utcnow()
+            messages.append({"chat_id": event.chat_id, "thread_id": event.thread_id or "", "text": text,
+                             "audio_url": None, "reply_to": None, "action_id": message_id(row.event_id, at, part),
+                             "created_at": now})
+            keys.append((n, part, Chat("outbox", event.chat_id, thread)))
+    table = OutboxMessage.__table__
+    engine = get_engine()
+    with engine.begin() as conn:
+        taken = conn.scalar(sa.select(sa.func.count()).select_from(Delivery.__table__)
+                            .where(Delivery.__table__.c.action_id.in_([m["action_id"] for m in messages])))
+        if taken:
+            raise LookupError(f"{taken} parts already recorded")
+        if engine.dialect.insert_executemany_returning_sort_by_parameter_order:
+            ids = list(conn.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                                    messages).all())
+        else:
+            ids = [conn.execute(sa.insert(table).values(**m)).inserted_primary_key[0] for m in messages]
+        now = utcnow()
+        conn.execute(sa.insert(Delivery.__table__), [
+            {"action_id": m["action_id"], "part_key": _part_key(chat, 0), "interface": "outbox",
+             "chat_id": chat.chat_id, "status": SENT, "remote_id": str(mid), "created_at": now, "updated_at": now}
+            for m, mid, (_, _, chat) in zip(messages, ids, keys, strict=True)])
+        results: list[dict[str, Any]] = [{} for _ in rows]
+        for mid, (n, part, chat) in zip(ids, keys, strict=True):
+            summary = _summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1, sent=[mid]))
+            if part == "reminder":
+                results[n]["reminder"] = {**summary, "forwarded": []}
+            else:
+                results[n]["system_message"] = summary
+        done = [{"b_id": row.id, "result": _json_safe(result), "delivered_at": now, "updated_at": now}
+                for (row, _), result in zip(rows, results, strict=True)]
+        marked = conn.execute(sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"),
+                                                          deliveries.c.status != DELIVERED)
+                              .values(status=DELIVERED, error=None, result=sa.bindparam("result"),
+                                      delivered_at=sa.bindparam("delivered_at"),
+                                      updated_at=sa.bindparam("updated_at")), done).rowcount
+        if marked != len(done):
+            raise LookupError(f"{len(done) - marked} occurrences already delivered")
+    return len(done)
+
+
 @shared_task(name=DELIVER_TASK, queue="io", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_task(items: list[list[Any]]) -> dict[str, int]:
     """Deliver each (event id, occurrence iso) once; a failed one is retried alone, with backoff."""
     rows, found = _open_deliveries(items)
     done: list[dict[str, Any]] = []
-    failed = 0
+    failed = fast = 0
+    try:
+        batch = _outbox_batchable(rows, found)
+        if batch:
+            fast = _deliver_to_outbox(batch, found)
+            sent = {row.id for row, _ in batch}
+            rows = [(row, at) for row, at in rows if row.id not in sent]
+    except Exception:  # nothing of the batch was written: every occurrence takes the per-occurrence path
+        log.warning("event delivery: the outbox batch of %d failed; delivering one by one", len(rows), exc_info=True)
     for row, occurrence in rows:
         attempts = row.attempts + 1
         event = found.get(row.event_id)
@@ -337,7 +433,7 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
                          .values(status=DELIVERED, error=None, result=sa.bindparam("result"),
                                  delivered_at=sa.bindparam("delivered_at"), updated_at=sa.bindparam("updated_at")),
                          done)
-    return {"delivered": len(done), "failed": failed}
+    return {"delivered": len(done) + fast, "failed": failed}
 
 
 def _record(event_id: int, occurrence: datetime, **values: Any) -> None:
