@@ -90,8 +90,11 @@ def test_worker_node_killed_mid_action_is_rerun_on_another_node(fresh_stack: Sta
     assert run["status"] == "succeeded", run
     assert run["worker"] == "default@survivor" and run["attempts"] == 2
     assert [line.split()[0] for line in stack.journal(action_id)] == ["start", "start", "done"]
-    # Redis must not hand the dead node's copy out again after the visibility timeout.
-    assert redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db).hlen("unacked") == 0
+    # Redis must not hand the dead node's copy out again after the visibility timeout (other entries
+    # may be periodic tasks the survivor holds right now).
+    from rekku.reconciler import held_by_broker
+
+    assert action_id not in held_by_broker(redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db), set())
 
 
 def test_worker_sigterm_finishes_what_runs_and_requeues_what_it_holds(fresh_stack: Stack) -> None:
