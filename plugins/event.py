@@ -26,7 +26,7 @@ from rekku.interfaces.registry import get_interfaces
 from rekku.interfaces.replies import send_output
 from rekku.models import utcnow
 from rekku.plugin_base import TablePlugin
-from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence
+from rekku.schedule import Rule, ScheduleError, build_rule, upcoming
 
 _WHEN = ["date", "time", "datetime", "in", "timezone", "repeat", "every", "cron", "until", "count"]
 
@@ -182,22 +182,11 @@ def _describe(row: Any) -> dict:
     if next_run is not None and data["status"] == ACTIVE:
         out["next_run"] = next_run.isoformat()
         out["next_run_local"] = next_run.astimezone(rule.zone).isoformat()
-        out["upcoming_local"] = [t.astimezone(rule.zone).isoformat() for t in _next_few(rule, data)]
+        out["upcoming_local"] = [t.astimezone(rule.zone).isoformat()
+                                 for t in upcoming(rule, data["next_run"], 3, data["occurrence_index"])]
     for key in ("every", "cron", "until", "count"):
         if getattr(rule, key) is not None:
             out[key] = getattr(rule, key)
-    return out
-
-
-def _next_few(rule: Rule, data: dict) -> list:
-    out = [data["next_run"]]
-    index = data["occurrence_index"]
-    while len(out) < 3:
-        found = next_occurrence(rule, out[-1], index)
-        if found is None:
-            break
-        out.append(found[0])
-        index = found[1]
     return out
 
 

@@ -270,9 +270,9 @@ def next_occurrence(rule: Rule, after: datetime, index: int,
     return None
 
 
-def upcoming(rule: Rule, first: datetime, limit: int) -> list[datetime]:
-    """The first ``limit`` occurrences of a series starting at ``first`` (for listings and tests)."""
-    out, index = [first], 0
+def upcoming(rule: Rule, first: datetime, limit: int, index: int = 0) -> list[datetime]:
+    """``limit`` occurrences of a series from ``first`` (occurrence number ``index``), for listings and tests."""
+    out = [first]
     while len(out) < limit:
         found = next_occurrence(rule, out[-1], index)
         if found is None:
