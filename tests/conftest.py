@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,17 +50,22 @@ def tmp_home() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _make_stack(kind: str, home: Path) -> Iterator[Stack]:
+@contextmanager
+def running_stack(name: str, home: Path, database: str, extra_env: dict[str, str],
+                  workers: list[tuple[str, int, str]]) -> Iterator[Stack]:
+    """An ingress and ``workers`` ((pool, concurrency, node) each) on their own Redis db number and
+    SQLite file or MariaDB database, all removed afterwards."""
     db_number = claim_redis_db()
     db_name = None
-    if kind == "mariadb":
+    if database == "mariadb":
         db_name, url = create_mariadb()
     else:
         url = f"sqlite:///{home / 'rekku.db'}"
-    stack = Stack(kind, home, url, db_number, extra_env={"TRAINER_IDS": "telegram_bot:42,webhook:7000"})
+    stack = Stack(name, home, url, db_number, extra_env=extra_env)
     try:
         stack.start_ingress()
-        stack.start_worker("default", concurrency=2, node=f"{kind}-main")
+        for pool, concurrency, node in workers:
+            stack.start_worker(pool, concurrency=concurrency, node=node)
         yield stack
     finally:
         stack.stop()
@@ -68,12 +74,19 @@ def _make_stack(kind: str, home: Path) -> Iterator[Stack]:
             drop_mariadb(db_name)
 
 
+def _home(tmp_home: Path, name: str) -> Path:
+    home = tmp_home / name
+    home.mkdir()
+    return home
+
+
 @pytest.fixture(scope="session", params=["sqlite", "mariadb"])
 def stack(request: pytest.FixtureRequest, tmp_home: Path) -> Iterator[Stack]:
     """An ingress and a default-pool worker, on SQLite and again on MariaDB."""
-    home = tmp_home / request.param
-    home.mkdir()
-    yield from _make_stack(request.param, home)
+    kind = request.param
+    with running_stack(kind, _home(tmp_home, kind), kind, {"TRAINER_IDS": "telegram_bot:42,webhook:7000"},
+                       [("default", 2, f"{kind}-main")]) as running:
+        yield running
 
 
 # ----------------------------------------------------------------------------- interfaces (issue 3)
@@ -100,24 +113,13 @@ def fakes() -> Iterator[dict]:
 @pytest.fixture(scope="session")
 def chat_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
     """MariaDB, an ingress, a default and an io worker, with every interface configured against the fakes."""
-    home = tmp_home / "chat"
-    home.mkdir()
-    db_number = claim_redis_db()
-    db_name, url = create_mariadb()
-    stack = Stack("chat", home, url, db_number, extra_env={
-        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
-        "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
-        "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook", "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "REKKU_INTERFACE_TIMEOUT": "5"})
-    try:
-        stack.start_ingress()
-        stack.start_worker("default", concurrency=2, node="chat-main")
-        stack.start_worker("io", concurrency=4, node="chat-io")
+    env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+           "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
+           "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook", "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "REKKU_INTERFACE_TIMEOUT": "5"}
+    with running_stack("chat", _home(tmp_home, "chat"), "mariadb", env,
+                       [("default", 2, "chat-main"), ("io", 4, "chat-io")]) as stack:
         yield stack
-    finally:
-        stack.stop()
-        release_redis_db(db_number)
-        drop_mariadb(db_name)
 
 
 @pytest.fixture
@@ -143,24 +145,13 @@ def wttr() -> Iterator[object]:
 def memory_stack(tmp_home: Path, wttr: object) -> Iterator[Stack]:
     """MariaDB, an ingress, a default and an io worker and beat; weather from the fake wttr.in
     (refreshed every 1.2 s), a 1 s injection timeout, and the misbehaving test injectors switched on."""
-    home = tmp_home / "memory"
-    home.mkdir()
-    db_number = claim_redis_db()
-    db_name, url = create_mariadb()
-    stack = Stack("memory", home, url, db_number, extra_env={
-        "TRAINER_IDS": "telegram_bot:42", "WEATHER_URL": wttr.url, "WEATHER_FETCH_TIME": "0.02",
-        "PROMPT_LOCATION": "Rome", "TZ": "Europe/Rome", "REKKU_INJECTION_TIMEOUT": "1",
-        "REKKU_TEST_SLOW_INJECTION": "1", "REKKU_TEST_FAILING_INJECTION": "1"})
-    try:
-        stack.start_ingress()
-        stack.start_worker("default", concurrency=2, node="memory-main")
-        stack.start_worker("io", concurrency=2, node="memory-io")
+    env = {"TRAINER_IDS": "telegram_bot:42", "WEATHER_URL": wttr.url, "WEATHER_FETCH_TIME": "0.02",
+           "PROMPT_LOCATION": "Rome", "TZ": "Europe/Rome", "REKKU_INJECTION_TIMEOUT": "1",
+           "REKKU_TEST_SLOW_INJECTION": "1", "REKKU_TEST_FAILING_INJECTION": "1"}
+    with running_stack("memory", _home(tmp_home, "memory"), "mariadb", env,
+                       [("default", 2, "memory-main"), ("io", 2, "memory-io")]) as stack:
         stack.spawn("beat", log_name="beat")
         yield stack
-    finally:
-        stack.stop()
-        release_redis_db(db_number)
-        drop_mariadb(db_name)
 
 
 # ----------------------------------------------------------------------------- selenium and reddit (issue 7)
@@ -193,28 +184,19 @@ def fake_reddit() -> Iterator[object]:
 def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: object) -> Iterator[Stack]:
     """SQLite, an ingress, a default, an io and a selenium worker (one browser), against the fake
     text-to-speech site, fake Telegram and fake Reddit; short browser timeouts."""
-    home = tmp_home / "plugins"
-    home.mkdir()
-    db_number = claim_redis_db()
-    stack = Stack("plugins", home, f"sqlite:///{home / 'rekku.db'}", db_number, extra_env={
-        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
-        "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_INTERFACE_TIMEOUT": "5",
-        "ELEVENLABS_URL": tts_site.url, "ELEVENLABS_EMAIL": tts_site.email, "ELEVENLABS_PASSWORD": tts_site.password,
-        "ELEVENLABS_GENERATE_TIMEOUT": "2", "ELEVENLABS_DOWNLOAD_TIMEOUT": "2",
-        "ELEVENLABS_TIME_LIMIT": str(SPEECH_TIME_LIMIT), "REKKU_ARTIFACT_DIR": str(home / "artifacts"),
-        "REKKU_ARTIFACT_MAX_BYTES": "100000", "REKKU_SELENIUM_HEADLESS": "1",
-        "REDDIT_CLIENT_ID": REDDIT_ACCOUNT["client_id"], "REDDIT_CLIENT_SECRET": REDDIT_ACCOUNT["secret"],
-        "REDDIT_USERNAME": REDDIT_ACCOUNT["username"], "REDDIT_PASSWORD": REDDIT_ACCOUNT["password"],
-        "REDDIT_URL": fake_reddit.url, "REDDIT_OAUTH_URL": fake_reddit.url, "REDDIT_RATE_LIMIT": "600/m"})
-    try:
-        stack.start_ingress()
-        stack.start_worker("default", concurrency=1, node="plugins-main")
-        stack.start_worker("io", concurrency=4, node="plugins-io")
-        stack.start_worker("selenium", concurrency=1, node="plugins-browser")
+    home = _home(tmp_home, "plugins")
+    env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+           "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_INTERFACE_TIMEOUT": "5",
+           "ELEVENLABS_URL": tts_site.url, "ELEVENLABS_EMAIL": tts_site.email, "ELEVENLABS_PASSWORD": tts_site.password,
+           "ELEVENLABS_GENERATE_TIMEOUT": "2", "ELEVENLABS_DOWNLOAD_TIMEOUT": "2",
+           "ELEVENLABS_TIME_LIMIT": str(SPEECH_TIME_LIMIT), "REKKU_ARTIFACT_DIR": str(home / "artifacts"),
+           "REKKU_ARTIFACT_MAX_BYTES": "100000", "REKKU_SELENIUM_HEADLESS": "1",
+           "REDDIT_CLIENT_ID": REDDIT_ACCOUNT["client_id"], "REDDIT_CLIENT_SECRET": REDDIT_ACCOUNT["secret"],
+           "REDDIT_USERNAME": REDDIT_ACCOUNT["username"], "REDDIT_PASSWORD": REDDIT_ACCOUNT["password"],
+           "REDDIT_URL": fake_reddit.url, "REDDIT_OAUTH_URL": fake_reddit.url, "REDDIT_RATE_LIMIT": "600/m"}
+    with running_stack("plugins", home, "sqlite", env, [("default", 1, "plugins-main"), ("io", 4, "plugins-io"),
+                                                        ("selenium", 1, "plugins-browser")]) as stack:
         yield stack
-    finally:
-        stack.stop()
-        release_redis_db(db_number)
 
 
 # ----------------------------------------------------------------------------- events (issue 5)
@@ -222,25 +204,14 @@ def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: obj
 def event_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
     """MariaDB, an ingress, a default worker, two io workers and two beat processes ticking every second;
     Telegram and the webhook against the fakes; a lost delivery is enqueued again after 4 s."""
-    home = tmp_home / "events"
-    home.mkdir()
-    db_number = claim_redis_db()
-    db_name, url = create_mariadb()
-    stack = Stack("events", home, url, db_number, extra_env={
-        "TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN, "TZ": "Europe/Rome",
-        "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook",
-        "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET, "REKKU_INTERFACE_TIMEOUT": "5",
-        "EVENT_TICK_SECONDS": "1", "REKKU_EVENT_REDELIVER_SECONDS": "4"})
-    try:
-        stack.start_ingress()
-        stack.start_worker("default", concurrency=2, node="events-main")
-        stack.start_worker("io", concurrency=4, node="events-io1")
-        stack.start_worker("io", concurrency=4, node="events-io2")
+    home = _home(tmp_home, "events")
+    env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN, "TZ": "Europe/Rome",
+           "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook",
+           "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET, "REKKU_INTERFACE_TIMEOUT": "5",
+           "EVENT_TICK_SECONDS": "1", "REKKU_EVENT_REDELIVER_SECONDS": "4"}
+    with running_stack("events", home, "mariadb", env, [("default", 2, "events-main"), ("io", 4, "events-io1"),
+                                                        ("io", 4, "events-io2")]) as stack:
         for name in ("beat1", "beat2"):  # two beats at once, each with its own schedule file
             (home / name).mkdir()
             stack.spawn("beat", log_name=name, REKKU_HOME=str(home / name))
         yield stack
-    finally:
-        stack.stop()
-        release_redis_db(db_number)
-        drop_mariadb(db_name)
