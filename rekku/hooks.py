@@ -158,6 +158,9 @@ class ProgressHook(Hook):
         action_log = shared_log()
 
         def sink(progress: dict) -> None:
+            claim = run.extras.get("claim")
+            if claim is not None and not claim.cancelled():
+                claim.result()  # progress is only shown on an action the log already calls running
             action_log.set_progress(run.action_id, progress)
             try:
                 run.task.update_state(task_id=run.action_id, state="PROGRESS", meta=progress)
