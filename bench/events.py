@@ -27,7 +27,8 @@ from zoneinfo import ZoneInfo
 import redis
 import sqlalchemy as sa
 
-from bench.stack import DEFAULT_BROKER_URL, ROOT, Database, _die_with_parent, wait_until
+from bench.stack import DEFAULT_BROKER_URL, ROOT, Database, wait_until
+from rekku.supervisor import die_with_parent
 
 RESULTS = Path(__file__).resolve().parent / "results" / "events.json"
 #: Targets: every due reminder delivered within this many seconds of the due time; p99 within tick + this.
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(home / "logs" / f"{name}.log", "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "rekku", *argv], env=env, cwd=str(ROOT),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
         children.append(proc)
         return proc
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import redis
 import requests
 
-from bench.stack import ROOT, _die_with_parent, _signal_group, free_port, wait_until
+from bench.stack import ROOT, free_port, wait_until
+from rekku.supervisor import die_with_parent, signal_group
 
 #: Redis db the selenium bench takes (the main bench uses 14).
 BROKER_URL = "redis://127.0.0.1:6379/15"
@@ -41,16 +42,16 @@ TRAINER = {"interface": "telegram_bot", "user_id": "42", "chat_id": "42"}
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(argv, env=env, cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    _signal_group(proc, signal.SIGTERM)
+    signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
         pass
-    _signal_group(proc, signal.SIGKILL)
+    signal_group(proc, signal.SIGKILL)
     proc.wait(5)
 
 

@@ -7,7 +7,6 @@ it) and dies with the bench even if the bench is SIGKILLed (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import requests
 
+from rekku.supervisor import die_with_parent, signal_group
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PLUGINS = Path(__file__).resolve().parent / "plugins"
 #: Redis db the bench takes by default (tests use 1-13; 14 and 15 are left to benchmarks and people).
@@ -39,14 +40,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the bench dies, however it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
@@ -183,7 +176,7 @@ class Stack:
         with open(self.logs / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(argv, env=self.env(), cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         self.children[name] = proc
         return proc
 
@@ -225,7 +218,7 @@ class Stack:
     def stop(self) -> None:
         """SIGTERM every process group, SIGKILL what is left, flush the Redis db, drop a created database."""
         for proc in self.children.values():
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in self.children.values():
             try:
@@ -233,7 +226,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.children.values():
-            _signal_group(proc, signal.SIGKILL)  # stray pool children included
+            signal_group(proc, signal.SIGKILL)  # stray pool children included
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -253,10 +246,3 @@ class Stack:
             print(f"bench home kept (logs, database): {self.home}", file=sys.stderr)
         else:
             shutil.rmtree(self.home, ignore_errors=True)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -29,7 +29,8 @@ STOP_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """preexec_fn for children: SIGTERM them when this process dies, however it dies."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -40,7 +41,7 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: str | None = None) ->
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
     return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                             stderr=subprocess.STDOUT if out else None,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=die_with_parent)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Supervisor:
         env = dict(os.environ, REKKU_HOME=str(home))
         if not self.settings.broker_url:
             self.redis = EmbeddedRedis(home)
-            env["REKKU_BROKER_URL"] = self.redis.start(start_new_session=True, preexec_fn=_die_with_parent)
+            env["REKKU_BROKER_URL"] = self.redis.start(start_new_session=True, preexec_fn=die_with_parent)
         db_url = self.settings.resolved_database_url()
         env["REKKU_DATABASE_URL"] = db_url
         upgrade(db_url)
@@ -118,7 +119,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.children.values():
-            _signal_group(proc, signal.SIGKILL)  # the group: stray pool children included
+            signal_group(proc, signal.SIGKILL)  # the group: stray pool children included
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -127,7 +128,8 @@ class Supervisor:
             self.redis.stop()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a child's whole process group (it was started with start_new_session)."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
