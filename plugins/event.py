@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from rekku import PluginError, current_action, get_settings, register_plugin
 from rekku.db import session_factory
-from rekku.events import ACTIVE, CANCELLED, events, new_event, tick
+from rekku.events import ACTIVE, CANCELLED, CANCELLED_DELIVERY, DONE, PENDING, deliveries, events, new_event, tick
 from rekku.interfaces.registry import get_interfaces
 from rekku.interfaces.replies import send_output
 from rekku.models import utcnow
@@ -144,9 +144,15 @@ class EventPlugin(TablePlugin):
         return _describe({**row, "id": event_id})
 
     def _cancel(self, event_id: int) -> dict:
+        now = utcnow()
         with session_factory().begin() as s:
-            done = s.execute(sa.update(events).where(events.c.id == event_id, events.c.status == ACTIVE)
-                             .values(status=CANCELLED, updated_at=utcnow())).rowcount
+            # an occurrence claimed ahead of its due time (the dispatcher's look-ahead) is still cancellable
+            ahead = s.execute(sa.update(deliveries).where(deliveries.c.event_id == event_id,
+                                                          deliveries.c.status == PENDING, deliveries.c.occurrence > now)
+                              .values(status=CANCELLED_DELIVERY, updated_at=now)).rowcount
+            states = [ACTIVE, DONE] if ahead else [ACTIVE]
+            done = s.execute(sa.update(events).where(events.c.id == event_id, events.c.status.in_(states))
+                             .values(status=CANCELLED, updated_at=now)).rowcount
             status = s.scalar(sa.select(events.c.status).where(events.c.id == event_id))
         if status is None:
             raise PluginError(f"No event with id {event_id}")
@@ -154,14 +160,20 @@ class EventPlugin(TablePlugin):
 
     def _list(self, payload: dict) -> dict:
         ctx = current_action()
-        query = sa.select(events).order_by(events.c.next_run, events.c.id).limit(int(payload.get("limit", 50)))
+        # a one-off event whose occurrence the dispatcher claimed ahead of its due time is 'done' in the
+        # table but still waiting for the user: it is listed as active until it is due
+        waiting = sa.exists().where(deliveries.c.event_id == events.c.id, deliveries.c.status == PENDING,
+                                    deliveries.c.occurrence > utcnow())
+        query = (sa.select(events, sa.case((sa.and_(events.c.status == DONE, waiting), True), else_=False)
+                           .label("claimed_ahead"))
+                 .order_by(events.c.next_run, events.c.id).limit(int(payload.get("limit", 50))))
         chat_id = payload.get("chat_id") or (ctx.chat_id if ctx else None)
         if chat_id:
             query = query.where(events.c.chat_id == str(chat_id))
         if payload.get("interface"):
             query = query.where(events.c.interface == str(payload["interface"]))
         if not payload.get("include_finished"):
-            query = query.where(events.c.status == ACTIVE)
+            query = query.where(sa.or_(events.c.status == ACTIVE, sa.and_(events.c.status == DONE, waiting)))
         with session_factory()() as s:
             rows = s.execute(query).all()
         result = {"events": [_describe(r) for r in rows]}
@@ -172,6 +184,8 @@ class EventPlugin(TablePlugin):
 def _describe(row: Any) -> dict:
     """An event as actions return it: local and UTC times of the next occurrence, and the next few."""
     data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
+    if data.pop("claimed_ahead", False):
+        data["status"] = ACTIVE  # its occurrence is claimed but not due yet (see _list)
     rule = Rule.from_dict(data["rule"])
     next_run = data.get("next_run")
     out = {"id": data["id"], "description": data["description"], "status": data["status"],

@@ -28,7 +28,9 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from celery import shared_task
@@ -42,8 +44,11 @@ log = logging.getLogger(__name__)
 
 #: Event states: waiting for its next occurrence, series over, cancelled by ``cancel_event``.
 ACTIVE, DONE, CANCELLED = "active", "done", "cancelled"
-#: Delivery states; ``failed`` rows are retried while attempts remain and are never ``delivered`` unless sent.
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+#: Delivery states; ``failed`` rows are retried while attempts remain and are never ``delivered`` unless sent;
+#: ``cancelled``: ``cancel_event`` came after the claim but before the occurrence was due.
+PENDING, DELIVERED, FAILED, CANCELLED_DELIVERY = "pending", "delivered", "failed", "cancelled"
+#: Deliveries still to be made.
+OPEN = (PENDING, FAILED)
 #: Delivery attempts before a failed occurrence is left failed for good.
 MAX_ATTEMPTS = 6
 #: Longest wait between delivery retries, in seconds.
@@ -52,7 +57,11 @@ MAX_BACKOFF = 300.0
 CLAIM_BATCH = 500
 #: Occurrences per delivery task message (those for the outbox are written in one transaction, the
 #: others delivered and recorded one by one).
-DELIVERY_CHUNK = 20
+DELIVERY_CHUNK = 250
+#: How far ahead of its due time, in ticks, an occurrence is claimed and published with that time as
+#: its ETA: the delivery starts on the due second instead of up to a tick (plus the claim) later, and a
+#: burst is claimed before it is due. Two ticks so that one late tick still claims in time.
+LOOKAHEAD_TICKS = 2.0
 #: Task name of the delivery task (queue ``io``).
 DELIVER_TASK = "rekku.event.deliver"
 #: Namespace of the deterministic message ids of an occurrence.
@@ -130,12 +139,55 @@ def _advance(row: Any, now: datetime) -> dict[str, Any]:
     rule = Rule.from_dict(row.rule)
     found = next_occurrence(rule, max(now, row.next_run), row.occurrence_index)
     if found is None:
-        return {"status": DONE, "delivered": True, "updated_at": now}
-    return {"next_run": found[0], "occurrence_index": found[1], "updated_at": now}
+        return {"status": DONE, "delivered": True, "next_run": row.next_run, "occurrence_index": row.occurrence_index,
+                "updated_at": now}
+    return {"status": ACTIVE, "delivered": False, "next_run": found[0], "occurrence_index": found[1],
+            "updated_at": now}
 
 
-def _claim_batch(now: datetime, limit: int) -> list[tuple[int, datetime]]:
-    """Claim up to ``limit`` due occurrences in one transaction; returns (event id, occurrence)."""
+def update_rows(conn: sa.Connection, table: sa.Table, changes: dict[int, dict[str, Any]], *,
+                only_status: tuple[str, ...] = (), count_attempt: bool = False) -> int:
+    """Give each row (by id) its own new values in ONE statement (``CASE WHEN id = …``), not one round
+    trip per row: a burst claims and delivers thousands of rows, and per-row UPDATEs were most of its
+    time. Every change sets the same columns; a column all rows set alike is set plainly. The statement
+    is built once per shape and cached, so a chunk costs only its parameters. ``only_status``: leave
+    rows in other states alone; ``count_attempt``: add one to ``attempts``."""
+    if not changes:
+        return 0
+    rows = list(changes.values())
+    columns = tuple(sorted(rows[0]))
+    if any(len(change) != len(columns) or any(c not in change for c in columns) for change in rows):
+        raise ValueError("update_rows: every change must set the same columns")
+    uniform = tuple(c for c in columns if all(change[c] == rows[0][c] for change in rows))
+    varying = tuple(c for c in columns if c not in uniform)
+    params: dict[str, Any] = {"ids": list(changes)}
+    params.update({f"u_{c}": rows[0][c] for c in uniform})
+    for n, (row_id, change) in enumerate(changes.items()):
+        params[f"k{n}"] = row_id
+        params.update({f"{c}_{n}": change[c] for c in varying})
+    statement = _rows_update(table.name, varying, uniform, len(rows) if varying else 0, only_status, count_attempt)
+    return conn.execute(statement, params).rowcount
+
+
+@lru_cache(maxsize=64)
+def _rows_update(table_name: str, varying: tuple[str, ...], uniform: tuple[str, ...], size: int,
+                 only_status: tuple[str, ...], count_attempt: bool) -> sa.Update:
+    table = metadata.tables[table_name]
+    values: dict[str, Any] = {c: sa.bindparam(f"u_{c}", type_=table.c[c].type) for c in uniform}
+    for c in varying:
+        values[c] = sa.case(*[(table.c.id == sa.bindparam(f"k{n}", type_=table.c.id.type),
+                               sa.bindparam(f"{c}_{n}", type_=table.c[c].type)) for n in range(size)],
+                            else_=table.c[c])
+    if count_attempt:
+        values["attempts"] = table.c.attempts + 1
+    where = [table.c.id.in_(sa.bindparam("ids", expanding=True))]
+    if only_status:
+        where.append(table.c.status.in_(only_status))
+    return sa.update(table).where(*where).values(**values)
+
+
+def _claim_batch(now: datetime, until: datetime, limit: int) -> list[tuple[int, datetime]]:
+    """Claim up to ``limit`` occurrences due by ``until`` in one transaction; returns (event id, occurrence)."""
     engine = get_engine()
     mysql = engine.dialect.name == "mysql"
     claimed: list[tuple[int, datetime]] = []
@@ -144,29 +196,23 @@ def _claim_batch(now: datetime, limit: int) -> list[tuple[int, datetime]]:
     options = {"isolation_level": "READ COMMITTED"} if mysql else {}
     with engine.connect().execution_options(**options) as conn, conn.begin():
         query = (sa.select(events.c.id, events.c.next_run, events.c.rule, events.c.occurrence_index)
-                 .where(events.c.status == ACTIVE, events.c.next_run <= now)
+                 .where(events.c.status == ACTIVE, events.c.next_run <= until)
                  .order_by(events.c.next_run).limit(limit))
         if mysql:
             query = query.with_for_update(skip_locked=True)
         rows = conn.execute(query).all()
         if not rows:
             return []
-        updates = []
-        for row in rows:
-            change = _advance(row, now)
-            if mysql:  # the rows are locked: nobody else can claim them
-                updates.append({"b_id": row.id, **{f"v_{k}": v for k, v in change.items()}})
-                claimed.append((row.id, row.next_run))
-                continue
-            done = conn.execute(sa.update(events).where(events.c.id == row.id, events.c.status == ACTIVE,
-                                                        events.c.next_run == row.next_run).values(**change))
-            if done.rowcount == 1:
-                claimed.append((row.id, row.next_run))
-        if mysql:
-            for keys in {tuple(sorted(u)) for u in updates}:  # one executemany per shape of change
-                group = [u for u in updates if tuple(sorted(u)) == keys]
-                values = {k[2:]: sa.bindparam(k) for k in keys if k.startswith("v_")}
-                conn.execute(sa.update(events).where(events.c.id == sa.bindparam("b_id")).values(**values), group)
+        if mysql:  # the rows are locked: nobody else can claim them
+            update_rows(conn, events, {row.id: _advance(row, now) for row in rows})
+            claimed = [(row.id, row.next_run) for row in rows]
+        else:  # SQLite: one writer, but another dispatcher may have claimed a row since our read
+            for row in rows:
+                done = conn.execute(sa.update(events).where(events.c.id == row.id, events.c.status == ACTIVE,
+                                                            events.c.next_run == row.next_run)
+                                    .values(**_advance(row, now)))
+                if done.rowcount == 1:
+                    claimed.append((row.id, row.next_run))
         if claimed:
             conn.execute(sa.insert(deliveries), [
                 {"event_id": event_id, "occurrence": at, "status": PENDING, "attempts": 0,
@@ -175,13 +221,13 @@ def _claim_batch(now: datetime, limit: int) -> list[tuple[int, datetime]]:
 
 
 def _stale(now: datetime, lease: float) -> list[tuple[int, datetime]]:
-    """Deliveries not finished and untouched for ``lease`` seconds (their message was lost)."""
+    """Deliveries not finished and untouched for ``lease`` seconds past their due time (their message was lost)."""
+    cutoff = now - timedelta(seconds=lease)
     with get_engine().connect() as conn:
         rows = conn.execute(sa.select(deliveries.c.event_id, deliveries.c.occurrence)
-                            .where(deliveries.c.status != DELIVERED, deliveries.c.attempts < MAX_ATTEMPTS,
-                                   deliveries.c.updated_at <= now - timedelta(seconds=lease),
-                                   sa.or_(deliveries.c.retry_at.is_(None),
-                                          deliveries.c.retry_at <= now - timedelta(seconds=lease)))
+                            .where(deliveries.c.status.in_(OPEN), deliveries.c.attempts < MAX_ATTEMPTS,
+                                   deliveries.c.updated_at <= cutoff, deliveries.c.occurrence <= cutoff,
+                                   sa.or_(deliveries.c.retry_at.is_(None), deliveries.c.retry_at <= cutoff))
                             .limit(CLAIM_BATCH)).all()
     return [(r.event_id, r.occurrence) for r in rows]
 
@@ -194,27 +240,36 @@ def _touch(keys: list[tuple[int, datetime]], now: datetime) -> None:
 
 
 def enqueue_deliveries(keys: list[tuple[int, datetime]], countdown: float | None = None) -> None:
-    """Publish delivery tasks for these occurrences, :data:`DELIVERY_CHUNK` per message."""
+    """Publish delivery tasks for these occurrences, :data:`DELIVERY_CHUNK` per message; an occurrence
+    not due yet is published with its due time as ETA (the worker holds it until then)."""
     from rekku.celery_app import app
 
-    items = [[event_id, at.isoformat()] for event_id, at in keys]
+    now = utcnow()
+    by_eta: dict[datetime | None, list[list[Any]]] = {}
+    for event_id, at in keys:
+        by_eta.setdefault(at if countdown is None and at > now else None, []).append([event_id, at.isoformat()])
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(items), DELIVERY_CHUNK):
-            app.send_task(DELIVER_TASK, kwargs={"items": items[start:start + DELIVERY_CHUNK]}, queue="io",
-                          countdown=countdown, producer=producer)
+        for eta, items in by_eta.items():
+            for start in range(0, len(items), DELIVERY_CHUNK):
+                app.send_task(DELIVER_TASK, kwargs={"items": items[start:start + DELIVERY_CHUNK]}, queue="io",
+                              countdown=countdown, eta=eta, producer=producer)
 
 
-def dispatch_due(now: datetime | None = None, enqueue: Any = None) -> int:
-    """Claim every due occurrence, record it, advance its event, then enqueue its delivery; returns how many.
+def dispatch_due(now: datetime | None = None, enqueue: Any = None, lookahead: float | None = None) -> int:
+    """Claim every occurrence due within ``lookahead`` seconds (default :data:`LOOKAHEAD_TICKS` ticks),
+    record it, advance its event, then enqueue its delivery; returns how many.
 
     ``now`` and ``enqueue`` are injectable: a test drives the scheduler with its own clock and
     collects what would be enqueued."""
     now = now or utcnow()
     enqueue = enqueue or enqueue_deliveries
+    if lookahead is None:
+        lookahead = LOOKAHEAD_TICKS * get_settings().event_tick_seconds
+    until = now + timedelta(seconds=lookahead)
     claimed, deadlocks = 0, 0
     while True:
         try:
-            batch = _claim_batch(now, CLAIM_BATCH)
+            batch = _claim_batch(now, until, CLAIM_BATCH)
         except sa.exc.OperationalError as exc:  # MariaDB: two dispatchers' inserts deadlocked; ours rolled back
             deadlocks += 1
             if getattr(exc.orig, "args", (None,))[0] not in (1213, 1205) or deadlocks > 5:
@@ -252,7 +307,7 @@ def reminder_text(description: str) -> str:
 def system_message(event: Any, occurrence: datetime) -> str:
     import json
 
-    zone = Rule.from_dict(event.rule).zone
+    zone = ZoneInfo(event.timezone)  # the rule's zone (new_event stores rule.tz there); ZoneInfo caches it
     return json.dumps({"system_message": {
         "type": "event_reminder", "event_id": event.id, "description": event.description,
         "scheduled": occurrence.astimezone(zone).isoformat(), "scheduled_utc": occurrence.isoformat(),
@@ -288,23 +343,36 @@ def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
     return result
 
 
+#: The event columns a delivery reads (not the rule, dates or bookkeeping: a burst reads thousands).
+_DELIVERY_COLUMNS = [events.c[name] for name in ("id", "description", "timezone", "recurrence_type", "created_by",
+                                                 "interface", "chat_id", "thread_id", "actions")]
+
+
 def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]], dict[int, Any]]:
-    """The still-undelivered occurrences among ``items`` (their rows), attempts counted, and their events.
-    Three round trips for the whole chunk."""
+    """The still-undelivered occurrences among ``items`` (their rows) and their events: two reads for the
+    whole chunk. Attempts are counted by the path that delivers them."""
+    if not items:
+        return [], {}
     wanted = {(int(event_id), datetime.fromisoformat(at)) for event_id, at in items}
     ids = sorted({event_id for event_id, _ in wanted})
-    with get_engine().begin() as conn:
+    with get_engine().connect() as conn:
         rows = [r for r in conn.execute(sa.select(deliveries.c.id, deliveries.c.event_id, deliveries.c.occurrence,
                                                   deliveries.c.attempts)
-                                        .where(deliveries.c.event_id.in_(ids), deliveries.c.status != DELIVERED,
+                                        .where(deliveries.c.event_id.in_(ids), deliveries.c.status.in_(OPEN),
                                                deliveries.c.attempts < MAX_ATTEMPTS)).all()
                 if (r.event_id, r.occurrence) in wanted]
         if not rows:
             return [], {}
-        conn.execute(sa.update(deliveries).where(deliveries.c.id.in_([r.id for r in rows]))
-                     .values(attempts=deliveries.c.attempts + 1, updated_at=utcnow()))
-        found = {e.id: e for e in conn.execute(sa.select(events).where(events.c.id.in_(ids))).all()}
+        found = {e.id: e for e in conn.execute(sa.select(*_DELIVERY_COLUMNS).where(events.c.id.in_(ids))).all()}
     return [(r, r.occurrence) for r in rows], found
+
+
+def _count_attempt(rows: list[tuple[Any, datetime]]) -> None:
+    """Count an attempt on these rows before delivering them one by one (a crash mid-way still counts)."""
+    if rows:
+        with get_engine().begin() as conn:
+            conn.execute(sa.update(deliveries).where(deliveries.c.id.in_([row.id for row, _ in rows]))
+                         .values(attempts=deliveries.c.attempts + 1, updated_at=utcnow()))
 
 
 def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> list[tuple[Any, datetime]]:
@@ -379,23 +447,41 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
                 results[n]["reminder"] = {**summary, "forwarded": []}
             else:
                 results[n]["system_message"] = summary
-        done = [{"b_id": row.id, "result": _json_safe(result), "delivered_at": now, "updated_at": now}
-                for (row, _), result in zip(rows, results, strict=True)]
-        marked = conn.execute(sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"),
-                                                          deliveries.c.status != DELIVERED)
-                              .values(status=DELIVERED, error=None, result=sa.bindparam("result"),
-                                      delivered_at=sa.bindparam("delivered_at"),
-                                      updated_at=sa.bindparam("updated_at")), done).rowcount
-        if marked != len(done):
-            raise LookupError(f"{len(done) - marked} occurrences already delivered")
-    return len(done)
+        marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)},
+                                 attempt=True)
+        if marked != len(rows):
+            raise LookupError(f"{len(rows) - marked} occurrences already delivered or cancelled")
+    return len(rows)
+
+
+def _mark_delivered(conn: sa.Connection, results: dict[int, dict[str, Any]], attempt: bool = False) -> int:
+    """Mark these delivery rows (id → result) delivered, unless one is no longer open; returns how many.
+    ``attempt``: count the attempt here too (the one-transaction outbox path counts nothing before)."""
+    now = utcnow()
+    return update_rows(conn, deliveries, {row_id: {"status": DELIVERED, "error": None, "result": result,
+                                                   "delivered_at": now, "updated_at": now}
+                                          for row_id, result in results.items()}, only_status=OPEN,
+                       count_attempt=attempt)
+
+
+def _not_due_yet(items: list[list[Any]]) -> list[list[Any]]:
+    """Publish again, with their ETA, the items that are not due yet (a message that came early: recovery
+    after a short lease, a clock ahead on the dispatcher's node); returns the items due now."""
+    now = utcnow() + timedelta(seconds=0.5)
+    early = [(int(event_id), datetime.fromisoformat(at)) for event_id, at in items
+             if datetime.fromisoformat(at) > now]
+    if early:
+        enqueue_deliveries(early)
+        return [item for item in items if datetime.fromisoformat(item[1]) <= now]
+    return items
 
 
 @shared_task(name=DELIVER_TASK, queue="io", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_task(items: list[list[Any]]) -> dict[str, int]:
-    """Deliver each (event id, occurrence iso) once; a failed one is retried alone, with backoff."""
-    rows, found = _open_deliveries(items)
-    done: list[dict[str, Any]] = []
+    """Deliver each (event id, occurrence iso) once, not before it is due; a failed one is retried alone,
+    with backoff."""
+    rows, found = _open_deliveries(_not_due_yet(items))
+    done: dict[int, dict[str, Any]] = {}
     failed = fast = 0
     try:
         batch = _outbox_batchable(rows, found)
@@ -405,11 +491,13 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
             rows = [(row, at) for row, at in rows if row.id not in sent]
     except Exception:  # nothing of the batch was written: every occurrence takes the per-occurrence path
         log.warning("event delivery: the outbox batch of %d failed; delivering one by one", len(rows), exc_info=True)
+    _count_attempt(rows)
     for row, occurrence in rows:
         attempts = row.attempts + 1
         event = found.get(row.event_id)
         try:
-            result = deliver_occurrence(event, occurrence) if event is not None else {"skipped": "event deleted"}
+            result = (_json_safe(deliver_occurrence(event, occurrence)) if event is not None
+                      else {"skipped": "event deleted"})
         except Exception as exc:
             failed += 1
             error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -424,15 +512,10 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
                 except Exception:  # the next tick's recovery re-enqueues it
                     log.exception("could not schedule the retry of event %s at %s", row.event_id, occurrence)
             continue
-        now = utcnow()
-        done.append({"b_id": row.id, "result": _json_safe(result), "delivered_at": now, "updated_at": now})
+        done[row.id] = result
     if done:
         with get_engine().begin() as conn:
-            conn.execute(sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"),
-                                                     deliveries.c.status != DELIVERED)
-                         .values(status=DELIVERED, error=None, result=sa.bindparam("result"),
-                                 delivered_at=sa.bindparam("delivered_at"), updated_at=sa.bindparam("updated_at")),
-                         done)
+            _mark_delivered(conn, done)
     return {"delivered": len(done) + fast, "failed": failed}
 
 
@@ -440,7 +523,7 @@ def _record(event_id: int, occurrence: datetime, **values: Any) -> None:
     with session_factory().begin() as s:
         s.execute(sa.update(deliveries).where(deliveries.c.event_id == event_id,
                                               deliveries.c.occurrence == occurrence,
-                                              deliveries.c.status != DELIVERED).values(**values))
+                                              deliveries.c.status.in_(OPEN)).values(**values))
 
 
 def _json_safe(value: Any) -> Any:

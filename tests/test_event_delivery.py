@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import uuid
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
@@ -65,6 +66,11 @@ def test_two_beats_and_two_workers_deliver_every_occurrence_exactly_once(event_s
                what="13 reminders and the scheduled action in the outbox")
     time.sleep(3)  # several more ticks of both beats: nothing else may arrive
     assert sorted(t for t in outbox(event_stack, chat) if not t.startswith("{")) == expected
+    # claimed up to two ticks ahead, published with the due time as ETA: never delivered before it
+    due = {f"⏰ Reminder: {e['description']}": datetime.fromisoformat(e["next_run"]) for e in created}
+    for message in event_stack.get("/v1/outbox", params={"chat_id": chat, "limit": 500}).json()["messages"]:
+        if message["text"] in due:
+            assert datetime.fromisoformat(message["created_at"]).replace(tzinfo=timezone.utc) >= due[message["text"]]
     ids = [e["id"] for e in created]
     rows = delivery_rows(event_stack, ids)
     assert sorted(r["event_id"] for r in rows) == sorted(ids)

@@ -153,3 +153,35 @@ def test_a_delivery_left_pending_is_enqueued_again_after_the_lease(event_db: str
         conn.execute(sa.update(ev.deliveries).values(status=ev.DELIVERED))
     assert ev.recover_lost(now=due + timedelta(hours=1), enqueue=again.extend) == 0
     assert again == [(event_id, due)]
+
+
+def test_occurrences_due_within_the_lookahead_are_claimed_ahead_and_no_earlier(event_db: str) -> None:
+    event_id = add_event({"date": "2026-03-28", "time": "09:00"})
+    due = datetime(2026, 3, 28, 9, 0, tzinfo=timezone.utc)
+    seen: list = []
+    assert ev.dispatch_due(now=due - timedelta(seconds=11), enqueue=seen.extend, lookahead=10) == 0
+    assert ev.dispatch_due(now=due - timedelta(seconds=9), enqueue=seen.extend, lookahead=10) == 1
+    assert seen == [(event_id, due)]  # published now, with the due time as its ETA (enqueue_deliveries)
+    assert ev.dispatch_due(now=due, enqueue=seen.extend, lookahead=10) == 0
+    assert deliveries() == [(event_id, due, ev.PENDING)]
+
+
+def test_cancel_after_an_early_claim_cancels_the_pending_occurrence(event_db: str) -> None:
+    from rekku.registry import get_registry
+
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    due = now + timedelta(hours=1)
+    once = add_event({"date": due.date().isoformat(), "time": due.strftime("%H:%M:%S")}, now=now)
+    daily = add_event({"date": due.date().isoformat(), "time": due.strftime("%H:%M:%S"), "repeat": "daily"}, now=now)
+    claimed: list = []
+    assert ev.dispatch_due(now=due - timedelta(seconds=5), enqueue=claimed.extend, lookahead=10) == 2
+    plugin = get_registry().plugins["event"]
+    listed = {e["id"]: e for e in plugin._list({"chat_id": "c1"})["events"]}
+    assert listed[once]["status"] == listed[daily]["status"] == ev.ACTIVE  # claimed, not due yet: still waiting
+    assert listed[once]["next_run"] == due.isoformat()
+    assert plugin._cancel(once) == {"id": once, "cancelled": True, "status": ev.CANCELLED}
+    assert plugin._cancel(daily) == {"id": daily, "cancelled": True, "status": ev.CANCELLED}
+    assert {s for _, _, s in deliveries()} == {ev.CANCELLED_DELIVERY}
+    # the messages already published find nothing to deliver, and recovery never brings them back
+    assert ev._open_deliveries([[e, o.isoformat()] for e, o in claimed]) == ([], {})
+    assert ev.recover_lost(now=due + timedelta(hours=2), enqueue=claimed.extend) == 0

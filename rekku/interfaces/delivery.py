@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -150,7 +150,9 @@ def _forward(target: Chat, action_id: str, text: str | None, audio: str | None) 
 
 
 def _summary(report: Report) -> dict[str, Any]:
-    """The report as a result: empty fields left out, ``sent`` always there."""
-    out = {k: v for k, v in asdict(report).items() if k != "info" and (k == "sent" or v not in (None, [], 0))}
+    """The report as a result: empty fields left out, ``sent`` always there. Shallow (no ``asdict``
+    deep copy): a burst of event reminders builds tens of thousands of these."""
+    out = {f.name: value for f in fields(report) if f.name != "info"
+           and ((value := getattr(report, f.name)) is not None and value not in ([], 0) or f.name == "sent")}
     out.update(report.info)
     return out
