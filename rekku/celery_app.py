@@ -16,6 +16,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.periodic import register_periodic_tasks
 from rekku.plugin_base import ActionSpec
+from rekku.redact import redact
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of
 from rekku.settings import get_settings
@@ -28,7 +29,9 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
     limit = time_limit_of(spec)
 
     def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> Any:
-        return execute(self, spec, action_id, payload, context)
+        # the action log keeps the result; Celery only shows it (worker log, task events, Flower),
+        # so what it gets back has secret-looking fields hidden
+        return redact(execute(self, spec, action_id, payload, context))
 
     run_action.__name__ = f"action_{spec.type}"
     run_action.__doc__ = spec.description or f"Run the '{spec.type}' action of plugin '{spec.plugin}'."

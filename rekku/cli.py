@@ -91,12 +91,20 @@ def beat() -> None:
 @click.option("--port", type=int, default=None, help="port (default FLOWER_PORT or 5555)")
 @click.option("--address", default="127.0.0.1", show_default=True)
 def flower(port: int | None, address: str) -> None:
-    """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials)."""
+    """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials), and read-only
+    unless REKKU_FLOWER_CONTROL is set."""
     import os
 
     from rekku.celery_app import app
+    from rekku.flower_guard import FlowerGuardError, make_read_only
 
     settings = get_settings()
+    if not settings.flower_control:
+        try:
+            make_read_only()
+        except FlowerGuardError as exc:
+            raise click.ClickException(str(exc)) from exc
+        console.print("Flower is read-only (REKKU_FLOWER_CONTROL=true lets it revoke tasks and control workers)")
     auth = settings.ensure_flower_auth()
     os.environ["FLOWER_BASIC_AUTH"] = auth  # read by Flower; kept off the command line (ps)
     if not settings.flower_basic_auth:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from rekku.action_log import NewRun
+from rekku.redact import kwargs_repr
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,12 @@ def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
                 if failed:
                     failed.append(run.id)
                     continue
+                kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
                 try:
+                    # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
                     app.tasks[f"rekku.action.{run.type}"].apply_async(
-                        kwargs={"action_id": run.id, "payload": run.payload,
-                                "context": {**run.context, "batch_id": batch_id}},
-                        task_id=run.id, queue=run.queue, producer=producer,
-                        retry=True, retry_policy=RETRY_POLICY)
+                        kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs), task_id=run.id, queue=run.queue,
+                        producer=producer, retry=True, retry_policy=RETRY_POLICY)
                 except Exception:
                     log.exception("could not publish action %s", run.id)
                     failed.append(run.id)

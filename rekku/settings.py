@@ -57,6 +57,8 @@ class Settings(BaseSettings):
 
     flower_port: int = Field(5555, validation_alias=_env("FLOWER_PORT"))
     flower_basic_auth: str | None = Field(None, validation_alias=_env("FLOWER_BASIC_AUTH"))
+    #: Let Flower act (shut workers down, revoke and send tasks); off: it only shows (rekku/flower_guard.py).
+    flower_control: bool = Field(False, validation_alias=_env("REKKU_FLOWER_CONTROL"))
 
     trainer_ids_raw: str = Field("", validation_alias=_env("TRAINER_IDS"))
     telegram_trainer_id: str | None = Field(None, validation_alias=_env("TELEGRAM_TRAINER_ID"))
