@@ -29,7 +29,7 @@ WORKDIR /src
 # Dependencies first, read from pyproject.toml, so a code change does not reinstall them.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = ('mariadb', 'selenium', 'reddit'); \
+extras = ('mariadb', 'selenium', 'reddit', 'signing'); \
 print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
         > /tmp/requirements.txt \
  && pip install --upgrade pip \

@@ -24,7 +24,7 @@ $(VENV)/.base-installed: pyproject.toml | $(BIN)/python
 
 venv-test: system-deps $(VENV)/.test-installed
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[mariadb,selenium,reddit,test,dev]'
+	$(BIN)/pip install -q -e '.[mariadb,selenium,reddit,signing,test,dev]'
 	touch $@ $(VENV)/.base-installed
 
 system-deps: ## Debian packages: MariaDB client headers (mysqlclient) and Chromium + chromedriver

@@ -20,6 +20,16 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 event_serializer = "json"
+if _settings.signing_enabled:
+    # Optional signing: task and control messages are JSON signed with this node's key, and only
+    # messages signed by a certificate in the store are accepted (rekku.celery_app calls
+    # setup_security). Results and events stay plain JSON: they are never executed.
+    task_serializer = "auth"
+    accept_content = ["auth"]
+    security_key = str(_settings.signing_key)
+    security_certificate = str(_settings.signing_cert)
+    security_cert_store = _settings.signing_cert_store
+    security_digest = "sha256"
 
 # Nothing lost: acknowledge after the run, and put the message back if the worker dies mid-run.
 task_acks_late = True

@@ -56,6 +56,8 @@ def register_action_tasks(app: Celery, registry: Registry) -> None:
 def make_app() -> Celery:
     app = Celery("rekku")
     app.config_from_object("celeryconfig")
+    if get_settings().signing_enabled:
+        app.setup_security(allowed_serializers=["json"], serializer="json")
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
 

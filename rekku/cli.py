@@ -31,6 +31,13 @@ def _setup_logging() -> None:
 @click.group()
 def main() -> None:
     """Rekku actions on Celery."""
+    from pydantic import ValidationError
+
+    try:
+        get_settings()
+    except ValidationError as exc:  # a wrong environment variable: say which, without a traceback
+        problems = "; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
+        raise click.ClickException(f"configuration: {problems}") from None
 
 
 # ----------------------------------------------------------------------------- processes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +21,27 @@ class Check:
     level: str  # ok | warn | fail
     detail: str
     fix: str = ""
+
+
+def _signing(settings: Settings) -> Check:
+    """Checked first: with signing misconfigured no Rekku process can even load its Celery app."""
+    if not settings.signing_enabled:
+        return Check("message signing", "ok", "off (REKKU_SIGNING_* turns it on)")
+    try:
+        from celery.security.certificate import Certificate, FSCertStore
+        from celery.security.key import PrivateKey
+    except Exception as exc:  # celery.security raises ImproperlyConfigured without cryptography
+        return Check("message signing", "fail", f"{type(exc).__name__}: {exc}",
+                     "pip install 'rekku-on-celery[signing]' (cryptography)")
+    try:
+        PrivateKey(Path(settings.signing_key).read_text())  # type: ignore[arg-type]
+        cert = Certificate(Path(settings.signing_cert).read_text())  # type: ignore[arg-type]
+        FSCertStore(settings.signing_cert_store)[cert.get_id()]
+    except Exception as exc:
+        return Check("message signing", "fail", f"{type(exc).__name__}: {exc}",
+                     "REKKU_SIGNING_KEY and REKKU_SIGNING_CERT must be a PEM key and its unexpired certificate, "
+                     "and that certificate must be in REKKU_SIGNING_CERT_STORE on every node")
+    return Check("message signing", "ok", f"on: signs as {cert.get_id()}, accepts {settings.signing_cert_store}")
 
 
 def _broker(settings: Settings) -> Check:
@@ -92,8 +114,11 @@ def _plugins() -> list[Check]:
 
 
 def run_checks(settings: Settings) -> list[Check]:
+    signing = _signing(settings)
+    if signing.level == "fail":
+        return [signing]
     broker = _broker(settings)
-    checks = [broker, _database(settings)]
+    checks = [signing, broker, _database(settings)]
     if broker.level == "ok":
         checks += _workers()
     return checks + [_browser()] + _plugins()

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import quote_plus
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Restricted-action policies, as upstream's ``RESTRICT_ACTIONS``.
@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = Field(None, validation_alias=_env("FLOWER_BASIC_AUTH"))
     #: Let Flower act (shut workers down, revoke and send tasks); off: it only shows (rekku/flower_guard.py).
     flower_control: bool = Field(False, validation_alias=_env("REKKU_FLOWER_CONTROL"))
+
+    # message signing (Celery's auth serializer): all three, or none
+    #: PEM private key this node signs its messages with.
+    signing_key: Path | None = Field(None, validation_alias=_env("REKKU_SIGNING_KEY"))
+    #: PEM certificate of that key (its public half travels with each message).
+    signing_cert: Path | None = Field(None, validation_alias=_env("REKKU_SIGNING_CERT"))
+    #: Glob of the PEM certificates whose messages are accepted (e.g. /etc/rekku/certs/*.pem).
+    signing_cert_store: str | None = Field(None, validation_alias=_env("REKKU_SIGNING_CERT_STORE"))
 
     trainer_ids_raw: str = Field("", validation_alias=_env("TRAINER_IDS"))
     telegram_trainer_id: str | None = Field(None, validation_alias=_env("TELEGRAM_TRAINER_ID"))
@@ -187,7 +195,25 @@ class Settings(BaseSettings):
             raise ValueError(f"RESTRICT_ACTIONS must be one of {', '.join(RESTRICT_POLICIES)}")
         return value
 
+    @field_validator("signing_key", "signing_cert", "signing_cert_store", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_signing(self) -> Settings:
+        given = [self.signing_key, self.signing_cert, self.signing_cert_store]
+        if any(given) and not all(given):
+            raise ValueError("message signing needs REKKU_SIGNING_KEY, REKKU_SIGNING_CERT and "
+                             "REKKU_SIGNING_CERT_STORE together (or none of them)")
+        return self
+
     # ----------------------------------------------------------------- derived values
+    @property
+    def signing_enabled(self) -> bool:
+        """Every task and control message is signed and verified (Celery's ``auth`` serializer)."""
+        return self.signing_key is not None
+
     @property
     def home_dir(self) -> Path:
         path = self.home.expanduser().resolve()
