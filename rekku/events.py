@@ -407,6 +407,7 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
     from rekku.interfaces.delivery import Report, _part_key, _summary
     from rekku.interfaces.links import Chat
     from rekku.interfaces.models import SENT, Delivery, OutboxMessage
+    from rekku.interfaces.outbox import hold_order
     from rekku.interfaces.registry import get_interfaces
 
     limit = get_interfaces().get("outbox").max_text
@@ -430,6 +431,7 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
                             .where(Delivery.__table__.c.action_id.in_([m["action_id"] for m in messages])))
         if taken:
             raise LookupError(f"{taken} parts already recorded")
+        hold_order(conn)  # ids in commit order for pollers (rekku/interfaces/outbox.py)
         if engine.dialect.insert_executemany_returning_sort_by_parameter_order:
             ids = list(conn.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
                                     messages).all())

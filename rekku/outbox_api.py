@@ -18,6 +18,8 @@ from rekku.schemas import ErrorResponse
 
 #: Most messages one call returns.
 MAX_LIMIT = 1000
+#: Largest message id (BIGINT): a larger ``after`` is a 422, not a database overflow.
+MAX_ID = 2**63 - 1
 
 
 class OutboxItem(BaseModel):
@@ -40,7 +42,7 @@ router = APIRouter(dependencies=[Depends(require_token)])
 @router.get("/v1/outbox", response_model=OutboxPage, responses={401: {"model": ErrorResponse}})
 def get_outbox(chat_id: Annotated[str | None, Query(max_length=191)] = None,
                thread_id: Annotated[str | None, Query(max_length=191)] = None,
-               after: Annotated[int, Query(ge=0, description="only messages with a larger id")] = 0,
+               after: Annotated[int, Query(ge=0, le=MAX_ID, description="only messages with a larger id")] = 0,
                limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100) -> Any:
     """Messages sent to the outbox, oldest first; filter by chat (and thread), page with ``after``."""
     query = sa.select(OutboxMessage).where(OutboxMessage.id > after)

@@ -1,6 +1,7 @@
 """Tables of the interfaces (delivery records, the outbox) and of the chat directory chat_link keeps.
 
-Their migrations: ``interfaces_0001`` (interface_deliveries, outbox_messages) and the chat_link
+Their migrations: ``interfaces_0001`` (interface_deliveries, outbox_messages), ``interfaces_0002``
+(outbox_order) and the chat_link
 plugin's branch ``chat_link_0001`` (chat_link, chat_link_forwards). Thread ids are stored as ''
 when absent, so the unique keys hold on SQLite and MariaDB alike (NULLs never collide there).
 """
@@ -53,6 +54,15 @@ class OutboxMessage(Base):
     reply_to: Mapped[str | None] = mapped_column(sa.String(191))
     action_id: Mapped[str | None] = mapped_column(sa.String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxOrder(Base):
+    """One row; every transaction that adds outbox messages locks it first (MariaDB), so ids are
+    taken and committed in the same order and a poller following ``after`` misses nothing."""
+
+    __tablename__ = "outbox_order"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
 
 
 class ChatLink(Base):

@@ -3,6 +3,14 @@
 It is the default interface (``REKKU_DEFAULT_INTERFACE``), so `rekku up` shows what Rekku says
 before any platform is configured. Delivery writes a message and its delivery record in one
 transaction, so a redelivered send never stores a message twice.
+
+Pollers read with ``after`` = the last id they saw, so ids must become visible in order. MariaDB
+hands out an auto-increment id when a row is inserted, not when it commits: a writer holding id 10
+that commits after the writer of id 11 would be skipped by a poller that already read 11 (seen in
+tests: a few messages of every few hundred, with six writers). Every transaction that adds outbox
+messages therefore locks the one ``outbox_order`` row just before inserting (:func:`hold_order`);
+the lock is held to commit, so ids are taken in commit order. SQLite needs nothing: its single
+writer lock already does that.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from rekku.interfaces.base import Interface, Outgoing
-from rekku.interfaces.models import OutboxMessage
+from rekku.interfaces.models import OutboxMessage, OutboxOrder
 from rekku.interfaces.registry import register_interface
 from rekku.models import utcnow
 
@@ -25,7 +33,14 @@ class Outbox(Interface):
     stored = True
 
     def store(self, session: Any, message: Outgoing) -> dict[str, Any]:
+        hold_order(session)
         result = session.execute(sa.insert(OutboxMessage).values(
             chat_id=message.chat_id, thread_id=message.thread_id or "", text=message.text,
             audio_url=message.audio, reply_to=message.reply_to, action_id=message.action_id, created_at=utcnow()))
         return {"message_id": result.inserted_primary_key[0]}
+
+
+def hold_order(connection: sa.Connection | Any) -> None:
+    """Lock the outbox order until this transaction ends; call it right before inserting outbox
+    messages (a Connection or a Session). On SQLite the FOR UPDATE renders as a plain read."""
+    connection.execute(sa.select(OutboxOrder.id).where(OutboxOrder.id == 1).with_for_update())

@@ -1,0 +1,109 @@
+"""GET /v1/outbox polling with ``after`` misses nothing while many writers store messages at once.
+
+Ids come from the database when a row is inserted, not when it commits: without care, a writer
+that took id 10 and commits after the writer of id 11 leaves a poller that already read 11 (and
+polls ``after=11``) never seeing 10. The outbox orders its writers so that ids become visible in
+order (rekku/interfaces/outbox.py); this drives real concurrent writers — the one-by-one delivery
+path and the event chunk path — against a poller on MariaDB and SQLite.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rekku.db import get_engine
+from rekku.migrate import upgrade
+from rekku.settings import get_settings
+from tests.support import create_mariadb, drop_mariadb
+
+WRITERS, MESSAGES = 4, 40
+#: Threads delivering due events a chunk per transaction, chunks each, occurrences per chunk.
+EVENT_WRITERS, CHUNKS, PER_CHUNK = 2, 2, 20
+
+
+@pytest.fixture(params=["mariadb", "sqlite"])
+def outbox_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name = None
+    if request.param == "mariadb":
+        name, url = create_mariadb()
+    else:
+        url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    monkeypatch.setenv("REKKU_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        get_settings.cache_clear()
+        if name:
+            drop_mariadb(name)
+
+
+def test_a_poller_following_after_sees_every_message_once_while_writers_race(outbox_db: str) -> None:
+    from rekku.interfaces.delivery import deliver
+    from rekku.interfaces.links import Chat
+    from datetime import datetime, timedelta, timezone
+
+    from rekku import events as ev
+    from rekku.outbox_api import get_outbox
+    from tests.test_event_dispatch import add_event, run_clock
+
+    chat = f"order-{uuid.uuid4().hex[:6]}"
+    for _ in range(EVENT_WRITERS * CHUNKS * PER_CHUNK):  # due in the past: deliverable at once
+        add_event({"date": "2026-03-28", "time": "09:00"}, chat=chat)
+    due = datetime(2026, 3, 28, 9, 0, tzinfo=timezone.utc)
+    items = [[e, o.isoformat()] for _, e, o in run_clock(due, due, timedelta(seconds=1))]
+    start, done = threading.Barrier(WRITERS + EVENT_WRITERS + 1), threading.Event()
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        start.wait()
+        try:
+            for i in range(MESSAGES):
+                deliver(Chat("outbox", chat), str(uuid.uuid4()), text=f"w{n} m{i}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def write_events(n: int) -> None:  # the chunk path: reminders and system messages, one transaction each
+        start.wait()
+        try:
+            mine = items[n * CHUNKS * PER_CHUNK:(n + 1) * CHUNKS * PER_CHUNK]
+            for c in range(CHUNKS):
+                assert ev.deliver_task(mine[c * PER_CHUNK:(c + 1) * PER_CHUNK])["delivered"] == PER_CHUNK
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    seen: list[int] = []
+
+    def poll() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()  # read before polling: a last poll after the writers ended
+            page = get_outbox(chat_id=chat, thread_id=None, after=after, limit=1000)["messages"]
+            seen.extend(m["id"] for m in page)
+            after = page[-1]["id"] if page else after
+            if finished and not page:
+                return
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
+    writers += [threading.Thread(target=write_events, args=(n,)) for n in range(EVENT_WRITERS)]
+    poller = threading.Thread(target=poll)
+    for thread in writers:
+        thread.start()
+    poller.start()
+    start.wait()
+    for thread in writers:
+        thread.join()
+    done.set()
+    poller.join(60)
+    assert not errors
+    everything = [m["id"] for m in get_outbox(chat_id=chat, thread_id=None, after=0, limit=1000)["messages"]]
+    assert len(everything) == WRITERS * MESSAGES + EVENT_WRITERS * CHUNKS * PER_CHUNK * 2  # reminder + system
+    assert len(seen) == len(set(seen))
+    assert sorted(seen) == everything, f"the poller missed {len(set(everything) - set(seen))} messages"
