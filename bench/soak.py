@@ -77,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
         submitter.start()
         wait_until(lambda: finished(engine)[0] >= max(1, args.actions // 50), 600, "the warm-up actions")
         rss_start = group_rss_kib(worker_pgid)
-        windows: list[tuple[float, int]] = []
+        windows: list[tuple[float, float, int]] = []  # (t, finished/s, worker RSS KiB): a plateau or a slope
         last_done, last_t = finished(engine)[0], time.monotonic()
         while True:
             time.sleep(args.window)
             done, failed = finished(engine)
             now = time.monotonic()
-            windows.append((now - t0, (done - last_done) / (now - last_t)))
+            windows.append((now - t0, (done - last_done) / (now - last_t), group_rss_kib(worker_pgid)))
             last_done, last_t = done, now
             stack.check_alive()
             if done + failed >= args.actions:
@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         table = Table(title=f"soak: {args.actions} echo actions, 1 worker x{args.concurrency}", header_style="bold")
         table.add_column("t (s)", justify="right")
         table.add_column("finished/s", justify="right")
-        for t, rate in windows:
-            table.add_row(f"{t:.0f}", f"{rate:.0f}")
+        table.add_column("worker RSS MiB", justify="right")
+        for t, rate, rss in windows:
+            table.add_row(f"{t:.0f}", f"{rate:.0f}", f"{rss / 1024:.1f}")
         console.print(table)
         ok = growth < TARGET_GROWTH and failed == 0
         console.print(f"total {elapsed:.0f} s, {args.actions / elapsed:.0f} actions/s overall, failed {failed}; "
