@@ -11,46 +11,23 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from rekku.db import get_engine
-from rekku.migrate import upgrade
-from rekku.settings import get_settings
-from tests.support import create_mariadb, drop_mariadb
+from tests.test_event_dispatch import event_db  # noqa: F401 - a MariaDB and a SQLite database, migrated
 
 WRITERS, MESSAGES = 4, 40
 #: Threads delivering due events a chunk per transaction, chunks each, occurrences per chunk.
 EVENT_WRITERS, CHUNKS, PER_CHUNK = 2, 2, 20
 
 
-@pytest.fixture(params=["mariadb", "sqlite"])
-def outbox_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    name = None
-    if request.param == "mariadb":
-        name, url = create_mariadb()
-    else:
-        url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    monkeypatch.setenv("REKKU_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        get_settings.cache_clear()
-        if name:
-            drop_mariadb(name)
-
-
-def test_a_poller_following_after_sees_every_message_once_while_writers_race(outbox_db: str) -> None:
-    from rekku.interfaces.delivery import deliver
-    from rekku.interfaces.links import Chat
+@pytest.mark.usefixtures("event_db")
+def test_a_poller_following_after_sees_every_message_once_while_writers_race() -> None:
     from datetime import datetime, timedelta, timezone
 
     from rekku import events as ev
+    from rekku.interfaces.delivery import deliver
+    from rekku.interfaces.links import Chat
     from rekku.outbox_api import get_outbox
     from tests.test_event_dispatch import add_event, run_clock
 
