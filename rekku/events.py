@@ -2,12 +2,14 @@
 
 Exactly once, end to end:
 
-1. **Claim.** :func:`dispatch_due` takes due rows of ``scheduled_events`` (MariaDB: ``SELECT … FOR
-   UPDATE SKIP LOCKED``, so two dispatchers started by two beats split the rows; SQLite: a
+1. **Claim.** :func:`dispatch_due` takes the rows of ``scheduled_events`` due within the next
+   :data:`LOOKAHEAD_TICKS` ticks (MariaDB: ``SELECT … FOR UPDATE SKIP LOCKED``, so two dispatchers
+   started by two beats split the rows; SQLite: a
    conditional ``UPDATE … WHERE next_run = :seen`` under its single writer). In the same
    transaction it inserts one ``event_deliveries`` row per occurrence — unique on (event, occurrence
-   time) — and advances the event to its next occurrence (or ends it). Only then, after the commit,
-   are deliveries enqueued.
+   time) — and advances the event to its next occurrence (or ends it), all rows in a few statements
+   (:func:`update_rows`). Only then, after the commit, are deliveries enqueued, with the due time as
+   their ETA; a delivery task never sends an occurrence before it is due.
 2. **Deliver.** ``rekku.event.deliver`` (io pool) sends the reminder through the target interface
    and the ``event_reminder`` system message to the webhook (else the outbox), each under a
    deterministic message id (``event:<id>:<occurrence>:reminder`` / ``:system``) that the interface
@@ -470,12 +472,16 @@ def _not_due_yet(items: list[list[Any]]) -> list[list[Any]]:
     """Publish again, with their ETA, the items that are not due yet (a message that came early: recovery
     after a short lease, a clock ahead on the dispatcher's node); returns the items due now."""
     now = utcnow() + timedelta(seconds=0.5)
-    early = [(int(event_id), datetime.fromisoformat(at)) for event_id, at in items
-             if datetime.fromisoformat(at) > now]
+    due, early = [], []
+    for event_id, at in items:
+        when = datetime.fromisoformat(at)
+        if when > now:
+            early.append((int(event_id), when))
+        else:
+            due.append([event_id, at])
     if early:
         enqueue_deliveries(early)
-        return [item for item in items if datetime.fromisoformat(item[1]) <= now]
-    return items
+    return due
 
 
 @shared_task(name=DELIVER_TASK, queue="io", acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -152,7 +152,10 @@ def _forward(target: Chat, action_id: str, text: str | None, audio: str | None) 
 def _summary(report: Report) -> dict[str, Any]:
     """The report as a result: empty fields left out, ``sent`` always there. Shallow (no ``asdict``
     deep copy): a burst of event reminders builds tens of thousands of these."""
-    out = {f.name: value for f in fields(report) if f.name != "info"
-           and ((value := getattr(report, f.name)) is not None and value not in ([], 0) or f.name == "sent")}
+    out = {}
+    for f in fields(report):
+        value = getattr(report, f.name)
+        if f.name == "sent" or (f.name != "info" and value is not None and value not in ([], 0)):
+            out[f.name] = value
     out.update(report.info)
     return out
