@@ -20,6 +20,7 @@ from rekku.redact import redact
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of
 from rekku.settings import get_settings
+from workers.timer_sweep import TimerSweep
 
 #: Extra seconds Celery waits past an action's own limit before interrupting (soft) and killing (hard).
 SOFT_GRACE, HARD_GRACE = 5.0, 15.0
@@ -58,6 +59,7 @@ def make_app() -> Celery:
     app.config_from_object("celeryconfig")
     if get_settings().signing_enabled:
         app.setup_security(allowed_serializers=["json"], serializer="json")
+    app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
 
