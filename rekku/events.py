@@ -148,12 +148,12 @@ def _advance(row: Any, now: datetime) -> dict[str, Any]:
 
 
 def update_rows(conn: sa.Connection, table: sa.Table, changes: dict[int, dict[str, Any]], *,
-                only_status: tuple[str, ...] = (), count_attempt: bool = False) -> int:
+                only_status: tuple[str, ...] = ()) -> int:
     """Give each row (by id) its own new values in ONE statement (``CASE WHEN id = …``), not one round
     trip per row: a burst claims and delivers thousands of rows, and per-row UPDATEs were most of its
     time. Every change sets the same columns; a column all rows set alike is set plainly. The statement
     is built once per shape and cached, so a chunk costs only its parameters. ``only_status``: leave
-    rows in other states alone; ``count_attempt``: add one to ``attempts``."""
+    rows in other states alone."""
     if not changes:
         return 0
     rows = list(changes.values())
@@ -167,21 +167,19 @@ def update_rows(conn: sa.Connection, table: sa.Table, changes: dict[int, dict[st
     for n, (row_id, change) in enumerate(changes.items()):
         params[f"k{n}"] = row_id
         params.update({f"{c}_{n}": change[c] for c in varying})
-    statement = _rows_update(table.name, varying, uniform, len(rows) if varying else 0, only_status, count_attempt)
+    statement = _rows_update(table.name, varying, uniform, len(rows) if varying else 0, only_status)
     return conn.execute(statement, params).rowcount
 
 
 @lru_cache(maxsize=64)
 def _rows_update(table_name: str, varying: tuple[str, ...], uniform: tuple[str, ...], size: int,
-                 only_status: tuple[str, ...], count_attempt: bool) -> sa.Update:
+                 only_status: tuple[str, ...]) -> sa.Update:
     table = metadata.tables[table_name]
     values: dict[str, Any] = {c: sa.bindparam(f"u_{c}", type_=table.c[c].type) for c in uniform}
     for c in varying:
         values[c] = sa.case(*[(table.c.id == sa.bindparam(f"k{n}", type_=table.c.id.type),
                                sa.bindparam(f"{c}_{n}", type_=table.c[c].type)) for n in range(size)],
                             else_=table.c[c])
-    if count_attempt:
-        values["attempts"] = table.c.attempts + 1
     where = [table.c.id.in_(sa.bindparam("ids", expanding=True))]
     if only_status:
         where.append(table.c.status.in_(only_status))
@@ -285,10 +283,26 @@ def dispatch_due(now: datetime | None = None, enqueue: Any = None, lookahead: fl
             return claimed
 
 
+def _give_up_interrupted(now: datetime, lease: float) -> int:
+    """Occurrences whose every attempt was cut short (their worker killed mid-delivery each time) end
+    ``failed`` with a reason instead of staying ``pending`` forever, never retried and never explained."""
+    cutoff = now - timedelta(seconds=lease)
+    with get_engine().begin() as conn:
+        return conn.execute(sa.update(deliveries)
+                            .where(deliveries.c.status == PENDING, deliveries.c.attempts >= MAX_ATTEMPTS,
+                                   deliveries.c.updated_at <= cutoff)
+                            .values(status=FAILED, updated_at=now,
+                                    error=f"delivery interrupted {MAX_ATTEMPTS} times (its worker was lost "
+                                          "each time); not retried")).rowcount
+
+
 def recover_lost(now: datetime | None = None, enqueue: Any = None) -> int:
     """Enqueue again the deliveries left unfinished and untouched for ``REKKU_EVENT_REDELIVER_SECONDS``."""
     now = now or utcnow()
-    stale = _stale(now, get_settings().event_redeliver_seconds)
+    lease = get_settings().event_redeliver_seconds
+    if given_up := _give_up_interrupted(now, lease):
+        log.error("%d event deliveries were interrupted %d times each; left failed", given_up, MAX_ATTEMPTS)
+    stale = _stale(now, lease)
     if stale:
         _touch(stale, now)
         log.warning("re-enqueuing %d event deliveries whose message was lost", len(stale))
@@ -352,7 +366,7 @@ _DELIVERY_COLUMNS = [events.c[name] for name in ("id", "description", "timezone"
 
 def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]], dict[int, Any]]:
     """The still-undelivered occurrences among ``items`` (their rows) and their events: two reads for the
-    whole chunk. Attempts are counted by the path that delivers them."""
+    whole chunk."""
     if not items:
         return [], {}
     wanted = {(int(event_id), datetime.fromisoformat(at)) for event_id, at in items}
@@ -370,7 +384,9 @@ def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]]
 
 
 def _count_attempt(rows: list[tuple[Any, datetime]]) -> None:
-    """Count an attempt on these rows before delivering them one by one (a crash mid-way still counts)."""
+    """Count an attempt on these rows, in its own transaction, before any of them is sent: a worker
+    killed mid-delivery (even inside the outbox chunk's transaction) has used one, so a chunk that
+    kills its worker every time ends after MAX_ATTEMPTS instead of being recovered forever."""
     if rows:
         with get_engine().begin() as conn:
             conn.execute(sa.update(deliveries).where(deliveries.c.id.in_([row.id for row, _ in rows]))
@@ -451,21 +467,18 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
                 results[n]["reminder"] = {**summary, "forwarded": []}
             else:
                 results[n]["system_message"] = summary
-        marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)},
-                                 attempt=True)
+        marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)})
         if marked != len(rows):
             raise LookupError(f"{len(rows) - marked} occurrences already delivered or cancelled")
     return len(rows)
 
 
-def _mark_delivered(conn: sa.Connection, results: dict[int, dict[str, Any]], attempt: bool = False) -> int:
-    """Mark these delivery rows (id → result) delivered, unless one is no longer open; returns how many.
-    ``attempt``: count the attempt here too (the one-transaction outbox path counts nothing before)."""
+def _mark_delivered(conn: sa.Connection, results: dict[int, dict[str, Any]]) -> int:
+    """Mark these delivery rows (id → result) delivered, unless one is no longer open; returns how many."""
     now = utcnow()
     return update_rows(conn, deliveries, {row_id: {"status": DELIVERED, "error": None, "result": result,
                                                    "delivered_at": now, "updated_at": now}
-                                          for row_id, result in results.items()}, only_status=OPEN,
-                       count_attempt=attempt)
+                                          for row_id, result in results.items()}, only_status=OPEN)
 
 
 def _not_due_yet(items: list[list[Any]]) -> list[list[Any]]:
@@ -489,6 +502,7 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
     """Deliver each (event id, occurrence iso) once, not before it is due; a failed one is retried alone,
     with backoff."""
     rows, found = _open_deliveries(_not_due_yet(items))
+    _count_attempt(rows)  # before any of it is sent: a worker killed mid-delivery has still used an attempt
     done: dict[int, dict[str, Any]] = {}
     failed = fast = 0
     try:
@@ -499,7 +513,6 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
             rows = [(row, at) for row, at in rows if row.id not in sent]
     except Exception:  # nothing of the batch was written: every occurrence takes the per-occurrence path
         log.warning("event delivery: the outbox batch of %d failed; delivering one by one", len(rows), exc_info=True)
-    _count_attempt(rows)
     for row, occurrence in rows:
         attempts = row.attempts + 1
         event = found.get(row.event_id)

@@ -4,6 +4,9 @@ that meets an earlier delivery, take the one-by-one path. Same results, never a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -12,6 +15,8 @@ import sqlalchemy as sa
 from rekku import events as ev
 from rekku.db import get_engine
 from rekku.interfaces.models import ChatForward, Delivery, OutboxMessage
+from rekku.settings import get_settings
+from tests.support import wait_until
 from tests.test_event_dispatch import add_event, event_db, run_clock  # noqa: F401 - event_db is a fixture
 
 
@@ -61,3 +66,49 @@ def test_a_chunk_meeting_an_earlier_delivery_falls_back_without_duplicates() -> 
     assert ev.deliver_task(items) == {"delivered": 3, "failed": 0}
     with get_engine().connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(OutboxMessage.__table__)) == 6
+
+
+def _waiting_on_outbox_order() -> set[int]:
+    """Connections waiting inside a statement on the outbox order lock (PROCESSLIST is live; InnoDB's
+    lock tables in information_schema are a cache refreshed at most every 0.1 s)."""
+    with get_engine().connect() as conn:
+        return set(conn.scalars(sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() "
+                                        "AND COMMAND = 'Query' AND INFO LIKE '%outbox_order%FOR UPDATE%'")))
+
+
+@pytest.mark.parametrize("event_db", ["mariadb"], indirect=True)
+def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_forever(event_db: str) -> None:  # noqa: F811
+    """A worker SIGKILLed inside the outbox chunk's transaction (held there by a lock on the outbox
+    order) has still used an attempt; after MAX_ATTEMPTS such deaths recovery leaves the occurrences
+    failed with a reason instead of re-enqueuing them."""
+    for _ in range(3):
+        add_event({"date": "2026-03-28", "time": "09:00"}, chat="c1")
+    due = datetime(2026, 3, 28, 9, 0, tzinfo=timezone.utc)
+    items = [[e, o.isoformat()] for _, e, o in run_clock(due, due, timedelta(seconds=1))]
+    script = "import json, sys\nfrom rekku.events import deliver_task\ndeliver_task(json.loads(sys.argv[1]))"
+    for attempt in range(1, ev.MAX_ATTEMPTS + 1):
+        with get_engine().connect() as holder, holder.begin():
+            holder.execute(sa.text("SELECT id FROM outbox_order FOR UPDATE"))
+            earlier = _waiting_on_outbox_order()  # a killed worker's connection may linger a moment
+            worker = subprocess.Popen([sys.executable, "-c", script, json.dumps(items)], env=dict(os.environ))
+            try:
+                wait_until(lambda: _waiting_on_outbox_order() - earlier or worker.poll() is not None, timeout=60,
+                           what="the delivery to wait inside its outbox transaction")
+                assert worker.poll() is None, "the delivery finished instead of waiting on the outbox order"
+            finally:
+                worker.kill()
+                worker.wait()
+        with get_engine().connect() as conn:
+            rows = conn.execute(sa.select(ev.deliveries.c.status, ev.deliveries.c.attempts)).all()
+            assert conn.scalar(sa.select(sa.func.count()).select_from(OutboxMessage.__table__)) == 0
+        assert sorted(rows) == [("pending", attempt)] * 3
+
+    assert ev.deliver_task(items) == {"delivered": 0, "failed": 0}  # attempts exhausted: nothing sent
+    requeued: list = []
+    later = datetime.now(timezone.utc) + timedelta(seconds=get_settings().event_redeliver_seconds + 1)
+    assert ev.recover_lost(now=later, enqueue=requeued.extend) == 0
+    assert requeued == []
+    with get_engine().connect() as conn:
+        rows = conn.execute(sa.select(ev.deliveries.c.status, ev.deliveries.c.error)).all()
+    assert {row.status for row in rows} == {"failed"}
+    assert all("interrupted 6 times" in row.error for row in rows)
