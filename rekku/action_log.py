@@ -28,6 +28,7 @@ from rekku.models import (
     SUCCEEDED,
     ActionRun,
     Batch,
+    chat_key,
     utcnow,
 )
 
@@ -142,6 +143,7 @@ class ActionLog:
                     c.execute(sa.insert(_runs), [
                         {"id": r.id, "batch_id": batch_id, "position": r.position, "type": r.type,
                          "queue": r.queue, "status": QUEUED, "payload": r.payload, "context": r.context,
+                         "chat_id": chat_key((r.context or {}).get("chat_id")),
                          "attempts": 0, "cancel_requested": False, "created_at": now, "updated_at": now}
                         for r in runs])
         except IntegrityError:

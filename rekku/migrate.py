@@ -1,8 +1,8 @@
 """Run Alembic migrations programmatically (``rekku migrate`` and start-up), and report their state.
 
-The action log is revision ``0001``; each plugin's tables are a branch of their own on top of it
-(``down_revision = "0001"``, ``branch_labels = ("<plugin>",)``), so plugins add tables without
-ordering their migrations against each other; ``upgrade`` goes to every head."""
+The action log is revision ``0001`` and its own later revisions (``0002``, …); each plugin's tables
+are a branch of their own on top of it (``down_revision = "0001"``, ``branch_labels = ("<plugin>",)``),
+so plugins add tables without ordering their migrations against each other; ``upgrade`` goes to every head."""
 
 from __future__ import annotations
 

@@ -58,11 +58,22 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+#: Characters of the context's chat id kept in ``action_runs.chat_id`` (the index; the context has all).
+CHAT_ID_LENGTH = 255
+
+
+def chat_key(chat_id: object) -> str | None:
+    """What ``action_runs.chat_id`` holds for a chat id: a prefix that narrows by index, never the
+    whole test (a longer id, or a case variant under MariaDB's collation, shares it)."""
+    return None if chat_id is None else str(chat_id)[:CHAT_ID_LENGTH]
+
+
 class ActionRun(Base):
     """One action: written before it is enqueued, moved through its states by the worker."""
 
     __tablename__ = "action_runs"
-    __table_args__ = (sa.Index("ix_action_runs_status_updated", "status", "updated_at"),)
+    __table_args__ = (sa.Index("ix_action_runs_status_updated", "status", "updated_at"),
+                      sa.Index("ix_action_runs_chat_created", "chat_id", "created_at"))
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     batch_id: Mapped[str] = mapped_column(sa.String(36), index=True)
@@ -72,6 +83,8 @@ class ActionRun(Base):
     status: Mapped[str] = mapped_column(sa.String(16), default=QUEUED)
     payload: Mapped[dict] = mapped_column(JSONType)
     context: Mapped[dict | None] = mapped_column(JSONType)
+    #: The context's chat id (its first CHAT_ID_LENGTH characters), indexed for the prompt's chat history.
+    chat_id: Mapped[str | None] = mapped_column(sa.String(CHAT_ID_LENGTH))
     result: Mapped[object | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(sa.Text)
     progress: Mapped[dict | None] = mapped_column(JSONType)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rekku.corrections import JSON_INSTRUCTIONS
 from rekku.db import get_engine
 from rekku.ingest import capabilities
-from rekku.models import ActionRun, utcnow
+from rekku.models import ActionRun, chat_key, utcnow
 from rekku.registry import Registry, get_registry
 from rekku.schemas import Capability
 from rekku.settings import Settings, get_settings
@@ -153,7 +153,9 @@ def chat_history(interface: str | None, chat_id: str | None, thread_id: str | No
         return []
     runs = ActionRun.__table__
     since = utcnow() - timedelta(days=days)
-    query = (sa.select(runs).where(runs.c.context["chat_id"].as_string() == str(chat_id),
+    # the indexed column narrows to the chat; the context's own value is the exact test
+    query = (sa.select(runs).where(runs.c.chat_id == chat_key(chat_id),
+                                   runs.c.context["chat_id"].as_string() == str(chat_id),
                                    runs.c.created_at >= since)
              .order_by(runs.c.created_at.desc(), runs.c.position.desc()).limit(limit * 3))
     if thread_id:
