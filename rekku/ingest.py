@@ -90,7 +90,7 @@ class Ingress:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
         batch_id = str(uuid.uuid4())
-        runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, self._queue_for(a.spec, a.payload, ctx), a.payload,
+        runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, self.queue_for(a.spec, a.payload, ctx), a.payload,
                        {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {})})
                 for a in accepted]
         answer = Answer(batch_id,
@@ -134,8 +134,9 @@ class Ingress:
                 except Exception:
                     log.exception("on_request of plugin %s failed", name)
 
-    def _queue_for(self, spec: ActionSpec, payload: dict, ctx: dict) -> str:
-        """The pool's queue, unless the plugin routes this action elsewhere (a node's own queue)."""
+    def queue_for(self, spec: ActionSpec, payload: dict, ctx: dict) -> str:
+        """The pool's queue, unless the plugin routes this action elsewhere (a node's own queue); the
+        reconciler asks again for an action stranded in a dead node's queue."""
         route = getattr(self.registry.plugins[spec.plugin], "route_action", None)
         if route is None:
             return spec.pool

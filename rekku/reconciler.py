@@ -8,7 +8,9 @@ by default). Every ``REKKU_RECONCILE_SECONDS`` beat runs :func:`reconcile`, whic
   queue and in no worker's unacknowledged set (the grace covers the ingress between its commit and
   its publish), and
 * re-enqueues ``running`` actions whose worker node stopped its heartbeat (a Redis key each worker
-  refreshes, :data:`HEARTBEAT_PREFIX`), after moving them back to ``queued``.
+  refreshes, :data:`HEARTBEAT_PREFIX`), after moving them back to ``queued``, and
+* moves actions waiting in a dead node's own queue (``terminal.<node>``: nobody else consumes it)
+  to where their plugin routes them now.
 
 A finished action is never re-enqueued, and the worker's claim refuses a delivery of an action
 that is already final, so a re-enqueue can never run finished work twice.
@@ -81,18 +83,29 @@ def _ids_in(payloads: list[bytes]) -> set[str]:
     return ids
 
 
-def forget_unacked(client: redis.Redis, ids: set[str]) -> int:
+def forget_unacked(client: redis.Redis, ids: set[str]) -> set[str]:
     """Drop dead workers' unacknowledged copies of ``ids``, so Redis does not hand them out again after
-    the visibility timeout (possibly while the re-enqueued copy runs)."""
-    dropped = 0
+    the visibility timeout (possibly while the re-enqueued copy runs); returns the ids dropped."""
+    dropped: set[str] = set()
     for tag, raw in client.hgetall(UNACKED_KEY).items():
-        if _ids_in([raw]) & ids:
+        if found := _ids_in([raw]) & ids:
             pipe = client.pipeline()
             pipe.hdel(UNACKED_KEY, tag)
             pipe.zrem(UNACKED_INDEX_KEY, tag)
-            pipe.execute()
-            dropped += 1
+            if pipe.execute()[0]:
+                dropped |= found
     return dropped
+
+
+def take_from_queue(client: redis.Redis, queue: str, ids: set[str]) -> set[str]:
+    """Remove the waiting messages of ``ids`` from ``queue``; returns the ids removed (a consumer that
+    took one first wins, and that one is not re-enqueued)."""
+    taken: set[str] = set()
+    for step in PRIORITY_STEPS:
+        for raw in client.lrange(queue + step, 0, -1):
+            if (found := _ids_in([raw]) & ids) and client.lrem(queue + step, 1, raw):
+                taken |= found
+    return taken
 
 
 def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
@@ -104,14 +117,52 @@ def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
     return held
 
 
+# ----------------------------------------------------------------------------- nodes' own queues
+def node_of(queue: str) -> str | None:
+    """The worker whose own queue this is (``terminal.<node>`` → ``terminal@<node>``), or None for a
+    pool's shared queue."""
+    from workers.pools import POOLS
+
+    pool, dot, node = queue.partition(".")
+    spec = POOLS.get(pool)
+    return f"{pool}@{node}" if dot and node and spec is not None and spec.node_queue else None
+
+
+def reroute_stranded(client: redis.Redis, rows: list[Any], held: set[str]) -> dict[str, str]:
+    """Actions waiting for a node whose worker stopped (its own queue, ``terminal.<node>``, has no
+    consumer any more): their plugin routes them again (a terminal session moves to a live node,
+    which answers that the session was lost) and their messages leave the dead node's queue and
+    unacknowledged set. Returns action id → new queue, for the ones to enqueue there. One the plugin
+    still routes to the dead node (its session registry has not noticed yet) waits for a later pass."""
+    from rekku.ingest import default_ingress
+    from rekku.registry import get_registry
+
+    dead = {r.queue for r in rows if (worker := node_of(r.queue)) and not client.exists(HEARTBEAT_PREFIX + worker)}
+    if not dead:
+        return {}
+    ingress, actions = default_ingress(), get_registry().actions
+    wanted: dict[str, tuple[str, str]] = {}  # id → (dead queue, new queue)
+    for r in rows:
+        if r.queue in dead and (spec := actions.get(r.type)) is not None:
+            queue = ingress.queue_for(spec, r.payload, r.context or {})
+            if queue != r.queue:
+                wanted[r.id] = (r.queue, queue)
+    freed = forget_unacked(client, set(wanted))
+    for queue in dead:
+        freed |= take_from_queue(client, queue, {i for i, (old, _) in wanted.items() if old == queue})
+    return {i: new for i, (_, new) in wanted.items() if i in freed or i not in held}
+
+
 # ----------------------------------------------------------------------------- the reconciler
 @dataclass
 class Outcome:
     requeued_lost: int = 0
     requeued_orphaned: int = 0
+    rerouted_from_dead_nodes: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"requeued_lost": self.requeued_lost, "requeued_orphaned": self.requeued_orphaned}
+        return {"requeued_lost": self.requeued_lost, "requeued_orphaned": self.requeued_orphaned,
+                "rerouted_from_dead_nodes": self.rerouted_from_dead_nodes}
 
 
 def reconcile(settings: Settings | None = None) -> dict[str, int]:
@@ -145,11 +196,18 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
     if dead:
         forget_unacked(client, set(dead))
     held = held_by_broker(client, {r.queue for r in rows})
-    lost = [r for r in rows if r.id not in held]
+    moved = reroute_stranded(client, rows, held)
+    if moved:
+        with engine.begin() as conn:
+            for queue in set(moved.values()):
+                conn.execute(sa.update(runs).where(runs.c.id.in_([i for i, q in moved.items() if q == queue]))
+                             .values(queue=queue))
+    lost = [r for r in rows if r.id not in held or r.id in moved]
     by_batch: dict[str, list[NewRun]] = {}
     for r in lost:
         context = {k: v for k, v in (r.context or {}).items() if k != "batch_id"}
-        by_batch.setdefault(r.batch_id, []).append(NewRun(r.id, r.position, r.type, r.queue, r.payload, context))
+        by_batch.setdefault(r.batch_id, []).append(NewRun(r.id, r.position, r.type, moved.get(r.id, r.queue),
+                                                          r.payload, context))
     unsent = []
     for batch_id, batch_runs in by_batch.items():
         unsent += dispatch.enqueue(batch_runs, batch_id)
@@ -157,10 +215,13 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
         with engine.begin() as conn:  # so the next pass gives them a fresh grace period
             conn.execute(sa.update(runs).where(runs.c.id.in_([r.id for r in lost]), runs.c.status == QUEUED)
                          .values(updated_at=utcnow()))
-    outcome.requeued_lost = sum(1 for r in lost if r.id not in set(dead) and r.id not in set(unsent))
+    outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in set(unsent) and i not in set(dead))
+    outcome.requeued_lost = sum(1 for r in lost if r.id not in set(dead) and r.id not in set(unsent)
+                                and r.id not in moved)
     if lost:
-        log.warning("reconciler re-enqueued %d actions the broker had lost and %d whose worker stopped",
-                    outcome.requeued_lost, outcome.requeued_orphaned)
+        log.warning("reconciler re-enqueued %d actions the broker had lost and %d whose worker stopped, "
+                    "and moved %d off dead nodes' queues", outcome.requeued_lost, outcome.requeued_orphaned,
+                    outcome.rerouted_from_dead_nodes)
     return outcome.as_dict()
 
 

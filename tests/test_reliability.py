@@ -11,6 +11,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from tests.conftest import TRAINER
 from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
@@ -23,7 +24,8 @@ from tests.support import (
     wait_until,
 )
 
-FAST_RECONCILER = {"REKKU_RECONCILE_SECONDS": "1", "REKKU_RECONCILE_GRACE": "1", "REKKU_WORKER_HEARTBEAT_TTL": "3"}
+FAST_RECONCILER = {"REKKU_RECONCILE_SECONDS": "1", "REKKU_RECONCILE_GRACE": "1", "REKKU_WORKER_HEARTBEAT_TTL": "3",
+                   "TRAINER_IDS": "telegram_bot:42"}
 
 
 @pytest.fixture
@@ -95,6 +97,38 @@ def test_worker_node_killed_mid_action_is_rerun_on_another_node(fresh_stack: Sta
     from rekku.reconciler import held_by_broker
 
     assert action_id not in held_by_broker(redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db), set())
+
+
+def test_a_command_stranded_in_a_dead_terminal_nodes_queue_moves_to_a_live_node(fresh_stack: Stack) -> None:
+    """A persistent session's command is routed to its node's own queue; if that node was killed just
+    before, nobody else consumes that queue. The reconciler routes it again, to a live node, which
+    answers that the session was lost (and the command not run) instead of it waiting forever."""
+    stack = fresh_stack
+    stack.start_worker("default", concurrency=1, node="reconciling")
+    stack.spawn("beat", log_name="beat")
+    # the session registry keeps a killed node for TERMINAL_NODE_TTL; its worker heartbeat (3 s) ends first
+    doomed = stack.start_worker("terminal", concurrency=2, node="doomed", TERMINAL_NODE_TTL="10")
+
+    def in_session(command: str) -> str:
+        payload = {"command": command, "persistent_session": True, "session": "work"}
+        return stack.submit([{"type": "terminal", "payload": payload}], TRAINER)["accepted"][0]["id"]
+
+    first = stack.wait_action(in_session("cd /tmp"))
+    assert first["status"] == "succeeded" and first["queue"] == "terminal.doomed", first
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait(10)
+    stranded = in_session("pwd")
+    assert stack.get(f"/v1/actions/{stranded}").json()["queue"] == "terminal.doomed"
+    stack.start_worker("terminal", concurrency=2, node="survivor", TERMINAL_NODE_TTL="10")
+
+    run = wait_until(lambda: (r := stack.get(f"/v1/actions/{stranded}").json())["status"] not in ("queued", "running")
+                     and r, timeout=60, interval=0.5, what="the stranded command to finish")
+    assert run["status"] == "succeeded" and run["queue"] == "terminal.survivor", run
+    assert run["result"]["session_lost"] is True and run["result"]["ran"] is False, run
+    assert "its node 'doomed' is gone" in run["result"]["notice"]
+    broker = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    assert broker.llen("terminal.doomed") == 0
+    assert broker.hget("rekku:metrics:reconciler", "rerouted_from_dead_nodes") == b"1"
 
 
 def test_worker_sigterm_finishes_what_runs_and_requeues_what_it_holds(fresh_stack: Stack) -> None:
