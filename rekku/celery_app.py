@@ -11,7 +11,13 @@ import threading
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_after_setup, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.periodic import register_periodic_tasks
@@ -115,6 +121,15 @@ def _log_format(logger: logging.Logger, **_kwargs: Any) -> None:
 @worker_shutdown.connect(weak=False)
 def _stop_heartbeat(**_kwargs: Any) -> None:
     _heartbeat_stop.set()
+
+
+@worker_process_shutdown.connect(weak=False)
+@worker_shutdown.connect(weak=False)
+def _flush_metrics(**_kwargs: Any) -> None:
+    """A pool process (or a threads/solo worker) sends its last second of run metrics before it exits."""
+    from rekku.metrics import RUN_METRICS
+
+    RUN_METRICS.flush()
 
 
 app = make_app()

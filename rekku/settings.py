@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     reconcile_grace: float = Field(60.0, ge=0, validation_alias=_env("REKKU_RECONCILE_GRACE"))
     #: Seconds a worker node counts as alive after its last heartbeat (it beats every third of it).
     worker_heartbeat_ttl: float = Field(30.0, ge=3, validation_alias=_env("REKKU_WORKER_HEARTBEAT_TTL"))
+    #: Seconds between a worker process's sends of its run metrics to Redis (and on its shutdown).
+    metrics_flush_seconds: float = Field(1.0, gt=0, validation_alias=_env("REKKU_METRICS_FLUSH_SECONDS"))
 
     # interfaces and chat plugins
     telegram_bot_token: str | None = Field(None, validation_alias=_env("TELEGRAM_BOT_TOKEN"))

@@ -8,7 +8,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import Stack
+from tests.support import Stack, wait_until
 
 KEYS = ["actions", "text", "context", "type", "payload", "idempotency_key", "chat_id", "user_id", "x"]
 json_values = st.recursive(
@@ -111,7 +111,10 @@ def test_metrics_count_accepted_rejected_runs_durations_and_queue_depth(stack: S
     stack.submit([{"type": "nope", "payload": {}}])
     stack.run("echo")
     stack.run("tk_fail")
-    text = stack.get("/metrics").text
+    # workers send their run metrics every REKKU_METRICS_FLUSH_SECONDS (1 s)
+    failed = 'rekku_action_runs_total{status="failed",type="tk_fail"}'
+    text = wait_until(lambda: failed in (t := stack.get("/metrics").text) and t, timeout=10,
+                      what="the workers' run metrics")
     assert 'rekku_actions_accepted_total{type="echo"}' in text
     assert 'rekku_actions_rejected_total{type="nope"}' in text
     assert 'rekku_action_runs_total{status="succeeded",type="echo"}' in text

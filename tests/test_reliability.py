@@ -131,6 +131,20 @@ def test_a_command_stranded_in_a_dead_terminal_nodes_queue_moves_to_a_live_node(
     assert broker.hget("rekku:metrics:reconciler", "rerouted_from_dead_nodes") == b"1"
 
 
+def test_a_stopping_worker_sends_the_run_metrics_it_still_holds(fresh_stack: Stack) -> None:
+    """Pool processes count runs in memory and send them every REKKU_METRICS_FLUSH_SECONDS; a worker
+    told to stop sends what it holds before its processes exit."""
+    stack = fresh_stack
+    worker = stack.start_worker("default", concurrency=2, node="counting", REKKU_METRICS_FLUSH_SECONDS="3600")
+    for action in stack.submit([{"type": "tk_count", "payload": {}}] * 5)["accepted"]:
+        assert stack.wait_action(action["id"])["status"] == "succeeded"
+    broker = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    assert broker.hget("rekku:metrics:runs", "tk_count|succeeded") is None  # still in the pool processes
+    stop_process(worker)
+    assert broker.hget("rekku:metrics:runs", "tk_count|succeeded") == b"5"
+    assert int(broker.hget("rekku:metrics:duration_bucket", "tk_count|+Inf")) == 5
+
+
 def test_worker_sigterm_finishes_what_runs_and_requeues_what_it_holds(fresh_stack: Stack) -> None:
     stack = fresh_stack
     worker = stack.start_worker("default", concurrency=1, node="leaving")
