@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ ROOTS = {"ingress": "rekku/ingest.py:Ingress.submit", "worker": "rekku/runner.py
 
 
 def find_py_spy(explicit: str | None) -> str:
-    exe = explicit or shutil.which("py-spy")
+    # the venv's bin is not on PATH when the bench runs as .venv/bin/python (make bench)
+    exe = explicit or shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if not exe:
         raise SystemExit("--profile needs py-spy: `pip install py-spy` (or --py-spy PATH)")
     return exe
