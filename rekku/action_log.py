@@ -95,6 +95,7 @@ _CLAIM_AND_FINISH = (sa.update(_runs)
                              error=sa.bindparam("error"), attempts=_runs.c.attempts + 1,
                              worker=sa.bindparam("worker"), started_at=sa.bindparam("started"),
                              finished_at=sa.bindparam("now"), updated_at=sa.bindparam("now")))
+_CLAIM_AND_FINISH_WITH_PROGRESS = _CLAIM_AND_FINISH.values(progress=sa.bindparam("progress"))
 _REQUEUE = (sa.update(_runs).where(_id, _runs.c.status == RUNNING)
             .values(status=QUEUED, error=sa.bindparam("error"), updated_at=sa.bindparam("now")))
 _PROGRESS = sa.update(_runs).where(_id).values(progress=sa.bindparam("progress"), updated_at=sa.bindparam("now"))
@@ -197,13 +198,17 @@ class ActionLog:
         self._do(lambda c: c.execute(_FINISH, params))
 
     def claim_and_finish(self, action_id: str, worker: str, started: datetime, *, succeeded: bool,
-                         result: Any = None, error: str | None = None) -> None:
-        """Record a whole run in one write (for runs that ended before their claim was written)."""
+                         result: Any = None, error: str | None = None, progress: dict | None = None) -> None:
+        """Record a whole run in one write (for runs that ended before their claim was written), with
+        the last progress it reported (None keeps what the log has)."""
         params = {"aid": action_id, "worker": worker, "started": started, "now": utcnow(),
                   "status": SUCCEEDED if succeeded else FAILED,
                   "result": _json_safe(result) if succeeded else None,
                   "error": None if succeeded else (error or "")[:MAX_ERROR_CHARS]}
-        self._do(lambda c: c.execute(_CLAIM_AND_FINISH, params))
+        statement = _CLAIM_AND_FINISH
+        if progress is not None:
+            statement, params["progress"] = _CLAIM_AND_FINISH_WITH_PROGRESS, _json_safe(progress)
+        self._do(lambda c: c.execute(statement, params))
 
     def requeue(self, action_id: str, error: str) -> None:
         """running → queued, keeping the last error, before a retry is scheduled."""

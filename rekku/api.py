@@ -206,6 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise NotFound(f"no action {action_id}")
         if status == CANCELLED and changed:
             celery.control.revoke(action_id)
+            # a worker may have started it in the last milliseconds, before its claim was written
+            request_stop(celery, action_id)
             return {"id": action_id, "status": status, "detail": "cancelled before it ran"}
         if status == RUNNING and changed:
             request_stop(celery, action_id)

@@ -6,9 +6,11 @@ added by writing a class and listing it there, not by adding branches to the tas
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,17 +66,112 @@ class Hook:
         """The delivery was acknowledged without running the handler."""
 
 
+#: How long a run goes unrecorded as ``running``. One that ends sooner (most: a no-op takes well under
+#: a millisecond) is written once, claim, last progress and result together; a longer one is claimed then.
+CLAIM_DELAY = 0.01
+
+
+class DeferredClaim:
+    """The write that marks a run ``running`` (attempts + 1, worker, started_at): made by the process's
+    claimer thread once :data:`CLAIM_DELAY` has passed, at once by :meth:`write` when something needs
+    the row (the attempt number), or never when the run ends first: then its end claims too. Progress
+    reported before the claim is written rides along with whichever write comes first."""
+
+    def __init__(self, action_log: ActionLog, action_id: str, worker: str) -> None:
+        self.started = utcnow()
+        self.due = time.monotonic() + CLAIM_DELAY
+        self.progress: dict | None = None
+        self.action_id = action_id
+        self._log, self._worker = action_log, worker
+        self._lock = threading.Lock()
+        self._ended = self._written = False
+        _claimer().add(self)
+
+    @property
+    def settled(self) -> bool:
+        return self._ended or self._written
+
+    def write(self) -> None:
+        """Write the claim, unless it is written or the run is over."""
+        with self._lock:
+            if self._ended or self._written:
+                return
+            self._log.claim(self.action_id, self._worker)
+            if self.progress is not None:
+                self._log.set_progress(self.action_id, self.progress)
+            self._written = True
+
+    def hold_progress(self, progress: dict) -> bool:
+        """Keep ``progress`` for the claim's write; False when the claim is already written (write it now)."""
+        with self._lock:
+            if self._written:
+                return False
+            self.progress = progress
+            return True
+
+    def end(self) -> bool:
+        """The run is over: True when the claim was written (its end is a plain finish), False when the
+        end must record the claim too."""
+        with self._lock:
+            self._ended = True
+            return self._written
+
+
+class _Claimer:
+    """The process's thread that writes the deferred claims that are due. While runs keep coming,
+    starting one only appends to a deque and wakes nothing (handing each claim to a pool thread cost a
+    fifth of a no-op action's worker time in GIL hand-offs: py-spy, bench (b)); an idle process's
+    thread sleeps until the next run."""
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[DeferredClaim] = collections.deque()
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="rekku-claim", daemon=True).start()
+
+    def add(self, claim: DeferredClaim) -> None:
+        idle = not self._pending
+        self._pending.append(claim)
+        if idle:
+            self._wake.set()
+
+    def _loop(self) -> None:
+        pending = self._pending
+        while True:
+            if not pending:
+                self._wake.wait()
+                self._wake.clear()
+            time.sleep(CLAIM_DELAY)
+            now = time.monotonic()
+            while pending and (pending[0].settled or pending[0].due <= now):
+                claim = pending.popleft()
+                try:
+                    claim.write()
+                except Exception:  # the run's end records the claim instead
+                    log.warning("could not record that action %s is running", claim.action_id, exc_info=True)
+
+
+_claimers: dict[int, _Claimer] = {}
+
+
+def _claimer() -> _Claimer:
+    """The process's claimer (made again in a forked child, which has no threads)."""
+    pid = os.getpid()
+    claimer = _claimers.get(pid)
+    if claimer is None:
+        claimer = _claimers[pid] = _Claimer()
+    return claimer
+
+
 class ActionLogHook(Hook):
     """Moves the action through its states in the log; a finished action is never run again.
 
     The check that decides whether to run is a read (is the action final or cancelled?); the write
-    that marks it ``running`` (attempts + 1, worker, started_at) is committed on a helper thread
-    while the handler starts, and every later state change waits for it. That keeps a database
-    commit (an fsync on MariaDB) off the path to the handler without changing what can happen:
-    the conditional UPDATE never moves a final action, and a redelivery may re-run a ``running``
-    one, exactly as a synchronous claim would allow. When the handler is done before the claim
-    thread even started, the claim is dropped and one write records the whole run: half the
-    commits for quick actions, which is what several processes sharing SQLite contend on.
+    that marks it ``running`` is a :class:`DeferredClaim`, and every later state change comes after
+    it. That keeps database commits off the path to the handler without changing what can happen: the
+    conditional UPDATE never moves a final action, and a redelivery may re-run a ``running`` one,
+    exactly as a synchronous claim would allow. A run that ends within :data:`CLAIM_DELAY` is recorded
+    by ONE write (claim, progress, result) instead of three, which is what several processes sharing
+    SQLite contend on. The price: a worker killed within that time leaves no count in ``attempts``.
     """
 
     @property
@@ -91,53 +188,39 @@ class ActionLogHook(Hook):
         if cancel_requested:  # cancel asked while its previous holder died
             self.log.cancelled(run.action_id, "cancelled")
             raise SkipRun("cancelled")
-        run.extras["started"] = utcnow()
-        claim = _claimer().submit(self.log.claim, run.action_id, run.context.worker or "?")
-        run.extras["claim"] = claim
-        run.context._attempt_loader = lambda: (claim.result(), self.log.attempts(run.action_id))[1]
+        claim = run.extras["claim"] = DeferredClaim(self.log, run.action_id, run.context.worker or "?")
+        run.context._attempt_loader = lambda: (claim.write(), self.log.attempts(run.action_id))[1]
 
-    @staticmethod
-    def _claimed(run: Run) -> bool:
-        """Wait for the claim; False when it never started (the handler was quicker) and is now dropped."""
-        claim = run.extras.get("claim")
-        if claim is None or claim.cancel():
-            return False
-        claim.result()
-        return True
+    def _end(self, run: Run, *, succeeded: bool, result: Any = None, error: str | None = None) -> None:
+        claim: DeferredClaim | None = run.extras.get("claim")  # None: a hook before this one failed the run
+        if claim is not None and claim.end():
+            if succeeded:
+                self.log.succeed(run.action_id, result)
+            else:
+                self.log.fail(run.action_id, error or "")
+        else:
+            started = claim.started if claim else utcnow()
+            self.log.claim_and_finish(run.action_id, run.context.worker or "?", started, succeeded=succeeded,
+                                      result=result, error=error, progress=claim.progress if claim else None)
 
     def after_success(self, run: Run, result: Any) -> None:
-        if self._claimed(run):
-            self.log.succeed(run.action_id, result)
-        else:  # a quick action: claim and result in one write
-            self.log.claim_and_finish(run.action_id, run.context.worker or "?", run.extras["started"],
-                                      succeeded=True, result=result)
+        self._end(run, succeeded=True, result=result)
 
     def after_failure(self, run: Run, error: str) -> None:
-        if self._claimed(run):
-            self.log.fail(run.action_id, error)
-        else:
-            self.log.claim_and_finish(run.action_id, run.context.worker or "?", run.extras["started"],
-                                      succeeded=False, error=error)
+        self._end(run, succeeded=False, error=error)
+
+    @staticmethod
+    def _write_claim(run: Run) -> None:
+        if (claim := run.extras.get("claim")) is not None:
+            claim.write()
 
     def before_retry(self, run: Run, error: str, countdown: float) -> None:
-        run.context.attempt  # noqa: B018 - retries are counted by the claim: make sure it is written
-        self._claimed(run)
+        self._write_claim(run)  # retries are counted by the claim: make sure it is written
         self.log.requeue(run.action_id, f"{error} (retrying in {countdown:g} s)")
 
     def after_cancel(self, run: Run) -> None:
-        self._claimed(run)
+        self._write_claim(run)
         self.log.cancelled(run.action_id, "cancelled while running")
-
-
-_claim_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _claimer() -> ThreadPoolExecutor:
-    """The process's claim thread (made again in a forked child, which has no threads)."""
-    global _claim_pool
-    if _claim_pool is None or _claim_pool[0] != os.getpid():
-        _claim_pool = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="rekku-claim"))
-    return _claim_pool[1]
 
 
 class AuthorizationHook(Hook):
@@ -159,9 +242,10 @@ class ProgressHook(Hook):
 
         def sink(progress: dict) -> None:
             claim = run.extras.get("claim")
-            if claim is not None and not claim.cancelled():
-                claim.result()  # progress is only shown on an action the log already calls running
-            action_log.set_progress(run.action_id, progress)
+            # progress is only stored on an action the log already calls running: before its claim is
+            # written, the claim's write (or the run's end) carries it
+            if claim is None or not claim.hold_progress(progress):
+                action_log.set_progress(run.action_id, progress)
             try:
                 run.task.update_state(task_id=run.action_id, state="PROGRESS", meta=progress)
             except Exception:  # the result backend is a nicety here; the log has it

@@ -164,6 +164,11 @@ def test_the_worker_checks_authorization_again(stack: Stack) -> None:
     assert run["status"] == "failed" and "restricted to trainers" in run["error"]
 
 
+def _wait_running(stack: Stack, action_id: str) -> None:
+    wait_until(lambda: stack.get(f"/v1/actions/{action_id}").json()["status"] == "running", timeout=10,
+               interval=0.01, what="the log to say running")
+
+
 def test_cancel_a_queued_action(stack: Stack) -> None:
     answer = stack.submit([{"type": "tk_io", "payload": {}}])  # no io worker runs in this stack
     action_id = answer["accepted"][0]["id"]
@@ -178,6 +183,7 @@ def test_cancel_a_running_action(stack: Stack) -> None:
     answer = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 30}}])
     action_id = answer["accepted"][0]["id"]
     wait_until(lambda: stack.journal(action_id), timeout=20, what="the sleep to start")
+    _wait_running(stack, action_id)
     resp = stack.post(f"/v1/actions/{action_id}/cancel")
     assert resp.status_code == 200 and resp.json()["status"] == "running"
     run = stack.wait_action(action_id, timeout=20)
@@ -190,6 +196,7 @@ def test_worker_process_killed_mid_action_reruns_it_exactly_once(stack: Stack) -
     answer = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 1.5}}])
     action_id = answer["accepted"][0]["id"]
     first = wait_until(lambda: stack.journal(action_id), timeout=20, what="the action to start")
+    _wait_running(stack, action_id)  # attempts are counted by the claim, written just after the start
     os.kill(int(first[0].split()[1]), signal.SIGKILL)
     run = stack.wait_action(action_id, timeout=60)
     assert run["status"] == "succeeded", run

@@ -182,6 +182,8 @@ def test_worker_killed_mid_send_never_sends_a_part_twice(chat_stack: Stack, tg) 
     action_id = answer["accepted"][0]["id"]
     io = next(p for p in chat_stack.processes if getattr(p, "node", "").startswith("io@") and p.poll() is None)
     assert tg.held.wait(30), "the second part never reached the fake API"
+    wait_until(lambda: chat_stack.get(f"/v1/actions/{action_id}").json()["status"] == "running", timeout=10,
+               interval=0.01, what="its claim")
     os.killpg(io.pid, signal.SIGKILL)
     stop_process(io)
     tg.release.set()

@@ -85,6 +85,8 @@ def test_worker_node_killed_mid_action_is_rerun_on_another_node(fresh_stack: Sta
     stack.spawn("beat", log_name="beat")
     action_id = stack.submit([{"type": "tk_sleep", "payload": {"seconds": 3}}])["accepted"][0]["id"]
     wait_until(lambda: stack.journal(action_id), timeout=30, what="the action to start on the doomed node")
+    wait_until(lambda: stack.get(f"/v1/actions/{action_id}").json()["status"] == "running", timeout=10,
+               interval=0.01, what="its claim (the reconciler re-enqueues running actions of dead nodes)")
     os.killpg(doomed.pid, signal.SIGKILL)  # the whole node: main process and pool child
     stop_process(doomed)
     stack.start_worker("default", concurrency=1, node="survivor")
