@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,29 @@ def drop_mariadb(name: str) -> None:
     conn = MySQLdb.connect(**MARIADB)
     conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
     conn.close()
+
+
+@contextmanager
+def scratch_database(kind: str, directory: Path, monkeypatch: Any) -> Iterator[str]:
+    """A new SQLite file (in ``directory``) or MariaDB database, made this process's database
+    (``REKKU_DATABASE_URL`` through ``monkeypatch``) and removed afterwards; migrating is the caller's."""
+    from rekku.db import get_engine
+    from rekku.settings import get_settings
+
+    name = None
+    if kind == "mariadb":
+        name, url = create_mariadb()
+    else:
+        url = f"sqlite:///{directory / 'scratch.db'}"
+    monkeypatch.setenv("REKKU_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        get_settings.cache_clear()
+        if name:
+            drop_mariadb(name)
 
 
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:

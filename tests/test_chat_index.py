@@ -17,8 +17,7 @@ from rekku.db import get_engine
 from rekku.migrate import _config, upgrade
 from rekku.models import CHAT_ID_LENGTH, ActionRun, utcnow
 from rekku.prompt import chat_history
-from rekku.settings import get_settings
-from tests.support import create_mariadb, drop_mariadb
+from tests.support import scratch_database
 
 LONG = "x" * (CHAT_ID_LENGTH + 20)
 CHATS = ["Room", "room", LONG, LONG + "y"]
@@ -27,24 +26,12 @@ CHATS = ["Room", "room", LONG, LONG + "y"]
 @pytest.fixture(params=["sqlite", "mariadb"])
 def old_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A database migrated only to the action log's first revision (before the chat id column)."""
-    name = None
-    if request.param == "mariadb":
-        name, url = create_mariadb()
-    else:
-        url = f"sqlite:///{tmp_path / 'old.db'}"
-    monkeypatch.setenv("REKKU_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
+    with scratch_database(request.param, tmp_path, monkeypatch) as url:
         with get_engine(url).begin() as connection:
             cfg = _config(url)
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "0001")
         yield url
-    finally:
-        get_engine(url).dispose()
-        get_settings.cache_clear()
-        if name:
-            drop_mariadb(name)
 
 
 def _old_row(chat: str | None, text: str) -> dict:

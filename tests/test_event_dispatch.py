@@ -17,28 +17,16 @@ from rekku.db import get_engine
 from rekku.migrate import upgrade
 from rekku.schedule import build_rule
 from rekku.settings import get_settings
-from tests.support import create_mariadb, drop_mariadb
+from tests.support import scratch_database
 
 T0 = datetime(2026, 3, 27, 0, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture(params=["mariadb", "sqlite"])
 def event_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    name = None
-    if request.param == "mariadb":
-        name, url = create_mariadb()
-    else:
-        url = f"sqlite:///{tmp_path / 'events.db'}"
-    monkeypatch.setenv("REKKU_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
+    with scratch_database(request.param, tmp_path, monkeypatch) as url:
         upgrade(url)
         yield url
-    finally:
-        get_engine(url).dispose()
-        get_settings.cache_clear()
-        if name:
-            drop_mariadb(name)
 
 
 def add_event(payload: dict, now: datetime = T0, tz: str = "UTC", chat: str = "c1") -> int:
