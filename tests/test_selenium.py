@@ -44,7 +44,7 @@ def test_speech_reaches_telegram_and_the_outbox_and_reports_credits(plugin_stack
     chat = _outbox_chat()
     run = speak(plugin_stack, "Ciao, sono Rekku.", [{"interface": "telegram_bot", "chat_id": "-1001"},
                                                    {"interface": "outbox", "chat_id": chat, "thread_id": "t"}])
-    assert run["status"] == "succeeded", run
+    assert run["status"] == "succeeded", (run["error"], run)
     result = run["result"]
     assert run["worker"].startswith("selenium@") and run["progress"]["step"] == "downloading the audio"
     assert result["credits_remaining"] == tts_site.credits and result["credits"].endswith("credits remaining")
