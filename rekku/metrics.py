@@ -4,7 +4,8 @@ Workers and the reconciler run in other processes (often other machines), so wha
 added up in Redis hashes and read when Prometheus scrapes; the ingress's own counters live in its
 process. Queue depth is read from Redis at scrape time.
 
-A worker process adds its runs up in memory and sends them every second (:class:`RunMetrics`):
+A worker process adds its runs up in memory and sends them every ``REKKU_METRICS_FLUSH_SECONDS``
+(:class:`RunMetrics`):
 a pipeline of up to 17 Redis commands per action used to be about half of a no-op action's time in
 the worker, on the same Redis as the broker.
 """
@@ -69,8 +70,8 @@ def count_reconciled(outcome: dict[str, int]) -> None:
 class RunMetrics:
     """This process's action runs since its last flush, by type: counted in memory on the action's path
     and added to the Redis hashes in one MULTI/EXEC every ``REKKU_METRICS_FLUSH_SECONDS`` by a daemon
-    thread, and on worker shutdown. What a flush could not send stays for the next one; a SIGKILLed process loses at
-    most its last second of metrics, never an action."""
+    thread, and on worker shutdown. What a flush could not send stays for the next one; a SIGKILLed
+    process loses at most its last interval of metrics, never an action."""
 
     def __init__(self) -> None:
         self._reset()

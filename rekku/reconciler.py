@@ -147,6 +147,8 @@ def reroute_stranded(client: redis.Redis, rows: list[Any], held: set[str]) -> di
             queue = ingress.queue_for(spec, r.payload, r.context or {})
             if queue != r.queue:
                 wanted[r.id] = (r.queue, queue)
+    if not wanted:  # nothing can move yet: no need to read the unacknowledged set again
+        return {}
     freed = forget_unacked(client, set(wanted))
     for queue in dead:
         freed |= take_from_queue(client, queue, {i for i, (old, _) in wanted.items() if old == queue})
@@ -215,8 +217,9 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
         with engine.begin() as conn:  # so the next pass gives them a fresh grace period
             conn.execute(sa.update(runs).where(runs.c.id.in_([r.id for r in lost]), runs.c.status == QUEUED)
                          .values(updated_at=utcnow()))
-    outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in set(unsent) and i not in set(dead))
-    outcome.requeued_lost = sum(1 for r in lost if r.id not in set(dead) and r.id not in set(unsent)
+    orphaned, unpublished = set(dead), set(unsent)  # once, not per action counted
+    outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in unpublished and i not in orphaned)
+    outcome.requeued_lost = sum(1 for r in lost if r.id not in orphaned and r.id not in unpublished
                                 and r.id not in moved)
     if lost:
         log.warning("reconciler re-enqueued %d actions the broker had lost and %d whose worker stopped, "
