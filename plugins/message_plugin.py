@@ -6,6 +6,10 @@ Sends run on the io pool; each part of a message is delivered once per action, w
 redelivers the task (see rekku/interfaces/delivery.py), and also to the chats linked to the
 target with chat_link's ``link_chats``. Interfaces missing their configuration still declare
 their actions, disabled with the reason, so the LLM gets a clear refusal.
+
+``audio`` follows the one file rule (rekku.artifacts.classify_file_ref, through the interface's
+``audio_error``): an artifact's name, an http(s) URL, or (Telegram) a file_id. A local path is
+refused here, before anything is queued, and again by the interface in the worker.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from rekku.interfaces.delivery import deliver
 from rekku.interfaces.links import Chat, looks_like_id, resolve_chat
 
 _ID_FIELDS = ("target", "thread_id", "reply_to_message_id")
+#: What ``audio`` takes, for the prompt (the rule itself is rekku.artifacts.classify_file_ref).
+_AUDIO_HELP = ("the name of an artifact Rekku produced (e.g. '<action id>.mp3'), an http(s) URL, or a "
+               "Telegram file_id (telegram_bot only); never a file path")
 
 
 def action_types(name: str, audio: bool) -> list[str]:
@@ -27,7 +34,8 @@ def action_types(name: str, audio: bool) -> list[str]:
 def schema(action_type: str) -> dict:
     kind, _, name = action_type.partition("_")
     if kind == "audio":
-        return {"description": f"Send an audio file (local path or URL) through {name}",
+        return {"description": f"Send an audio file (an artifact's name, an http(s) URL or a platform file id) "
+                               f"through {name}",
                 "required_fields": ["audio"], "optional_fields": list(_ID_FIELDS)}
     return {"description": f"Send a text message through {name}",
             "required_fields": ["text"], "optional_fields": list(_ID_FIELDS)}
@@ -42,7 +50,7 @@ def instructions(action_type: str) -> dict:
         "reply_to_message_id": {"type": "string", "description": "message to reply to"},
     }
     if kind == "audio":
-        payload = {"audio": {"type": "string", "description": "path or URL of the audio file"}, **payload}
+        payload = {"audio": {"type": "string", "description": _AUDIO_HELP}, **payload}
     else:
         payload = {"text": {"type": "string", "description": "the message; long texts are split"}, **payload}
     return {"description": f"{schema(action_type)['description']}.", "payload": payload}
@@ -81,6 +89,8 @@ class MessagePlugin(AIPluginBase):
             value = payload.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
                 errors.append(f"Field '{key}' must be a string or an integer for action '{action_type}'")
+        if not errors and action_type.startswith("audio_"):
+            errors += _audio_errors(action_type, payload.get("audio"))
         return errors
 
     def handle_custom_action(self, action_type: str, payload: dict) -> Any:
@@ -120,6 +130,13 @@ class UnavailableInterface(AIPluginBase):
 
     def unavailable_reason(self) -> str | None:
         return self.reason
+
+
+def _audio_errors(action_type: str, audio: Any) -> list[str]:
+    """The interface's refusal of ``audio`` (an unavailable interface is refused elsewhere)."""
+    iface = get_interfaces().get(action_type.partition("_")[2])
+    error = iface.audio_error(audio, action_type) if iface is not None else None
+    return [error] if error else []
 
 
 def _text(value: Any) -> str | None:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from rekku import AIPluginBase, PluginError, current_action, register_plugin
-from rekku.artifacts import artifact_dir, keep, url_of
+from rekku.artifacts import artifact_size, keep, url_of
 from rekku.settings import get_settings
 
 #: Longest message the site takes in one generation.
@@ -93,9 +93,9 @@ class SeleniumElevenLabs(AIPluginBase):
         ctx = current_action()
         action_id = ctx.action_id if ctx else f"local-{int(time.time() * 1000)}"
         name = f"{action_id}.mp3"
-        existing = artifact_dir() / name
-        if existing.is_file():  # a re-run after the audio was kept: do not spend credits again
-            speech = {"bytes": existing.stat().st_size, "credits": None, "credits_remaining": None, "reused": True}
+        existing = artifact_size(name)
+        if existing is not None:  # a re-run after the audio was kept: do not spend credits again
+            speech = {"bytes": existing, "credits": None, "credits_remaining": None, "reused": True}
         else:
             speech = self.speak(payload["message"], name)
         result = {"audio": name, "audio_url": url_of(name), **speech}
@@ -205,18 +205,16 @@ def _number(text: str | None) -> int | None:
 def send_audio(action_id: str, name: str, destinations: list[dict]) -> list[dict]:
     """Enqueue ``audio_<interface>`` for every destination, once per action (key ``speech:<id>``).
 
-    Platforms get the file's path (the artifact directory is shared with the io workers); interfaces
-    that store messages in our database (the outbox) get its API URL, which clients can fetch."""
+    Every destination gets the artifact's NAME, the one form of a server file an audio field takes
+    (rekku.artifacts.classify_file_ref): Telegram's io worker uploads the artifact's bytes (the
+    directory is shared with the io workers), the webhook and the outbox pass on its API URL
+    (``/v1/artifacts/{name}``), which clients fetch with the token."""
     from rekku.ingest import default_ingress
-    from rekku.interfaces import get_interfaces
 
-    interfaces = get_interfaces()
     ctx = current_action()
     actions = []
     for dest in destinations:
-        iface = interfaces.get(str(dest["interface"]))
-        audio = url_of(name) if iface is not None and iface.stored else str(artifact_dir() / name)
-        body = {"audio": audio, "target": str(dest["chat_id"])}
+        body = {"audio": name, "target": str(dest["chat_id"])}
         if dest.get("thread_id") not in (None, ""):
             body["thread_id"] = str(dest["thread_id"])
         actions.append({"type": f"audio_{dest['interface']}", "payload": body})

@@ -137,9 +137,10 @@ def test_telegram_thread_not_found_falls_back_to_the_chat(chat_stack: Stack, tg)
 
 def test_telegram_voice_file_is_uploaded_with_send_voice(chat_stack: Stack, tg) -> None:
     chat = _chat()
-    path = chat_stack.home / f"voice-{uuid.uuid4().hex[:6]}.ogg"
+    path = chat_stack.home / "artifacts" / f"voice-{uuid.uuid4().hex[:6]}.ogg"  # an artifact, given by name
+    path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"OggS fake opus")
-    run = chat_stack.run("audio_telegram_bot", {"audio": str(path), "target": chat})
+    run = chat_stack.run("audio_telegram_bot", {"audio": path.name, "target": chat})
     assert run["status"] == "succeeded", run
     [request] = tg.sends(chat)
     assert request.path.endswith("/sendVoice") and request.files["voice"] == (path.name, b"OggS fake opus")

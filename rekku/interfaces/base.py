@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rekku.errors import DeliveryError
+from rekku.artifacts import ARTIFACT, PLATFORM_FILE_ID, URL, FileRef, FileRefRefused, classify_file_ref, url_of
+from rekku.errors import DeliveryError, PluginError
 from rekku.settings import Settings
 
 
@@ -23,7 +24,8 @@ class Outgoing:
 
     chat_id: str
     text: str | None = None
-    #: A local file path or a URL of an audio file.
+    #: The audio as the payload gave it: an artifact name, an http(s) URL or a platform file id
+    #: (rekku.artifacts.classify_file_ref). Interfaces read it only through Interface.checked_audio.
     audio: str | None = None
     thread_id: str | None = None
     reply_to: str | None = None
@@ -45,6 +47,9 @@ class Interface:
     audio: ClassVar[bool] = False
     #: Messages live in our own database: :meth:`store` runs in the delivery record's transaction.
     stored: ClassVar[bool] = False
+    #: Takes a platform file id (Telegram's file_id) as audio. Others take artifacts and URLs only:
+    #: a file id means nothing outside its platform (an outbox client could not fetch it).
+    file_ids: ClassVar[bool] = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,6 +67,49 @@ class Interface:
     def store(self, session: Any, message: Outgoing) -> dict[str, Any]:
         """For ``stored`` interfaces: write the message with ``session`` (committed with its delivery record)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ files (the one rule: rekku.artifacts)
+    @classmethod
+    def audio_kinds(cls) -> tuple[str, ...]:
+        """The forms of :func:`rekku.artifacts.classify_file_ref` this interface sends."""
+        return (ARTIFACT, URL, PLATFORM_FILE_ID) if cls.file_ids else (ARTIFACT, URL)
+
+    def audio_ref(self, value: object) -> FileRef:
+        """``value`` classified by the one rule, and refused (FileRefRefused) when it is a form this
+        interface does not send. Used by validation at the ingress and again by the worker."""
+        ref = classify_file_ref(value, self.settings)
+        if ref.kind not in self.audio_kinds():
+            raise FileRefRefused(f"a platform file id means nothing to {self.name} "
+                                 "(only the platform that issued it can use it)")
+        return ref
+
+    def audio_error(self, value: object, action_type: str, field: str = "audio") -> str | None:
+        """The correction for the LLM when ``value`` may not be this interface's audio, else None."""
+        try:
+            self.audio_ref(value)
+        except FileRefRefused as exc:
+            return exc.explain(field, action_type, self.audio_kinds())
+        return None
+
+    def checked_audio(self, value: object) -> FileRef:
+        """Worker side: the message's audio by the same rule, or PluginError (fails the action for good).
+        A message queued before validation, or pushed straight to the broker, meets this check."""
+        try:
+            return self.audio_ref(value)
+        except FileRefRefused as exc:
+            raise self.audio_refused(exc) from None
+
+    def audio_refused(self, exc: FileRefRefused) -> PluginError:
+        """A worker-side refusal as the action's error, worded as the ingress words it."""
+        return PluginError(exc.explain("audio", f"audio_{self.name}", self.audio_kinds()))
+
+    def audio_link(self, value: str | None) -> str | None:
+        """For interfaces that pass audio on as a link (webhook, outbox): a URL as is, an artifact as
+        its ``/v1/artifacts/{name}`` path on the ingress (fetched with the API token)."""
+        if value is None:
+            return None
+        ref = self.checked_audio(value)
+        return url_of(ref.value) if ref.kind == ARTIFACT else ref.value
 
     def describe(self) -> dict[str, Any]:
         actions = [f"message_{self.name}"] + ([f"audio_{self.name}"] if self.audio else [])

@@ -2,6 +2,9 @@
 
 Texts are split at Discord's 2,000 characters; a ``thread_id`` posts into that thread of the
 webhook's channel; a 429's ``retry_after`` becomes the retry's delay.
+
+It takes no files (no ``audio_discord_bot``); an audio forwarded to a linked Discord chat is refused
+with the reason, and no file is ever read or attached.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class DiscordBot(Interface):
         return None if settings.discord_webhook_url else "DISCORD_WEBHOOK_URL is not set"
 
     def send(self, message: Outgoing) -> dict[str, Any]:
+        if message.audio is not None:
+            raise PluginError("discord_bot takes no audio or files; send a text message with the link instead")
         query = {"wait": "true", **({"thread_id": message.thread_id} if message.thread_id else {})}
         url = f"{self.settings.discord_webhook_url}{'&' if '?' in (self.settings.discord_webhook_url or '') else '?'}"
         body: dict[str, Any] = {"content": message.text, "allowed_mentions": {"parse": []}}

@@ -11,6 +11,9 @@ tests: a few messages of every few hundred, with six writers). Every transaction
 messages therefore locks the one ``outbox_order`` row just before inserting (:func:`hold_order`);
 the lock is held to commit, so ids are taken in commit order. SQLite needs nothing: its single
 writer lock already does that.
+
+``audio_url`` is a link a client can fetch: an http(s) URL as given, or an artifact's
+``/v1/artifacts/{name}`` path (``Interface.audio_link``); never a path on the server.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ class Outbox(Interface):
     stored = True
 
     def store(self, session: Any, message: Outgoing) -> dict[str, Any]:
+        audio_url = self.audio_link(message.audio)  # refused before anything is written
         hold_order(session)
         result = session.execute(sa.insert(OutboxMessage).values(
             chat_id=message.chat_id, thread_id=message.thread_id or "", text=message.text,
-            audio_url=message.audio, reply_to=message.reply_to, action_id=message.action_id, created_at=utcnow()))
+            audio_url=audio_url, reply_to=message.reply_to, action_id=message.action_id, created_at=utcnow()))
         return {"message_id": result.inserted_primary_key[0]}
 
 

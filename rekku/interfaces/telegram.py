@@ -3,16 +3,22 @@
 ``TELEGRAM_API_URL`` is the API's base URL, so tests run it against a local fake Bot API. A 429
 answer's ``retry_after`` becomes the retry's delay; a topic (thread) that no longer exists is
 dropped and the message sent to the chat itself, as upstream did.
+
+Audio follows the one file rule (rekku.artifacts.classify_file_ref), checked again here: an
+artifact's bytes are uploaded (opened by :func:`rekku.artifacts.open_artifact`, never through a
+link), an http(s) URL or a file_id is handed to Telegram as is (Telegram fetches a URL itself).
+No other local path is ever opened.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
+from rekku.artifacts import ARTIFACT, URL, FileRef, FileRefRefused, open_artifact
 from rekku.errors import DeliveryError, PluginError
 from rekku.interfaces import _http
 from rekku.interfaces.base import Interface, Outgoing
@@ -30,6 +36,7 @@ class TelegramBot(Interface):
     name = "telegram_bot"
     max_text = 4000
     audio = True
+    file_ids = True
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -69,13 +76,17 @@ class TelegramBot(Interface):
                 "link": f"https://t.me/{username}" if username else None}
 
     def _send_audio(self, data: dict[str, Any], audio: str) -> dict[str, Any]:
-        method, field = ("sendVoice", "voice") if audio.lower().endswith(VOICE_SUFFIXES) else ("sendAudio", "audio")
-        path = Path(audio)
-        if audio.startswith(("http://", "https://")) or not path.is_file():
-            return self._call(method, {**data, field: audio})  # a URL or a Telegram file_id
-        with path.open("rb") as fh:
+        ref = self.checked_audio(audio)
+        method, field = ("sendVoice", "voice") if _suffix(ref).endswith(VOICE_SUFFIXES) else ("sendAudio", "audio")
+        if ref.kind != ARTIFACT:
+            return self._call(method, {**data, field: ref.value})  # a URL or a file_id: Telegram's to use
+        try:
+            fh = open_artifact(ref.value, self.settings)
+        except FileRefRefused as exc:  # changed since it was checked a moment ago
+            raise self.audio_refused(exc) from None
+        with fh:
             form = {k: str(v) if not isinstance(v, dict) else _json(v) for k, v in data.items()}
-            return self._call(method, form, files={field: (path.name, fh)})
+            return self._call(method, form, files={field: (ref.value, fh)})
 
     def _call(self, method: str, data: dict[str, Any], files: dict | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"data": data, "files": files} if files else {"json": data}
@@ -103,6 +114,13 @@ class TelegramBot(Interface):
         if resp.status_code >= 500:
             raise DeliveryError(f"Telegram {method}: {resp.status_code} {description}")
         raise PluginError(f"Telegram refused {method}: {description}")
+
+
+def _suffix(ref: FileRef) -> str:
+    """The lower-case name (or URL path) that tells a voice note from a music file; '' for a file_id."""
+    if ref.kind == URL:
+        return urlsplit(ref.value).path.lower()
+    return ref.value.lower() if ref.kind == ARTIFACT else ""
 
 
 def _int(value: str) -> Any:

@@ -4,6 +4,9 @@ How other services receive what Rekku says. Headers: ``X-Rekku-Timestamp`` (Unix
 ``X-Rekku-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" with REKKU_WEBHOOK_SECRET>``
 and ``X-Rekku-Delivery`` (unique per action and part: a receiver de-duplicates on it). A 2xx answer
 is a delivery; 408, 429 and 5xx are retried; other answers fail the action.
+
+``audio_url`` is a link, never a file's bytes or a server path: an http(s) URL as the payload gave
+it, or an artifact's ``/v1/artifacts/{name}`` path on the ingress (``Interface.audio_link``).
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ class Webhook(Interface):
         return None
 
     def send(self, message: Outgoing) -> dict[str, Any]:
+        audio_url = self.audio_link(message.audio)
         body = json.dumps({
             "id": f"{message.action_id}:{message.key}", "action_id": message.action_id,
             "chat_id": message.chat_id, "thread_id": message.thread_id, "reply_to_message_id": message.reply_to,
-            "text": message.text, "audio_url": message.audio, "part": message.part, "parts": message.parts,
+            "text": message.text, "audio_url": audio_url, "part": message.part, "parts": message.parts,
         }, ensure_ascii=False).encode()
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", "X-Rekku-Timestamp": timestamp,

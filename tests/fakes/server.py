@@ -24,33 +24,52 @@ class Recorded:
     raw: bytes
     #: The JSON body, the form fields (multipart or urlencoded), or {}.
     data: dict[str, Any] = field(default_factory=dict)
-    #: Uploaded files: field name → (file name, content).
+    #: Uploaded files: field name → (file name, content) (the last one of a field name).
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    #: Every uploaded file part, in order, whole: (field name, file name, content).
+    uploads: list[tuple[str, str, bytes]] = field(default_factory=list)
     at: float = field(default_factory=time.monotonic)
     #: What the fake answered.
     response: Any = None
 
 
-def _parse(headers: dict[str, str], raw: bytes) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
+def _parse(headers: dict[str, str], raw: bytes) -> tuple[dict[str, Any], list[tuple[str, str, bytes]]]:
+    """The body's data and every uploaded file part (field name, file name, content)."""
     ctype = headers.get("content-type", "")
     if ctype.startswith("application/json"):
-        return json.loads(raw or b"{}"), {}
+        return json.loads(raw or b"{}"), []
     if ctype.startswith("application/x-www-form-urlencoded"):
-        return {k: v[0] for k, v in parse_qs(raw.decode()).items()}, {}
+        return {k: v[0] for k, v in parse_qs(raw.decode()).items()}, []
     if ctype.startswith("multipart/form-data"):
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
-        data, files = {}, {}
+        data, uploads = {}, []
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
             filename = part.get_filename()
             payload = part.get_payload(decode=True) or b""
-            if filename:
-                files[name] = (filename, payload)
+            if filename is not None:
+                uploads.append((name, filename, payload))
             else:
-                data[name] = payload.decode()
-        return data, files
-    return {}, {}
+                data[name] = payload.decode(errors="replace")
+        return data, uploads
+    return {}, []
+
+
+def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The whole request body, Content-Length or chunked (an upload of unknown size is chunked)."""
+    if "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower():
+        body = bytearray()
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(body)
+            body += handler.rfile.read(size)
+            handler.rfile.readline()  # the CRLF after each chunk
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
 
 
 class FakeServer:
@@ -71,15 +90,15 @@ class FakeServer:
                 self._handle()
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
+                raw = _read_body(self)
                 split = urlsplit(self.path)
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                data, files = _parse(headers, raw)
+                data, uploads = _parse(headers, raw)
                 if split.query and self.command == "GET":
                     data = {**{k: v[0] for k, v in parse_qs(split.query).items()}, **data}
+                files = {name: (filename, content) for name, filename, content in uploads}
                 request = Recorded(self.command, split.path, {k: v[0] for k, v in parse_qs(split.query).items()},
-                                   headers, raw, data, files)
+                                   headers, raw, data, files, uploads)
                 with fake.lock:
                     fake.requests.append(request)
                 status, body, extra = fake.answer(request)
@@ -114,6 +133,15 @@ class FakeServer:
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
+
+    def containing(self, secret: bytes | str) -> list[Recorded]:
+        """Requests that carried ``secret`` anywhere in their query, body or uploaded files (a leak check;
+        the path is left out because the Bot API's token is in it by design)."""
+        needle = secret.encode() if isinstance(secret, str) else secret
+        with self.lock:
+            found = list(self.requests)
+        return [r for r in found if needle in r.raw or any(needle in content for _, _, content in r.uploads)
+                or any(needle in f"{k}={v}".encode() for k, v in r.query.items())]
 
     def received(self, path_suffix: str = "", **data: Any) -> list[Recorded]:
         """Requests whose path ends with ``path_suffix`` and whose data has the given values."""

@@ -48,6 +48,10 @@ class FakeTelegram(FakeServer):
         return [r for r in self.requests if r.path.rsplit("/", 1)[-1].startswith("send")
                 and (chat_id is None or str(r.data.get("chat_id")) == str(chat_id))]
 
+    def uploads(self, chat_id: str | None = None) -> list[tuple[str, str, bytes]]:
+        """Every file uploaded to a send method (field name, file name, whole content), oldest first."""
+        return [upload for r in self.sends(chat_id) for upload in r.uploads]
+
     def answer(self, request: Recorded) -> tuple[int, Any, dict | None]:
         prefix, _, method = request.path.rpartition("/")
         if prefix != f"/bot{self.token}":
