@@ -6,6 +6,11 @@ action with no user is no trainer); every caller gets their own session instead 
 shell; each command is framed by a per-command marker instead of a per-line timeout, so the shell
 never gets out of sync; one-off commands have a timeout too.
 
+TERMINAL_ALLOW, when set, accepts only plain programs and arguments (optionally joined by ``|``,
+``&&``, ``||``, ``;``) whose every program is listed (:func:`policy_errors`), at the ingress and again
+in the worker. It is still not a sandbox: the boundary is TERMINAL_RUN_AS (an unprivileged user),
+with the TERMINAL_RLIMIT_* limits or a container. TERMINAL_DENY alone is advisory.
+
 This module shapes actions: schemas, validation, routing at the ingress, results. The processes
 live in workers/terminal_host.py, the node's run-time rules in workers/terminal_node.py and the
 session → node registry in workers/terminal_registry.py.
@@ -55,8 +60,9 @@ _DESCRIPTIONS = {
 
 def _programs(command: str) -> list[str] | None:
     """The programs a command line starts (best effort: first word of each simple command), or None
-    when it cannot be parsed. A guard against mistakes, not a sandbox: use TERMINAL_RUN_AS and the
-    TERMINAL_RLIMIT_* limits (or a container) to contain what runs."""
+    when it cannot be parsed. Used for TERMINAL_DENY alone, which is therefore advisory (a guard
+    against mistakes: ``$(printf rm)`` or ``eval`` get past it); TERMINAL_ALLOW uses the strict
+    :func:`simple_commands`."""
     lexer = shlex.shlex(command.replace("$(", "; ").replace("`", " ; "), posix=True, punctuation_chars=True)
     lexer.whitespace = " \t\r"
     lexer.wordchars += "~-./+:=@%,"
@@ -83,12 +89,113 @@ def _programs(command: str) -> list[str] | None:
     return programs
 
 
+class ShellSyntaxError(ValueError):
+    """The command uses shell syntax TERMINAL_ALLOW does not accept (``what`` says which)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+#: Characters that are shell syntax anywhere outside single quotes: expansions, substitutions,
+#: escapes, redirections (``<``, ``>``, ``<(…)``, ``<<<``), subshells and grouping, background ``&``.
+_OUTSIDE_QUOTES = frozenset("$`\\()<>{}&|;")
+#: Of those, the ones still active inside double quotes.
+_IN_DOUBLE_QUOTES = frozenset("$`\\")
+#: Operators joining simple commands that TERMINAL_ALLOW accepts (each command is checked).
+_JOINERS = ("&&", "||", "|", ";")
+
+
+def simple_commands(command: str) -> list[list[str]]:
+    """The words of each simple command of ``command``, which may only be simple commands joined by
+    ``|``, ``&&``, ``||`` or ``;``, their words plain or quoted text: no expansion (``$``, backquotes,
+    globbing is fine in arguments), no redirection, no substitution, no escape, no grouping, no
+    background job, no newline. What bash would run is then exactly these words, so the first word of
+    each is the program. Raises :class:`ShellSyntaxError` otherwise."""
+    commands: list[list[str]] = [[]]
+    word: list[str] | None = None
+    i, n = 0, len(command)
+
+    def end_word() -> None:
+        nonlocal word
+        if word is not None:
+            commands[-1].append("".join(word))
+            word = None
+
+    while i < n:
+        char = command[i]
+        if char in " \t":
+            end_word()
+            i += 1
+        elif char == "'":
+            close = command.find("'", i + 1)
+            if close < 0:
+                raise ShellSyntaxError("an unclosed single quote")
+            word = (word or []) + [command[i + 1:close]]
+            i = close + 1
+        elif char == '"':
+            close = command.find('"', i + 1)
+            if close < 0:
+                raise ShellSyntaxError("an unclosed double quote")
+            inner = command[i + 1:close]
+            found = sorted(set(inner) & _IN_DOUBLE_QUOTES)
+            if found:
+                raise ShellSyntaxError(f"'{found[0]}' in double quotes")
+            word = (word or []) + [inner]
+            i = close + 1
+        elif (joiner := next((j for j in _JOINERS if command.startswith(j, i)), None)) and \
+                not command.startswith(("|&", ";;", "&&&", "|||"), i):
+            end_word()
+            if not commands[-1]:
+                raise ShellSyntaxError(f"'{joiner}' without a command before it")
+            commands.append([])
+            i += len(joiner)
+        elif char in _OUTSIDE_QUOTES:
+            raise ShellSyntaxError(f"'{char}'")
+        elif char in "\n\r" or ord(char) < 32 or ord(char) == 127:
+            raise ShellSyntaxError("a newline" if char in "\n\r" else f"the control character {ord(char):#04x}")
+        else:
+            word = (word or []) + [char]
+            i += 1
+    end_word()
+    if not commands[-1]:
+        if len(commands) == 1:
+            raise ShellSyntaxError("no command")
+        commands.pop()  # a trailing ';' is harmless
+    return commands
+
+
+def _allow_errors(command: str, allow: set[str], deny: set[str]) -> list[str]:
+    """TERMINAL_ALLOW: every program must be named exactly as allowed ("ls", not "/tmp/x/ls")."""
+    try:
+        commands = simple_commands(command)
+    except ShellSyntaxError as exc:
+        return [f"Field 'command' uses shell syntax that TERMINAL_ALLOW does not permit ({exc.what}): with "
+                "TERMINAL_ALLOW set, a command is plain programs and arguments, optionally joined by |, &&, || "
+                "or ; (quote arguments in single quotes; no $, backquotes, redirections, subshells or escapes) "
+                "for action 'terminal'"]
+    denied = sorted({words[0] for words in commands if words[0] not in allow or words[0] in deny})
+    if denied:
+        return [f"Field 'command' runs programs that are not allowed on this system ({', '.join(denied)}) "
+                "for action 'terminal'"]
+    return []
+
+
 def policy_errors(command: str, settings: Any) -> list[str]:
-    """Why TERMINAL_ALLOW / TERMINAL_DENY refuse ``command`` (empty when they allow it)."""
+    """Why TERMINAL_ALLOW / TERMINAL_DENY refuse ``command`` (empty when they allow it).
+
+    With TERMINAL_ALLOW, a command is accepted only when :func:`simple_commands` can read it and each
+    of its programs is allowed (and not denied): ``ls <(id)``, ``cat <<<"$(id)"`` or
+    ``ls > /etc/cron.d/x`` are refused. Still not a sandbox — an allowed program may run others
+    (``find -exec``, ``git -c core.pager=…``, ``awk 'BEGIN{system(…)}'``): allow only programs that do
+    not, and contain what runs with TERMINAL_RUN_AS (an unprivileged user), the TERMINAL_RLIMIT_*
+    limits or a container. TERMINAL_DENY alone is advisory (see :func:`_programs`)."""
     allow = {p.strip() for p in settings.terminal_allow.split(",") if p.strip()}
     deny = {p.strip() for p in settings.terminal_deny.split(",") if p.strip()}
     if not allow and not deny:
         return []
+    if allow:
+        return _allow_errors(command, allow, deny)
     programs = _programs(command)
     if programs is None:
         return ["Field 'command' could not be parsed to check it against TERMINAL_ALLOW/TERMINAL_DENY "

@@ -22,7 +22,6 @@ from celery.signals import (
 from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.periodic import register_periodic_tasks
 from rekku.plugin_base import ActionSpec
-from rekku.redact import redact
 from rekku.registry import Registry, get_registry
 from rekku.runner import execute, time_limit_of
 from rekku.settings import get_settings
@@ -35,10 +34,10 @@ SOFT_GRACE, HARD_GRACE = 5.0, 15.0
 def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
     limit = time_limit_of(spec)
 
-    def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> Any:
-        # the action log keeps the result; Celery only shows it (worker log, task events, Flower),
-        # so what it gets back has secret-looking fields hidden
-        return redact(execute(self, spec, action_id, payload, context))
+    def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> dict:
+        # the action log keeps the result; Celery gets only the outcome ({"status": "succeeded"}), as
+        # whatever it gets back it shows (worker log, task events, Flower): see rekku.runner
+        return execute(self, spec, action_id, payload, context)
 
     run_action.__name__ = f"action_{spec.type}"
     run_action.__doc__ = spec.description or f"Run the '{spec.type}' action of plugin '{spec.plugin}'."
@@ -63,8 +62,13 @@ def register_action_tasks(app: Celery, registry: Registry) -> None:
 def make_app() -> Celery:
     app = Celery("rekku")
     app.config_from_object("celeryconfig")
-    if get_settings().signing_enabled:
+    settings = get_settings()
+    if settings.signing_enabled:
+        from rekku.signing import register as register_signing
+
         app.setup_security(allowed_serializers=["json"], serializer="json")
+        register_signing(settings.signing_key.read_text(), settings.signing_cert.read_text(),  # type: ignore[union-attr]
+                         str(settings.signing_cert_store), ttl=settings.signed_message_ttl)
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
@@ -73,12 +77,18 @@ def make_app() -> Celery:
     def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> dict:
         """Accept actions from a service that speaks Celery; answers like POST /v1/actions.
 
-        Without a key of its own, the task id is the idempotency key, so a redelivered ingest
-        (its worker died after accepting) answers the same and enqueues nothing twice."""
-        from rekku.ingest import submit
+        Without a key of its own, the message's identity is the idempotency key, so a redelivered
+        ingest (its worker died after accepting) answers the same and enqueues nothing twice: the
+        task id, or with signing on the signed envelope's id (a replay may carry any task id)."""
+        from rekku.ingest import default_ingress
+        from rekku.signing import ENVELOPE_ATTR
 
-        key = idempotency_key or f"celery-task:{self.request.id}"
-        return submit(body, context=context, idempotency_key=key).as_dict()
+        ingress = default_ingress()
+        if idempotency_key:
+            return ingress.submit_from_client(body, context=context, idempotency_key=idempotency_key).as_dict()
+        envelope = getattr(self.request, ENVELOPE_ATTR, None)
+        key = f"signed:{envelope}" if envelope else f"celery-task:{self.request.id}"
+        return ingress.submit(body, context=context, idempotency_key=key).as_dict()
 
     @app.task(name="rekku.reconcile", queue="default", acks_late=True, ignore_result=True, expires=60)
     def reconcile() -> dict:
@@ -90,7 +100,6 @@ def make_app() -> Celery:
         count_reconciled(outcome)
         return outcome
 
-    settings = get_settings()
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
         "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
         "options": {"queue": "default", "expires": settings.reconcile_seconds}}}

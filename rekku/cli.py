@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,16 +29,25 @@ def _setup_logging() -> None:
     setup(get_settings())
 
 
+#: The umask of every `rekku` process and so of everything it starts: what Rekku writes (the action
+#: log, logs, the broker's data, credentials) is its user's only.
+UMASK = 0o077
+
+
 @click.group()
 def main() -> None:
     """Rekku actions on Celery."""
     from pydantic import ValidationError
 
+    os.umask(UMASK)
     try:
-        get_settings()
+        settings = get_settings()
     except ValidationError as exc:  # a wrong environment variable: say which, without a traceback
         problems = "; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
         raise click.ClickException(f"configuration: {problems}") from None
+    from rekku.logs import redact_secrets
+
+    redact_secrets(settings)  # configured secrets never reach a log line, whoever logs it
 
 
 # ----------------------------------------------------------------------------- processes
@@ -66,6 +76,9 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
 
         upgrade(settings.resolved_database_url())
     settings.ensure_api_token()
+    from rekku.logs import redact_secrets
+
+    redact_secrets(settings)  # again: the token may have been generated just now
     uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port or settings.port,
                 workers=workers, log_level=settings.log_level.lower(), access_log=False)
 
@@ -98,14 +111,16 @@ def beat() -> None:
 @click.option("--port", type=int, default=None, help="port (default FLOWER_PORT or 5555)")
 @click.option("--address", default="127.0.0.1", show_default=True)
 def flower(port: int | None, address: str) -> None:
-    """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials), and read-only
-    unless REKKU_FLOWER_CONTROL is set."""
-    import os
-
+    """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials) on every route
+    (/metrics and /healthcheck included), and read-only unless REKKU_FLOWER_CONTROL is set."""
     from rekku.celery_app import app
-    from rekku.flower_guard import FlowerGuardError, make_read_only
+    from rekku.flower_guard import FlowerGuardError, make_read_only, require_auth_everywhere
 
     settings = get_settings()
+    try:
+        require_auth_everywhere()
+    except FlowerGuardError as exc:
+        raise click.ClickException(str(exc)) from exc
     if not settings.flower_control:
         try:
             make_read_only()
@@ -114,6 +129,9 @@ def flower(port: int | None, address: str) -> None:
         console.print("Flower is read-only (REKKU_FLOWER_CONTROL=true lets it revoke tasks and control workers)")
     auth = settings.ensure_flower_auth()
     os.environ["FLOWER_BASIC_AUTH"] = auth  # read by Flower; kept off the command line (ps)
+    from rekku.logs import redact_secrets
+
+    redact_secrets(settings)  # the credentials may have been generated just now
     if not settings.flower_basic_auth:
         console.print(f"Flower credentials (generated, in {settings.home_dir / 'flower_auth'}): {auth}")
     app.start(["flower", f"--port={port or settings.flower_port}", f"--address={address}"])

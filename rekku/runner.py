@@ -3,6 +3,11 @@
 Outcomes: the handler's return value is the result; TransientError is retried with backoff until
 ``max_retries``; any other exception, a time limit or a refused authorization fails the action
 (never the worker); a cancel request stops it as ``cancelled``.
+
+The result goes to the action log only (``ActionLogHook``; GET /v1/actions/{id} returns it). What
+the task returns is what Celery *shows* — the ``task-succeeded`` event (Flower, ``celery events``),
+the worker's "succeeded in …: <return value>" log line — so it is only the outcome (:func:`shown`):
+a terminal command's output, a query's rows or anything a handler returns never travels there.
 """
 
 from __future__ import annotations
@@ -72,8 +77,14 @@ def _each(method: str, *args: Any) -> None:
         getattr(hook, method)(*args)
 
 
-def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context: dict | None) -> Any:
-    """Run one delivery of one action through the hooks."""
+def shown(status: str, **detail: Any) -> dict:
+    """What the task returns, for Celery to show: the outcome, never the handler's result."""
+    return {"status": status, **detail}
+
+
+def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context: dict | None) -> dict:
+    """Run one delivery of one action through the hooks; returns its outcome (:func:`shown`), the
+    result itself is in the action log."""
     ctx = ActionContext.from_request(action_id, spec.type, context, worker=task.request.hostname,
                                      batch_id=(context or {}).get("batch_id"))
     run = Run(task=task, spec=spec, action_id=action_id, payload=payload, context=ctx)
@@ -84,13 +95,13 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
         ctxvars.unbind(token)
 
 
-def _execute(task: Any, spec: ActionSpec, run: Run) -> Any:
+def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     action_id, payload, ctx = run.action_id, run.payload, run.context
     try:
         _each("before_run", run)
     except SkipRun as skip:
         _each("after_skip", run, skip.reason)
-        return {"skipped": skip.reason}
+        return shown("skipped", reason=skip.reason)
     except Exception as exc:
         _each("after_failure", run, _describe(exc))
         raise ActionFailed(_describe(exc)) from None
@@ -113,7 +124,7 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> Any:
     except (SoftTimeLimitExceeded, TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         if shared_log().cancel_requested(action_id):
             _each("after_cancel", run)
-            return {"cancelled": True}
+            return shown("cancelled")
         error = f"time limit of {time_limit_of(spec):g} s exceeded"
         if isinstance(exc, TimeoutError) and "did not finish" not in str(exc):
             error = _describe(exc)
@@ -121,6 +132,6 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> Any:
         error = _describe(exc)
     else:
         _each("after_success", run, result)
-        return result
+        return shown("succeeded")
     _each("after_failure", run, error)
     raise ActionFailed(error)

@@ -8,8 +8,10 @@ checked against it.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -29,6 +31,50 @@ def location_of(tz_name: str, configured: str | None) -> str:
 
 def _env(name: str, *more: str) -> AliasChoices:
     return AliasChoices(name, *more)
+
+
+#: REKKU_HOME directories this process has made private already (``home_dir`` is read often).
+_private_homes: set[Path] = set()
+
+
+def _make_private(path: Path) -> None:
+    """REKKU_HOME holds the action log, the logs, the broker's data and credentials: it is created 0700,
+    and an existing one open to other users is made 0700 (with a warning) when it is ours and plainly
+    a directory of its own (not /, not a sticky shared one like /tmp, not the home directory)."""
+    if path in _private_homes:
+        return
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        path.chmod(0o700)  # mkdir's mode went through the umask
+    except FileExistsError:
+        pass
+    info = path.stat()
+    if info.st_mode & 0o077:
+        mode = stat.S_IMODE(info.st_mode)
+        try:
+            own_home = path == Path.home().resolve()
+        except (KeyError, RuntimeError):
+            own_home = False
+        log = logging.getLogger("rekku.settings")
+        if (info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX and path != Path(path.anchor)
+                and not own_home):
+            path.chmod(0o700)
+            log.warning("REKKU_HOME %s was open to other users (mode %o): made it 0700", path, mode)
+        else:
+            log.warning("REKKU_HOME %s is open to other users (mode %o) and holds the action log, logs and "
+                        "credentials: give Rekku a directory of its own, or chmod 700 it", path, mode)
+    _private_homes.add(path)
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Create ``path`` holding ``value``, readable by its owner only from the start; an existing file
+    (another process was first) is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
 
 
 class Settings(BaseSettings):
@@ -52,6 +98,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, validation_alias=_env("REKKU_MAX_BODY_BYTES"))
     #: Longest string in any action payload field, in characters (plugins may set lower limits).
     max_field_chars: int = Field(100_000, ge=100, validation_alias=_env("REKKU_MAX_FIELD_CHARS"))
+    #: Most actions one request may hold; more is a 413 before any is validated.
+    max_actions_per_request: int = Field(1000, ge=1, le=100_000, validation_alias=_env("REKKU_MAX_ACTIONS_PER_REQUEST"))
     #: Longest ``?wait=`` a client may ask for, in seconds.
     max_wait_seconds: float = Field(300.0, validation_alias=_env("REKKU_MAX_WAIT"))
 
@@ -67,6 +115,9 @@ class Settings(BaseSettings):
     signing_cert: Path | None = Field(None, validation_alias=_env("REKKU_SIGNING_CERT"))
     #: Glob of the PEM certificates whose messages are accepted (e.g. /etc/rekku/certs/*.pem).
     signing_cert_store: str | None = Field(None, validation_alias=_env("REKKU_SIGNING_CERT_STORE"))
+    #: Seconds a signed task message stays valid (its expiry is signed with it; longer than any ETA,
+    #: retry delay or redelivery wait, so nothing legitimate expires on a queue).
+    signed_message_ttl: float = Field(6 * 3600, gt=60, validation_alias=_env("REKKU_SIGNED_MESSAGE_TTL"))
 
     trainer_ids_raw: str = Field("", validation_alias=_env("TRAINER_IDS"))
     telegram_trainer_id: str | None = Field(None, validation_alias=_env("TELEGRAM_TRAINER_ID"))
@@ -218,8 +269,9 @@ class Settings(BaseSettings):
 
     @property
     def home_dir(self) -> Path:
+        """REKKU_HOME, created (or tightened to) 0700: see :func:`_make_private`."""
         path = self.home.expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
+        _make_private(path)
         return path
 
     def resolved_database_url(self) -> str:
@@ -232,7 +284,8 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home_dir / 'rekku.db'}"
 
     def resolved_broker_url(self) -> str:
-        """REKKU_BROKER_URL, else the embedded Redis that `rekku up` started, else local Redis."""
+        """REKKU_BROKER_URL, else the embedded Redis that `rekku up` started (its URL, with its password,
+        recorded 0600 in REKKU_HOME: rekku/embedded_redis.py), else local Redis."""
         if self.broker_url:
             return self.broker_url
         recorded = self.home_dir / "embedded-redis.url"
@@ -278,8 +331,7 @@ class Settings(BaseSettings):
             return self.api_token
         path = self.home_dir / "api_token"
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+            _write_secret(path, secrets.token_urlsafe(32))
         return path.read_text().strip()
 
     def ensure_flower_auth(self) -> str:
@@ -288,8 +340,7 @@ class Settings(BaseSettings):
             return self.flower_basic_auth
         path = self.home_dir / "flower_auth"
         if not path.exists():
-            path.write_text("rekku:" + secrets.token_urlsafe(16))
-            path.chmod(0o600)
+            _write_secret(path, "rekku:" + secrets.token_urlsafe(16))
         return path.read_text().strip()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.panel import Panel
 
-from rekku.embedded_redis import EmbeddedRedis
+from rekku.embedded_redis import EmbeddedRedis, without_password
 from rekku.migrate import upgrade
 from rekku.settings import Settings
 from workers.pools import POOLS
@@ -38,7 +38,9 @@ def die_with_parent() -> None:
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: str | None = None) -> subprocess.Popen:
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
+    out = None  # owned by the child
+    if log_path:  # logs carry payloads and terminal output: the owner's only, whatever the umask
+        out = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                             stderr=subprocess.STDOUT if out else None,
                             start_new_session=True, preexec_fn=die_with_parent)
@@ -56,9 +58,15 @@ class Supervisor:
         """Start everything; returns the URLs and credentials to show."""
         home = self.settings.home_dir
         env = dict(os.environ, REKKU_HOME=str(home))
-        if not self.settings.broker_url:
+        if self.settings.broker_url:
+            broker = without_password(self.settings.broker_url)
+        else:
+            # The children read the embedded broker's URL (with its password) from REKKU_HOME
+            # (Settings.resolved_broker_url): it is on no command line and in no environment.
             self.redis = EmbeddedRedis(home)
-            env["REKKU_BROKER_URL"] = self.redis.start(start_new_session=True, preexec_fn=die_with_parent)
+            self.redis.start(start_new_session=True, preexec_fn=die_with_parent)
+            env.pop("REKKU_BROKER_URL", None)
+            broker = f"{self.redis.shown_url}  (embedded)"
         db_url = self.settings.resolved_database_url()
         env["REKKU_DATABASE_URL"] = db_url
         upgrade(db_url)
@@ -67,7 +75,8 @@ class Supervisor:
         flower_auth = self.settings.ensure_flower_auth()
         env["FLOWER_BASIC_AUTH"] = flower_auth
         logs = home / "logs"
-        logs.mkdir(exist_ok=True)
+        logs.mkdir(mode=0o700, exist_ok=True)
+        logs.chmod(0o700)
         me = [sys.executable, "-m", "rekku"]
         host, port = self.settings.host, self.settings.port
         plan = {"ingress": me + ["ingress", "--host", host, "--port", str(port), "--no-migrate"]}
@@ -82,7 +91,7 @@ class Supervisor:
             "Messages": f"http://{host}:{port}/v1/outbox  (what Rekku says through the outbox interface)",
             "API token": token,
             "Flower": f"http://127.0.0.1:{self.settings.flower_port}  (user:password = {flower_auth})",
-            "Broker": env["REKKU_BROKER_URL"] + ("  (embedded)" if self.redis else ""),
+            "Broker": broker,
             "Database": db_url.split("@")[-1] if "@" in db_url else db_url,
             "Logs": str(logs),
         }

@@ -26,7 +26,7 @@ def _start_flower(stack: Stack, **env: str) -> tuple[subprocess.Popen, str]:
     def up() -> bool:
         assert proc.poll() is None, (stack.home / "logs" / f"flower-{port}.log").read_text()
         try:
-            return requests.get(base + "/healthcheck", timeout=2).status_code == 200
+            return requests.get(base + "/healthcheck", auth=AUTH, timeout=2).status_code == 200  # behind auth too
         except requests.ConnectionError:
             return False
 

@@ -43,6 +43,9 @@ KILL_GRACE = 2.0
 DRAIN_AFTER_EXIT = 0.3
 #: A one-off: its resource limits, then the command (passed as $1, so no quoting is involved).
 _ONE_OFF_SCRIPT = '{limits}eval "$1"'
+#: The umask commands run with: a shell's usual one, not the 077 every `rekku` process has (rekku.cli),
+#: which is for Rekku's own files; what a trainer's command writes is the command's business.
+COMMAND_UMASK = 0o022
 
 
 class HostError(PluginError):
@@ -166,7 +169,8 @@ def spawn(argv: list[str], limits: Limits, cwd: str | None, stdin: int = subproc
         options.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
     try:
         return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env, start_new_session=True, close_fds=True, **options)
+                                cwd=cwd, env=env, start_new_session=True, close_fds=True, umask=COMMAND_UMASK,
+                                **options)
     except PermissionError as exc:
         if limits.run_as:
             raise HostError(f"cannot run commands as '{limits.run_as}' (TERMINAL_RUN_AS): the worker "
