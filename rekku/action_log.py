@@ -51,6 +51,15 @@ class NewRun:
     context: dict
 
 
+@dataclass
+class EarlierBatch:
+    """What an idempotency key answered the first time, and a fingerprint of that request (None for
+    batches recorded before fingerprints were kept, or by Rekku's own requests)."""
+
+    response: dict
+    fingerprint: str | None
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -127,19 +136,26 @@ class ActionLog:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ ingress side
-    def find_batch_response(self, idempotency_key: str) -> dict | None:
+    def find_batch(self, idempotency_key: str) -> EarlierBatch | None:
         with self._engine.connect() as c:
-            return c.scalar(sa.select(_batches.c.response).where(_batches.c.idempotency_key == idempotency_key))
+            row = c.execute(sa.select(_batches.c.response, _batches.c.request_hash)
+                            .where(_batches.c.idempotency_key == idempotency_key)).first()
+        return EarlierBatch(row.response, row.request_hash) if row is not None else None
+
+    def find_batch_response(self, idempotency_key: str) -> dict | None:
+        earlier = self.find_batch(idempotency_key)
+        return earlier.response if earlier is not None else None
 
     def record_batch(self, batch_id: str, idempotency_key: str | None, runs: list[NewRun],
-                     response: dict) -> dict | None:
+                     response: dict, fingerprint: str | None = None) -> dict | None:
         """Write the batch and its runs in one transaction. Returns the earlier answer when the
         idempotency key was already used (then nothing is written)."""
         now = utcnow()
         try:
             with self._engine.begin() as c:
                 c.execute(sa.insert(_batches), [{"id": batch_id, "idempotency_key": idempotency_key,
-                                                 "response": response, "created_at": now}])
+                                                 "response": response, "request_hash": fingerprint,
+                                                 "created_at": now}])
                 if runs:
                     c.execute(sa.insert(_runs), [
                         {"id": r.id, "batch_id": batch_id, "position": r.position, "type": r.type,

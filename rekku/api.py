@@ -13,7 +13,7 @@ import time
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,12 +44,26 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
            400: {"model": ErrorResponse}}
+#: The ``Idempotency-Key`` header, the same as the body's ``idempotency_key``.
+IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 #: The ``?wait=`` query parameter (seconds to long-poll).
 Wait = Annotated[float, Query(ge=0, le=3600, description="long-poll up to this many seconds")]
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON as UTF-8, except that text which is not valid UTF-8 (a lone surrogate stored before the
+    ingress refused it, or echoed from a refused request) is written as a ``\\ud800`` escape instead
+    of failing the whole answer with a 500: no stored value may break a read route."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _error(status: int, detail: str, errors: list | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
+    return SafeJSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -125,7 +139,7 @@ class StrictJSONRoute(APIRoute):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="Rekku actions", version="1", description=__doc__)
+    app = FastAPI(title="Rekku actions", version="1", description=__doc__, default_response_class=SafeJSONResponse)
     app.state.api_token = settings.ensure_api_token().encode()
     app.router.route_class = StrictJSONRoute
     auth = [Depends(require_token)]
@@ -141,6 +155,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if any(e["type"] == "json_invalid" for e in errors):
             reasons = [str(e.get("ctx", {}).get("error", "")) for e in exc.errors() if e.get("type") == "json_invalid"]
             return _error(400, "the request body is not valid JSON", [r for r in reasons if r] or errors)
+        if any(e["type"] == "string_unicode" for e in errors):
+            return _error(422, "the request holds text that is not valid UTF-8 (a lone surrogate such as "
+                               "\\ud800); send the characters themselves", errors)
         return _error(422, "the request does not match the expected shape", errors)
 
     @app.exception_handler(RekkuError)
@@ -154,17 +171,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/actions", status_code=202, response_model=SubmitResponse, dependencies=auth,
               responses={**_ERRORS, 422: {"model": SubmitResponse}, 403: {"model": SubmitResponse},
-                         503: {"model": ErrorResponse}})
-    def submit_actions(body: SubmitRequest) -> Any:
-        """Accept actions (any JSON form) or a raw LLM reply; each valid action becomes one task."""
+                         409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    def submit_actions(body: SubmitRequest, idempotency_header: IdempotencyHeader = None) -> Any:
+        """Accept actions (any JSON form) or a raw LLM reply; each valid action becomes one task.
+
+        An idempotency key (``idempotency_key`` or the ``Idempotency-Key`` header) answers a repeated
+        request with its first answer; the same key with a different request is a 409."""
         if body.text is not None and body.actions is not None:
             return _error(422, "send either 'actions' or 'text', not both")
         payload: Any = body.text if body.text is not None else body.actions
         if payload is None:
             return _error(422, "send 'actions' (a list of actions) or 'text' (a raw LLM reply)")
+        key = body.idempotency_key
+        if idempotency_header is not None:
+            if key is not None and key != idempotency_header:
+                return _error(422, "the Idempotency-Key header and the body's idempotency_key differ; send one")
+            key = idempotency_header
         context = body.context.model_dump(exclude_none=True) if body.context else {}
-        answer = default_ingress().submit(payload, context=context, idempotency_key=body.idempotency_key)
-        return JSONResponse(answer.as_dict(), status_code=answer.status)
+        answer = default_ingress().submit_from_client(payload, context=context, idempotency_key=key)
+        return SafeJSONResponse(answer.as_dict(), status_code=answer.status)
 
     async def _wait_for(fetch: Any, wait: float) -> Any:
         deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
@@ -233,7 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Broker and database reachable."""
         checks = readiness()
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+        return SafeJSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
                             status_code=200 if ok else 503)
 
     for router in extra_routers():

@@ -38,6 +38,12 @@ class Conflict(RekkuError):
     http_status = 409
 
 
+class TooManyActions(RekkuError):
+    """A request holds more actions than REKKU_MAX_ACTIONS_PER_REQUEST allows."""
+
+    http_status = 413
+
+
 class PluginError(RekkuError):
     """A plugin failed while handling an action; the action fails, the worker goes on."""
 

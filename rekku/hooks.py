@@ -227,9 +227,10 @@ class AuthorizationHook(Hook):
     """Re-checks trainer-only and restricted actions in the worker: the ingress is not the only door."""
 
     def before_run(self, run: Run) -> None:
+        from rekku.registry import get_registry
         from rekku.validation import authorization_error
 
-        denied = authorization_error(run.spec, vars(run.context), get_settings())
+        denied = authorization_error(run.spec, vars(run.context), get_settings(), run.payload, get_registry())
         if denied:
             raise NotAuthorized(denied)
 

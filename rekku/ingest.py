@@ -6,6 +6,8 @@ Shared by ``POST /v1/actions`` and the ``rekku.ingest`` Celery task, so both ans
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -14,18 +16,37 @@ from typing import Any
 import redis
 
 from rekku import dispatch
-from rekku.action_log import ActionLog, NewRun, shared_log
+from rekku.action_log import ActionLog, EarlierBatch, NewRun, shared_log
 from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
-from rekku.errors import ServiceUnavailable
+from rekku.errors import Conflict, ServiceUnavailable, TooManyActions, ValidationError
+from rekku.limits import (
+    MAX_PAYLOAD_DEPTH,
+    context_errors,
+    depth_exceeds,
+    is_valid_text,
+    printable,
+    printable_value,
+)
 from rekku.metrics import count_submission
-from rekku.parsing import ParseResult, parse_text, parse_value
+from rekku.parsing import parse_text, parse_value
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.settings import Settings, get_settings
 from rekku.validation import Rejection, validate_actions
 
 log = logging.getLogger(__name__)
+
+#: Idempotency-key prefixes of Rekku's own requests (event deliveries, query outputs, speech sends,
+#: ``rekku.ingest`` defaults); a client may not claim them first and so block or answer ours.
+RESERVED_KEY_PREFIXES = ("event:", "output:", "speech:", "speech-credits:", "celery-task:", "signed:", "rekku:")
+#: Longest idempotency key, in characters (the column's size).
+MAX_KEY_CHARS = 255
+#: Deepest reply echoed as JSON in a correction's ``your_reply`` (it sits 3 levels down in the stored
+#: answer, and MariaDB stores JSON 32 levels deep); a deeper one is echoed as its JSON text.
+ECHO_DEPTH = MAX_PAYLOAD_DEPTH - 4
+#: Stands in for a reply too deep to echo back in a correction.
+_TOO_DEEP_REPLY = f"(not repeated: nested deeper than {MAX_PAYLOAD_DEPTH} levels)"
 
 
 @dataclass
@@ -63,17 +84,45 @@ class Ingress:
         self.corrections = CorrectionCounter(redis_client) if redis_client is not None else None
 
     def submit(self, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
-        answer = self._submit(body, context, idempotency_key)
-        count_submission(answer.accepted, answer.rejected)
+        """Accept a request made inside Rekku (event deliveries, speech sends): its key is ours, and a
+        key seen before answers what it answered then, whatever the body (a re-run may word it anew)."""
+        answer = self._submit(body, context, idempotency_key, None)
+        count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
-    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None) -> Answer:
-        if idempotency_key:
-            earlier = self.log.find_batch_response(idempotency_key)
-            if earlier is not None:
-                return Answer.from_dict(earlier)
-        parsed = parse_text(body) if isinstance(body, (str, bytes)) else parse_value(body)
+    def submit_from_client(self, body: Any, context: dict | None = None,
+                           idempotency_key: str | None = None) -> Answer:
+        """Accept a request from outside (HTTP, ``rekku.ingest``): the key may not take a prefix Rekku
+        keeps for itself, and a key used before with another request is a 409, not the old answer."""
+        if idempotency_key and idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+            raise ValidationError(f"idempotency keys starting with {', '.join(RESERVED_KEY_PREFIXES)} are "
+                                  "reserved for Rekku's own requests; choose another key")
+        if idempotency_key and (len(idempotency_key) > MAX_KEY_CHARS or not is_valid_text(idempotency_key)):
+            raise ValidationError(f"the idempotency key must be UTF-8 text of at most {MAX_KEY_CHARS} characters")
+        answer = self._submit(body, context, idempotency_key, _fingerprint(body, context))
+        count_submission(answer.accepted, answer.rejected, self.registry)
+        return answer
+
+    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None,
+                fingerprint: str | None) -> Answer:
         ctx = normalize_context(context)
+        problems = context_errors(ctx)
+        if problems:
+            return Answer(None, [], [{"index": None, "type": None, "errors": problems}], None, status=422)
+        if not isinstance(body, (str, bytes)) and depth_exceeds(body, MAX_PAYLOAD_DEPTH + 3):
+            problem = (f"The actions are nested too deeply (a payload may nest at most {MAX_PAYLOAD_DEPTH} "
+                       "levels)")
+            return Answer(None, [], [{"index": None, "type": None, "errors": [problem]}],
+                          self._correction([Rejection(None, None, [problem])], _TOO_DEEP_REPLY, ctx), status=422)
+        if idempotency_key:
+            earlier = self.log.find_batch(idempotency_key)
+            if earlier is not None:
+                return self._again(idempotency_key, earlier, fingerprint)
+        parsed = parse_text(body) if isinstance(body, (str, bytes)) else parse_value(body)
+        limit = self.settings.max_actions_per_request
+        if len(parsed.actions) > limit:
+            raise TooManyActions(f"{len(parsed.actions)} actions in one request; at most {limit} "
+                                 "(REKKU_MAX_ACTIONS_PER_REQUEST): split them over several requests")
         refusal = self._refusal(ctx)
         if refusal:
             return Answer(None, [], [{"index": None, "type": None, "errors": [refusal]}], None, status=403)
@@ -85,7 +134,7 @@ class Ingress:
                 rejected = [Rejection(None, None, ["A system_message is never executed; no actions to run"])]
             else:
                 rejected = [Rejection(None, None, ["No actions to run"])]
-        correction = self._correction(parsed, rejected, body, ctx)
+        correction = self._correction(rejected, body, ctx)
         if not accepted:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
@@ -96,9 +145,10 @@ class Ingress:
         answer = Answer(batch_id,
                         [{"index": r.position, "id": r.id, "type": r.type, "queue": r.queue} for r in runs],
                         [r.as_dict() for r in rejected], correction)
-        earlier = self.log.record_batch(batch_id, idempotency_key, runs, answer.as_dict())
+        earlier = self.log.record_batch(batch_id, idempotency_key, runs, answer.as_dict(), fingerprint)
         if earlier is not None:  # lost a race on the same idempotency key
-            return Answer.from_dict(earlier)
+            key = idempotency_key or ""
+            return self._again(key, self.log.find_batch(key) or EarlierBatch(earlier, None), fingerprint)
         unsent = dispatch.enqueue(runs, batch_id)
         if unsent:
             self.log.fail_unsent(unsent, "could not enqueue: the broker is unreachable")
@@ -146,7 +196,17 @@ class Ingress:
             log.exception("route_action of %s failed; using the pool queue", spec.type)
             return spec.pool
 
-    def _correction(self, parsed: ParseResult, rejected: list[Rejection], body: Any, ctx: dict) -> dict | None:
+    @staticmethod
+    def _again(key: str, earlier: EarlierBatch, fingerprint: str | None) -> Answer:
+        """The answer a reused key gets: the first one, unless the request differs (a batch recorded
+        before fingerprints were kept has none, and matches)."""
+        if fingerprint and earlier.fingerprint and earlier.fingerprint != fingerprint:
+            raise Conflict(f"the idempotency key {printable(key)!r} was already used for a different request "
+                           f"(batch {earlier.response.get('batch_id')}); use a new key for new work, or the "
+                           "same body and context to get the first answer again")
+        return Answer.from_dict(earlier.response)
+
+    def _correction(self, rejected: list[Rejection], body: Any, ctx: dict) -> dict | None:
         if not rejected:
             if self.corrections is not None:
                 self.corrections.reset(ctx)
@@ -155,6 +215,9 @@ class Ingress:
                   for r in rejected for e in r.errors]
         attempt = self.corrections.bump(ctx) if self.corrections is not None else 1
         original = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        if not isinstance(original, str) and depth_exceeds(original, ECHO_DEPTH):
+            original = json.dumps(original, ensure_ascii=True)  # stored with the answer, within MariaDB's depth
+        original = printable_value(original)  # stored with the answer: MariaDB's JSON refuses \ud800
         return build_correction(errors, original, capabilities(self.registry), attempt=attempt,
                                 retries=self.settings.corrector_retries)
 
@@ -171,5 +234,12 @@ def default_ingress() -> Ingress:
     return Ingress(settings, get_registry(), shared_log(), client)
 
 
-def submit(body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
-    return default_ingress().submit(body, context=context, idempotency_key=idempotency_key)
+def _fingerprint(body: Any, context: dict | None) -> str | None:
+    """What makes two requests the same for an idempotency key: the body and the context, as
+    canonical JSON. None for a body too deep to encode (it is refused before anything is kept)."""
+    if not isinstance(body, (str, bytes)) and depth_exceeds(body, MAX_PAYLOAD_DEPTH + 3):
+        return None
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    canonical = json.dumps({"body": text, "context": normalize_context(context)}, sort_keys=True,
+                           ensure_ascii=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()

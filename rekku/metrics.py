@@ -49,11 +49,21 @@ def _redis() -> redis.Redis:
     return _client
 
 
-def count_submission(accepted: list[dict], rejected: list[dict]) -> None:
+#: The ``type`` label of rejected actions whose type no plugin declares: the model can invent any
+#: number of types, and each label value is kept by the process for good.
+UNKNOWN_TYPE = "(unknown)"
+
+
+def count_submission(accepted: list[dict], rejected: list[dict], registry: Any) -> None:
     for item in accepted:
         ACCEPTED.labels(item["type"]).inc()
     for item in rejected:
-        REJECTED.labels(item.get("type") or "(none)").inc()
+        kind = item.get("type")
+        if not kind:
+            kind = "(none)"
+        elif kind not in registry.actions and kind not in registry.disabled:
+            kind = UNKNOWN_TYPE
+        REJECTED.labels(kind).inc()
 
 
 def count_reconciled(outcome: dict[str, int]) -> None:

@@ -55,6 +55,8 @@ class Batch(Base):
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     response: Mapped[dict | None] = mapped_column(JSONType)
+    #: SHA-256 of the client's request (body and context): the same key with another request is a 409.
+    request_hash: Mapped[str | None] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

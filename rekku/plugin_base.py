@@ -60,6 +60,9 @@ class AIPluginBase:
         return None
 
     # Optional, looked up with getattr so the seed's plugins need none of them:
+    #   authorize_payload(action_type, payload, context, is_trainer) -> str | None
+    #                                          refuse this payload for this requester (e.g. touching another
+    #                                          chat); checked at the ingress and again in the worker
     #   check_request(context) -> str | None   refuse a whole request (e.g. the user is blocked)
     #   on_request(context) -> None            observe every request that was accepted (e.g. chat activity)
     #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (rekku.periodic)

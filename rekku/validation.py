@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from rekku.limits import MAX_CONTEXT_CHARS, is_valid_text, payload_errors, printable
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry
 from rekku.settings import Settings
@@ -39,27 +40,6 @@ def _dedupe(messages: list[str]) -> list[str]:
     return list(dict.fromkeys(m for m in messages if m))
 
 
-def _too_long(spec: ActionSpec, payload: dict, limit: int) -> list[str]:
-    """Every string in the payload (nested ones too) is bounded, so no field can carry megabytes."""
-    errors = []
-
-    def visit(value: object, path: str) -> None:
-        if isinstance(value, str):
-            if len(value) > limit:
-                errors.append(f"Field '{path}' is too long for action '{spec.type}' "
-                              f"({len(value)} characters; at most {limit})")
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                visit(item, f"{path}.{key}")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                visit(item, f"{path}[{i}]")
-
-    for key, value in payload.items():
-        visit(value, str(key))
-    return errors
-
-
 def _schema_errors(spec: ActionSpec, payload: dict) -> list[str]:
     errors = []
     for name in spec.required_fields:
@@ -70,8 +50,13 @@ def _schema_errors(spec: ActionSpec, payload: dict) -> list[str]:
     return errors
 
 
-def authorization_error(spec: ActionSpec, context: dict, settings: Settings) -> str | None:
-    """Why the context's user may not run this action, or None. Checked at the ingress and in the worker."""
+def authorization_error(spec: ActionSpec, context: dict, settings: Settings, payload: dict | None = None,
+                        registry: Registry | None = None) -> str | None:
+    """Why the context's user may not run this action, or None. Checked at the ingress and in the worker.
+
+    The context is the token holder's word (who speaks); the payload is the model's, so a plugin's
+    ``authorize_payload`` decides what a payload may do for that requester (e.g. only trainers may
+    touch a chat other than their own)."""
     is_trainer = settings.is_trainer(context.get("interface"), context.get("user_id"))
     if spec.trainer_only and not is_trainer:
         if not settings.trainer_ids:
@@ -82,6 +67,14 @@ def authorization_error(spec: ActionSpec, context: dict, settings: Settings) -> 
             return f"Action '{spec.type}' is restricted and disabled (RESTRICT_ACTIONS=on)"
         if settings.restrict_actions == "trainer_only" and not is_trainer:
             return f"Action '{spec.type}' is restricted to trainers"
+    if payload is not None and registry is not None:
+        check = getattr(registry.plugins.get(spec.plugin), "authorize_payload", None)
+        if check is not None:
+            try:
+                return check(spec.type, payload, context, is_trainer) or None
+            except Exception as exc:  # a broken check refuses: it guards a trust boundary
+                log.exception("authorize_payload of %s raised", spec.type)
+                return f"Authorization of '{spec.type}' failed inside its plugin: {type(exc).__name__}"
     return None
 
 
@@ -94,12 +87,12 @@ def validate_one(index: int, raw: Any, registry: Registry, context: dict,
         return Rejection(index, None, ["Missing 'type'"])
     if not isinstance(action_type, str):
         return Rejection(index, None, ["'type' must be a string"])
-    shown_type = action_type[:200]
+    shown_type = printable(action_type[:200])
     spec = registry.actions.get(action_type)
     if spec is None:
         disabled = registry.disabled.get(action_type)
         if disabled is not None:
-            return Rejection(index, shown_type, [f"Action '{shown_type}' is unavailable: {disabled.disabled}"])
+            return Rejection(index, action_type, [f"Action '{action_type}' is unavailable: {disabled.disabled}"])
         return Rejection(index, shown_type,
                          [f"Unsupported type '{shown_type}' - no plugin or interface found to handle it"])
     if "payload" not in raw:
@@ -107,7 +100,8 @@ def validate_one(index: int, raw: Any, registry: Registry, context: dict,
     payload = raw["payload"]
     if not isinstance(payload, dict):
         return Rejection(index, action_type, ["'payload' must be a dict"])
-    errors = _schema_errors(spec, payload) + _too_long(spec, payload, settings.max_field_chars)
+    errors = payload_errors(action_type, payload, settings.max_field_chars)
+    errors = errors or _schema_errors(spec, payload)
     if not errors:
         plugin = registry.plugins[spec.plugin]
         try:
@@ -116,13 +110,15 @@ def validate_one(index: int, raw: Any, registry: Registry, context: dict,
             log.exception("validate_payload of %s raised", action_type)
             errors.append(f"Validation of '{action_type}' failed inside its plugin: {type(exc).__name__}: {exc}")
     if not errors:
-        denied = authorization_error(spec, context, settings)
+        denied = authorization_error(spec, context, settings, payload, registry)
         if denied:
             errors.append(denied)
     if errors:
         return Rejection(index, action_type, _dedupe(errors))
     hint = raw.get("interface")
-    return ValidAction(index, spec, payload, hint if isinstance(hint, str) else None)
+    if not isinstance(hint, str) or len(hint) > MAX_CONTEXT_CHARS or not is_valid_text(hint):
+        hint = None  # only a hint: an unusable one is ignored like any unknown key
+    return ValidAction(index, spec, payload, hint)
 
 
 def validate_actions(raw_actions: list[Any], registry: Registry, context: dict,

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -84,7 +85,10 @@ def test_signed_actions_run_and_the_messages_on_the_queue_are_signed(signed: Sta
         else message["body"].encode()
     fields = base64.b64decode(signed_body).split(b"\x00\x01")  # signer, signature, type, encoding, body
     assert len(fields) == 5 and fields[2] == b"application/json" and fields[1]
-    assert json.loads(fields[4])[1]["action_id"] == action_id
+    signed_part = json.loads(fields[4])  # the body inside an envelope whose id and expiry are signed too
+    envelope = signed_part["rekku_envelope"]
+    assert set(envelope) == {"id", "expires"} and envelope["expires"] > time.time()
+    assert signed_part["body"][1]["action_id"] == action_id
     assert message["headers"]["kwargsrepr"].count("hunter2") == 0  # what Flower would show is redacted
 
 
@@ -136,3 +140,75 @@ def test_doctor_checks_the_signing_identity_and_pings_signed_workers(signed: Sta
                              env={**signed.env(), "REKKU_SIGNING_CERT": ""})
     assert partial.returncode == 1 and "REKKU_SIGNING_KEY, REKKU_SIGNING_CERT and REKKU_SIGNING_CERT_STORE" in \
         partial.stderr and "Traceback" not in partial.stderr
+
+
+def _signed_app(stack: Stack) -> Celery:
+    from rekku.signing import setup_signing
+
+    app = Celery("replayer", broker=stack.broker_url)
+    setup_signing(app, stack.extra_env["REKKU_SIGNING_KEY"], stack.extra_env["REKKU_SIGNING_CERT"],
+                  stack.extra_env["REKKU_SIGNING_CERT_STORE"])
+    return app
+
+
+def _runs_with(stack: Stack, marker: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(stack.database_url)
+    try:
+        with engine.connect() as c:
+            return c.scalar(sa.text("SELECT count(*) FROM action_runs WHERE payload LIKE :m"), {"m": f"%{marker}%"})
+    finally:
+        engine.dispose()
+
+
+def test_a_captured_signed_ingest_pushed_again_runs_once(signed: Stack) -> None:
+    """The attack: copy a signed rekku.ingest off the queue and push it back, under new task ids."""
+    import json
+
+    import redis
+
+    marker = f"replay-{uuid.uuid4().hex[:8]}"
+    app = _signed_app(signed)
+    try:
+        app.send_task("rekku.ingest", kwargs={"body": {"actions": [{"type": "echo", "payload": {"text": marker}}]}},
+                      queue="captured")
+    finally:
+        app.close()
+    client = redis.Redis.from_url(signed.broker_url)
+    raw = wait_until(lambda: client.lrange("captured", 0, -1), timeout=10, what="the captured message")[0]
+    client.delete("captured")
+    for _ in range(3):  # the original and two replays, each under a task id of the attacker's choosing
+        message = json.loads(raw)
+        message["headers"]["id"] = message["properties"]["correlation_id"] = str(uuid.uuid4())
+        message["properties"]["delivery_tag"] = str(uuid.uuid4())
+        message["properties"]["delivery_info"] = {"exchange": "", "routing_key": "default"}
+        client.lpush("default", json.dumps(message))
+    wait_until(lambda: _runs_with(signed, marker) >= 1, timeout=20, what="the signed request's action")
+    wait_until(lambda: client.llen("default") == 0, timeout=20, what="the replays to be consumed")
+    time.sleep(2)
+    assert _runs_with(signed, marker) == 1
+
+
+def test_signed_messages_without_an_envelope_or_past_their_expiry_are_refused(signed: Stack) -> None:
+    from celery.security.certificate import Certificate, FSCertStore
+    from celery.security.key import PrivateKey
+    from celery.security.serialization import SecureSerializer
+
+    from rekku.signing import EnvelopeSerializer
+
+    env = signed.extra_env
+    parts = (PrivateKey(Path(env["REKKU_SIGNING_KEY"]).read_text()), Certificate(Path(env["REKKU_SIGNING_CERT"])
+             .read_text()), FSCertStore(env["REKKU_SIGNING_CERT_STORE"]))
+    bare = SecureSerializer(*parts, digest="sha256", serializer="json")  # Celery's own: no id, no expiry
+    stale = EnvelopeSerializer(*parts, digest="sha256", serializer="json", ttl=-1)  # expired when sent
+    for serializer, refusal in ((bare, "without Rekku's envelope"), (stale, "expired")):
+        action_id = str(uuid.uuid4())
+        before = _worker_log(signed).count(refusal)
+        _publish(signed, serializer.serialize([[], {"action_id": action_id, "payload": {"seconds": 0},
+                                                    "context": {}}, {}]), "application/data", action_id)
+        wait_until(lambda r=refusal, b=before: _worker_log(signed).count(r) > b, timeout=20,
+                   what=f"the refusal ({refusal}) in the log")
+        time.sleep(0.5)
+        assert signed.journal(action_id) == []
+    assert signed.run("echo")["status"] == "succeeded"
