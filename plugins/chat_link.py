@@ -6,6 +6,15 @@ Upstream's actions and ``chat_link`` table are kept (UPSTREAM.md §2); ``link_ch
 every message send (rekku/interfaces/delivery.py) with loop protection: a message reaches each chat
 at most once, so A↔B or A→B→C→A never echo. A name matching several chats is an error that asks for
 the numeric id. Query results also go back to the asking chat as a ``system_message`` of type output.
+
+Who may change what (``authorize_payload``, checked at the ingress and again in the worker): the
+request context says who speaks and from which chat; the payload is the model's. A trainer may link,
+unlink, store and rename any chat. Anyone else may only touch the chat the request came from:
+``link_chats``/``unlink_chats`` are refused when ``from_chat`` or ``to_chat`` is another chat (linking
+another chat to mine reads its messages, linking mine to another pushes my traffic into it, and
+unlinking removes someone else's forward; since a chat cannot be linked to itself, linking needs a
+trainer), and ``store_link``/``update_chat_names`` only for this chat, with names no other chat uses
+and that are not chat ids: actions address chats by name, so a name is a route to a chat.
 """
 
 from __future__ import annotations
@@ -15,10 +24,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import PluginError, current_action, register_plugin
+from rekku import PluginError, current_action, get_settings, register_plugin
 from rekku.db import session_factory
 from rekku.interfaces import get_interfaces
-from rekku.interfaces.links import resolve_chat
+from rekku.interfaces.links import chats_named, is_known_chat_id, looks_like_id, resolve_chat
 from rekku.interfaces.models import ChatForward, ChatLink
 from rekku.interfaces.replies import send_output
 from rekku.models import utcnow
@@ -40,6 +49,10 @@ ACTIONS = {
 }
 #: Actions whose result also goes back to the asking chat.
 QUERIES = ("get_link", "resolve_chat", "list_links")
+#: Actions that change where a chat's messages go: only for the requesting chat unless a trainer asks.
+LINKING = ("link_chats", "unlink_chats")
+#: Actions that change which chat a name (or link) means: the same rule, plus names nobody else uses.
+NAMING = ("store_link", "update_chat_names")
 
 
 def _s(value: Any) -> str:
@@ -64,6 +77,19 @@ class ChatLinkPlugin(TablePlugin):
         if "bidirectional" in payload and not isinstance(payload["bidirectional"], bool):
             return [f"Field 'bidirectional' must be true or false for action '{action_type}'"]
         return []
+
+    def authorize_payload(self, action_type: str, payload: dict, context: dict, is_trainer: bool) -> str | None:
+        """A non-trainer may only link, unlink, store or name the chat the request came from (see the
+        module's docstring): anything else would redirect another chat's messages."""
+        if is_trainer or action_type not in LINKING + NAMING:
+            return None
+        own = _requesting_chat(context)
+        if own is None:
+            return (f"Action '{action_type}' is restricted to trainers when the request comes from no chat: "
+                    "others may only change the chat they write from")
+        if action_type in LINKING:
+            return _link_refusal(action_type, payload, context, own)
+        return _naming_refusal(action_type, payload, context, own)
 
     def handle_custom_action(self, action_type: str, payload: dict) -> Any:
         result = getattr(self, action_type)(payload)
@@ -105,6 +131,7 @@ class ChatLinkPlugin(TablePlugin):
                 raise PluginError(f"Give chat_name or thread_name: interface '{interface}' cannot look names up")
             info = lookup(_s(p["chat_id"]))
             names = {"chat_name": info.get("chat_name")}
+            _check_fetched_name(info.get("chat_name"), interface, _s(p["chat_id"]))
             if info.get("link"):
                 names["link"] = info["link"]
         _upsert(interface, _s(p["chat_id"]), _s(p.get("thread_id")), names)
@@ -161,15 +188,83 @@ def _ctx_interface() -> str | None:
 
 
 def _pair(p: dict) -> tuple[tuple[str, str], tuple[str, str]]:
-    ends = []
+    return _end(p, "from", _ctx_interface()), _end(p, "to", _ctx_interface())
+
+
+def _end(p: dict, side: str, ctx_interface: str | None) -> tuple[str, str]:
+    """``(interface, chat_id)`` of one end of a link: ``from`` defaults to the request's interface."""
+    wanted = p.get(f"{side}_interface") or (ctx_interface if side == "from" else None)
+    interface, chat_id = resolve_chat(p[f"{side}_chat"], wanted, strict=not wanted)
+    interface = wanted or interface
+    if not interface:
+        raise PluginError(f"Give {side}_interface: chat '{p[f'{side}_chat']}' is not stored with its interface")
+    return interface, chat_id
+
+
+# ----------------------------------------------------------------------------- authorization
+def _label(chat: tuple[str, str]) -> str:
+    return f"{chat[0]}:{chat[1]}" if chat[0] else chat[1]
+
+
+def _requesting_chat(context: dict) -> tuple[str, str] | None:
+    """The chat the request came from, as the context (the token holder) says, or None."""
+    chat_id = context.get("chat_id")
+    if chat_id in (None, ""):
+        return None
+    return _s(context.get("interface")), str(chat_id)
+
+
+def _link_refusal(action_type: str, p: dict, context: dict, own: tuple[str, str]) -> str | None:
+    """Both ends must be the requesting chat, resolved as the handler will resolve them."""
     for side in ("from", "to"):
-        wanted = p.get(f"{side}_interface") or (_ctx_interface() if side == "from" else None)
-        interface, chat_id = resolve_chat(p[f"{side}_chat"], wanted, strict=not wanted)
-        interface = wanted or interface
-        if not interface:
-            raise PluginError(f"Give {side}_interface: chat '{p[f'{side}_chat']}' is not stored with its interface")
-        ends.append((interface, chat_id))
-    return ends[0], ends[1]
+        try:
+            end = _end(p, side, context.get("interface"))
+        except PluginError as exc:
+            return (f"Action '{action_type}' is restricted to trainers unless {side}_chat is this chat "
+                    f"({_label(own)}): {exc}")
+        if end != own:
+            return (f"Action '{action_type}' is restricted to trainers when it links a chat other than this one: "
+                    f"{side}_chat is {_label(end)}, but this request came from {_label(own)} (a link redirects "
+                    "a chat's messages, so only a trainer may link or unlink other chats)")
+    return None
+
+
+def _naming_refusal(action_type: str, p: dict, context: dict, own: tuple[str, str]) -> str | None:
+    """The chat must be the requesting chat, and each new name one no other chat answers to."""
+    chat = (_s(p.get("interface") or context.get("interface")), _s(p["chat_id"]))
+    if chat != own:
+        return (f"Action '{action_type}' is restricted to trainers for a chat other than this one: chat "
+                f"{_label(chat)} is not the chat this request came from ({_label(own)})")
+    for key in ("chat_name", "thread_name"):
+        if p.get(key) not in (None, ""):
+            reason = _name_refusal(action_type, key, str(p[key]), own)
+            if reason:
+                return reason
+    return None
+
+
+def _name_refusal(action_type: str, key: str, name: str, own: tuple[str, str]) -> str | None:
+    """Why a non-trainer's chat may not take ``name``: a name is a route (``message_<iface>`` with a
+    ``target`` name, ``link_chats``), so taking another chat's name or id would take its messages."""
+    if looks_like_id(name.strip()) or (is_known_chat_id(name) and name.strip() != own[1]):
+        return (f"Action '{action_type}' is restricted to trainers when '{key}' is a chat id ('{name}'): "
+                "give a name that is not a chat's id")
+    taken = sorted(chat for chat in chats_named(name) if chat != own)
+    if taken:
+        return (f"Action '{action_type}' is restricted to trainers when '{key}' is already used by another chat: "
+                f"'{name}' names {', '.join(_label(c) for c in taken)}; choose another name")
+    return None
+
+
+def _check_fetched_name(name: Any, interface: str, chat_id: str) -> None:
+    """A name read from the platform follows the same rule as a given one (the platform's title is
+    whatever the chat's members typed): a non-trainer's chat may not take a name another chat uses."""
+    ctx = current_action()
+    if not name or ctx is None or get_settings().is_trainer(ctx.interface, ctx.user_id):
+        return
+    reason = _name_refusal("update_chat_names", "chat_name", str(name), (interface, chat_id))
+    if reason:
+        raise PluginError(reason)
 
 
 def _upsert(interface: str, chat_id: str, thread_id: str, values: dict) -> None:

@@ -21,7 +21,18 @@ import sqlalchemy as sa
 
 from rekku import PluginError, current_action, get_settings, register_plugin
 from rekku.db import session_factory
-from rekku.events import ACTIVE, CANCELLED, CANCELLED_DELIVERY, DONE, PENDING, deliveries, events, new_event, tick
+from rekku.events import (
+    ACTIVE,
+    CANCELLED,
+    CANCELLED_DELIVERY,
+    DONE,
+    PENDING,
+    deliveries,
+    events,
+    new_event,
+    requester_of,
+    tick,
+)
 from rekku.interfaces.registry import get_interfaces
 from rekku.interfaces.replies import send_output
 from rekku.models import utcnow
@@ -37,7 +48,9 @@ ACTIONS = {
               "default the configured TZ). 'repeat': none, daily, weekly, monthly, yearly, 'every 15 minutes', "
               "'every 2 hours', or cron with 'cron' ('0 9 * * 1-5'); end a series with 'until' or 'count'. "
               "'target' {interface, chat_id, thread_id} defaults to this chat; 'actions' is a list of "
-              "{type, payload} run when due",
+              "{type, payload} run when due, as the person who asked for this event and from this chat "
+              "(checked now and again when due: only actions they may run themselves; no 'event' inside "
+              "'actions'). 'created_by' is only a label: it never changes who the actions run as",
               ["description"], ["created_by", "target", "actions", *_WHEN]),
     "list_events": ("List scheduled events (default: those of this chat still waiting)", [],
                     ["interface", "chat_id", "include_finished", "limit"]),
@@ -83,23 +96,23 @@ class EventPlugin(TablePlugin):
         if target is not None and not (isinstance(target, dict) and target.get("chat_id") not in (None, "")):
             errors.append("Field 'target' must be an object {interface, chat_id, thread_id} with a chat_id "
                           "for action 'event'")
-        actions = payload.get("actions")
-        if actions is not None:
-            if not isinstance(actions, list) or not all(
-                    isinstance(a, dict) and isinstance(a.get("type"), str) and isinstance(a.get("payload", {}), dict)
-                    for a in actions):
-                errors.append("Field 'actions' must be a list of {type, payload} objects for action 'event'")
-            else:
-                from rekku.registry import get_registry
-
-                unknown = sorted({a["type"] for a in actions} - set(get_registry().actions))
-                if unknown:
-                    errors.append(f"Field 'actions' names unsupported action types {unknown} for action 'event'")
+        errors.extend(_actions_shape_errors(payload.get("actions")))
         try:
             build_rule(payload, utcnow(), get_settings().tz)
         except ScheduleError as exc:
             errors.append(f"{exc} (action 'event')")
         return errors
+
+    # ------------------------------------------------------------------ authorization
+    def authorize_payload(self, action_type: str, payload: dict, context: dict, is_trainer: bool) -> str | None:
+        """The scheduled actions are authorized NOW, for the requester, as if they asked for them now:
+        each goes through the ingress's own validation (schema, its plugin's checks, trainer-only,
+        restrictions, its plugin's ``authorize_payload``) with this request's context. Otherwise an
+        event would launder any action past the ingress (a non-trainer's ``terminal`` run when due).
+        Called at the ingress and again in the worker (``AuthorizationHook``)."""
+        if action_type != "event" or not isinstance(payload.get("actions"), list):
+            return None
+        return scheduled_actions_refusal(payload["actions"], requester_of(context))
 
     # ------------------------------------------------------------------ handlers
     def handle_custom_action(self, action_type: str, payload: dict) -> Any:
@@ -135,10 +148,12 @@ class EventPlugin(TablePlugin):
                 earlier = s.execute(sa.select(events).where(events.c.action_id == action_id)).one_or_none()
             if earlier is not None:
                 return _describe(earlier)
+        # created_by is the model's label (upstream's field); who the actions run as is the verified
+        # requester, recorded here from the request context and never from the payload
         created_by = payload.get("created_by") or (ctx.user_id or ctx.username if ctx else None)
         row = new_event(rule, first, payload["description"], interface, str(chat_id), thread_id,
                         created_by=str(created_by) if created_by else None, actions=payload.get("actions"),
-                        action_id=action_id)
+                        action_id=action_id, requester=requester_of(ctx) if ctx is not None else None)
         with sessions.begin() as s:
             event_id = s.execute(sa.insert(events).values(**row)).inserted_primary_key[0]
         return _describe({**row, "id": event_id})
@@ -193,6 +208,9 @@ def _describe(row: Any) -> dict:
            "target": {"interface": data["interface"], "chat_id": data["chat_id"],
                       "thread_id": data["thread_id"] or None},
            "created_by": data["created_by"], "actions": data["actions"] or []}
+    if data.get("requester"):  # who the scheduled actions run as (verified), next to the model's label
+        out["requested_by"] = {k: v for k, v in data["requester"].items()
+                               if k in ("interface", "user_id", "username")}
     if next_run is not None and data["status"] == ACTIVE:
         out["next_run"] = next_run.isoformat()
         out["next_run_local"] = next_run.astimezone(rule.zone).isoformat()
@@ -202,6 +220,55 @@ def _describe(row: Any) -> dict:
         if getattr(rule, key) is not None:
             out[key] = getattr(rule, key)
     return out
+
+
+def _actions_shape_errors(actions: Any) -> list[str]:
+    """What is wrong with the shape of an event's ``actions``, without any context: a list of
+    {type, payload} objects of known types, and no ``event`` among them (see :data:`NESTED_REFUSED`)."""
+    if actions is None:
+        return []
+    if not isinstance(actions, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("type"), str) and isinstance(a.get("payload", {}), dict)
+            for a in actions):
+        return ["Field 'actions' must be a list of {type, payload} objects for action 'event'"]
+    from rekku.registry import get_registry
+
+    nested = sorted({a["type"] for a in actions} & NESTED_REFUSED)
+    if nested:
+        return [f"Field 'actions' cannot hold {nested} for action 'event': a scheduled action cannot schedule "
+                "events; make it a separate 'event'"]
+    unknown = sorted({a["type"] for a in actions} - set(get_registry().actions))
+    if unknown:
+        return [f"Field 'actions' names unsupported action types {unknown} for action 'event'"]
+    return []
+
+
+#: Action types an event's ``actions`` may not hold. An event inside an event would be validated now
+#: against a time that is only meaningful when it is due, and its own actions would be checked one
+#: level further each time; refusing it keeps the check one level deep (a recurrence covers the use).
+NESTED_REFUSED = frozenset({"event"})
+
+
+def scheduled_actions_refusal(actions: list, requester: dict[str, str]) -> str | None:
+    """Why ``requester`` may not schedule ``actions``, or None: each one is validated exactly as the
+    ingress would validate it in a request of theirs (rekku.validation.validate_one), so a trainer-only
+    action in a non-trainer's event is refused with the usual wording, naming its place in 'actions'."""
+    from rekku.registry import get_registry
+    from rekku.validation import Rejection, validate_one
+
+    registry, settings = get_registry(), get_settings()
+    problems = []
+    for index, raw in enumerate(actions):
+        if isinstance(raw, dict) and raw.get("type") in NESTED_REFUSED:
+            problems.append(f"actions[{index}] ({raw['type']}): a scheduled action cannot schedule events")
+            continue
+        outcome = validate_one(index, raw, registry, requester, settings)
+        if isinstance(outcome, Rejection):
+            problems += [f"actions[{index}] ({outcome.type}): {error}" for error in outcome.errors]
+    if not problems:
+        return None
+    return ("Field 'actions' of action 'event' holds actions this request may not schedule (they would run "
+            "as the person asking, from this chat): " + "; ".join(problems))
 
 
 PLUGIN_CLASS = EventPlugin

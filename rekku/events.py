@@ -92,6 +92,9 @@ events = sa.Table(
     sa.Column("actions", JSONType),
     sa.Column("action_id", sa.String(36)),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    #: The verified context of the request that created the event (migration event_0002): its scheduled
+    #: actions run with it. NULL on rows made before it was recorded: their actions are not run.
+    sa.Column("requester", JSONType),
 )
 deliveries = sa.Table(
     "event_deliveries", metadata,
@@ -121,10 +124,29 @@ def message_id(event_id: int, occurrence: datetime, part: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{occurrence_key(event_id, occurrence)}:{part}"))
 
 
+#: The request context keys an event keeps for its scheduled actions (not ``message_id``: a scheduled
+#: action is not a reply to the message that asked for it).
+REQUESTER_KEYS = ("interface", "chat_id", "thread_id", "user_id", "username")
+#: Why a row without a recorded requester does not run its scheduled actions.
+NO_REQUESTER = ("not run: this event was created before its requester was recorded, so there is nobody "
+                "to run its scheduled actions as (its 'created_by' is only a label); create the event again")
+
+
+def requester_of(context: Any) -> dict[str, str]:
+    """The verified requester an event keeps, from a request context (a dict or an ActionContext):
+    only what the API token holder said, never anything from a payload."""
+    get = context.get if isinstance(context, dict) else (lambda key: getattr(context, key, None))
+    return {key: str(value) for key in REQUESTER_KEYS if (value := get(key)) not in (None, "")}
+
+
 def new_event(rule: Rule, first: datetime, description: str, interface: str, chat_id: str,
               thread_id: str | None = None, *, created_by: str | None = None, actions: list | None = None,
-              action_id: str | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """The ``scheduled_events`` row of a new event whose first occurrence is ``first``."""
+              action_id: str | None = None, requester: dict[str, str] | None = None,
+              now: datetime | None = None) -> dict[str, Any]:
+    """The ``scheduled_events`` row of a new event whose first occurrence is ``first``.
+
+    ``requester`` is the verified context of the request that made it (see :func:`requester_of`); its
+    scheduled actions run with it. ``created_by`` is a label and is never used as the user."""
     now = now or utcnow()
     local = first.astimezone(rule.zone)
     return {"date": local.date().isoformat(), "time": local.time().isoformat(timespec="seconds"),
@@ -132,7 +154,7 @@ def new_event(rule: Rule, first: datetime, description: str, interface: str, cha
             "delivered": False, "created_by": created_by, "timezone": rule.tz, "rule": rule.as_dict(),
             "occurrence_index": 0, "status": ACTIVE, "interface": interface, "chat_id": str(chat_id),
             "thread_id": str(thread_id or ""), "actions": actions or None, "action_id": action_id,
-            "updated_at": now}
+            "requester": requester, "updated_at": now}
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -328,14 +350,40 @@ def system_message(event: Any, occurrence: datetime) -> str:
         "type": "event_reminder", "event_id": event.id, "description": event.description,
         "scheduled": occurrence.astimezone(zone).isoformat(), "scheduled_utc": occurrence.isoformat(),
         "timezone": event.timezone, "recurrence": event.recurrence_type, "created_by": event.created_by,
+        "requested_by": _requested_by(event),
         "target": {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None},
     }}, ensure_ascii=False)
+
+
+def _requested_by(event: Any) -> dict[str, str] | None:
+    """Who really asked for the event (verified), as the system message shows it; ``created_by`` is
+    what the model wrote and may name anyone."""
+    requester = getattr(event, "requester", None)
+    if not requester:
+        return None
+    return {k: requester[k] for k in ("interface", "user_id", "username") if requester.get(k)} or None
+
+
+def run_scheduled_actions(event: Any, occurrence: datetime) -> dict[str, Any]:
+    """Submit the event's scheduled actions through the ingress with the STORED requester context, so
+    they are validated and authorized again as the person who asked (a trainer demoted since is
+    refused now). A row without a recorded requester runs nothing: running its actions with its
+    target chat or its ``created_by`` would let the payload choose who they run as."""
+    from rekku.ingest import default_ingress
+
+    requester = getattr(event, "requester", None)
+    if not isinstance(requester, dict):  # NULL: a row from before event_0002 ({} is a request with no context)
+        log.warning("event %s occurrence %s: %d scheduled actions %s", event.id, occurrence.isoformat(),
+                    len(event.actions), NO_REQUESTER)
+        return {"not_run": NO_REQUESTER, "count": len(event.actions)}
+    answer = default_ingress().submit({"actions": event.actions}, context=requester_of(requester),
+                                      idempotency_key=f"{occurrence_key(event.id, occurrence)}:actions")
+    return {"batch_id": answer.batch_id, "accepted": answer.accepted, "rejected": answer.rejected}
 
 
 def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
     """Send one occurrence of ``event`` (a scheduled_events row): reminder, system message, scheduled
     actions. Idempotent (deterministic message ids and idempotency key); raises on failure."""
-    from rekku.ingest import default_ingress
     from rekku.interfaces.delivery import deliver
     from rekku.interfaces.links import Chat
     from rekku.interfaces.registry import get_interfaces
@@ -351,17 +399,13 @@ def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
                                            message_id(event_id, occurrence, "system"),
                                            text=system_message(event, occurrence), forward=False)
     if event.actions:
-        context = {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None,
-                   "user_id": event.created_by}
-        answer = default_ingress().submit({"actions": event.actions}, context=context,
-                                          idempotency_key=f"{occurrence_key(event_id, occurrence)}:actions")
-        result["actions"] = {"batch_id": answer.batch_id, "accepted": answer.accepted, "rejected": answer.rejected}
+        result["actions"] = run_scheduled_actions(event, occurrence)
     return result
 
 
 #: The event columns a delivery reads (not the rule, dates or bookkeeping: a burst reads thousands).
 _DELIVERY_COLUMNS = [events.c[name] for name in ("id", "description", "timezone", "recurrence_type", "created_by",
-                                                 "interface", "chat_id", "thread_id", "actions")]
+                                                 "interface", "chat_id", "thread_id", "actions", "requester")]
 
 
 def _open_deliveries(items: list[list[Any]]) -> tuple[list[tuple[Any, datetime]], dict[int, Any]]:

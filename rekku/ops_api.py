@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from rekku.action_log import NewRun, shared_log
 from rekku.auth import require_token
 from rekku.errors import Conflict, NotFound, ServiceUnavailable
+from rekku.models import FAILED
 from rekku.schemas import ActionState, ErrorResponse
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["operations"],
@@ -31,13 +32,21 @@ def dead_letters(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 @router.post("/v1/actions/{action_id}/retry", response_model=ActionState,
              responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 def retry_action(action_id: str) -> Any:
-    """Run a failed action again (same id, same payload and context)."""
+    """Run a failed action again (same id, same payload and context).
+
+    The retry is authorized again, as a new request with the action's recorded context would be (a
+    trainer demoted since, or a payload a plugin now refuses, gets a 409 and the action stays failed):
+    the token holder may ask for a retry, but not for more than that context may run."""
     from rekku import dispatch
 
     log = shared_log()
     current = log.get(action_id)
     if current is None:
         raise NotFound(f"no action {action_id}")
+    if current["status"] == FAILED:
+        denied = _retry_refusal(current)
+        if denied:
+            raise Conflict(f"action {action_id} cannot be retried: {denied}; it stays failed")
     run = log.reset_for_retry(action_id)
     if run is None:
         raise Conflict(f"action {action_id} is {current['status']}; only failed actions can be retried")
@@ -48,6 +57,22 @@ def retry_action(action_id: str) -> Any:
         log.fail(action_id, "could not enqueue the retry: the broker is unreachable")
         raise ServiceUnavailable("the broker is unreachable; the action stays failed")
     return run
+
+
+def _retry_refusal(run: dict) -> str | None:
+    """Why the action's recorded context may not run its payload now, or None (rekku.validation's
+    authorization, the one the ingress and the worker use)."""
+    from rekku.context import normalize_context
+    from rekku.registry import get_registry
+    from rekku.settings import get_settings
+    from rekku.validation import authorization_error
+
+    registry = get_registry()
+    spec = registry.actions.get(run["type"])
+    if spec is None:
+        return f"no available plugin handles '{run['type']}' any more"
+    context = normalize_context(run.get("context"))
+    return authorization_error(spec, context, get_settings(), run.get("payload") or {}, registry)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

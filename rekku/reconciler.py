@@ -13,7 +13,9 @@ by default). Every ``REKKU_RECONCILE_SECONDS`` beat runs :func:`reconcile`, whic
   to where their plugin routes them now.
 
 A finished action is never re-enqueued, and the worker's claim refuses a delivery of an action
-that is already final, so a re-enqueue can never run finished work twice.
+that is already final, so a re-enqueue can never run finished work twice. A re-enqueued action
+carries exactly the payload and the context the action log recorded when it was accepted (the
+verified request context, never anything a payload said), and the worker authorizes it again.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 
+from tests.conftest import TRAINER
 from tests.support import Stack, wait_until
 
 
@@ -39,7 +40,7 @@ def test_store_link_then_get_it_by_name_and_the_answer_reaches_the_chat(chat_sta
     asking = _chat()
     name = f"Book club {uuid.uuid4().hex[:6]}"
     ok(chat_stack.run("store_link", {"chat_id": "-100501", "link": "https://t.me/bookclub", "interface": "telegram_bot",
-                                     "chat_name": name}))
+                                     "chat_name": name}, TRAINER))
     run = chat_stack.run("get_link", {"chat_id": name.upper()}, {"interface": "outbox", "chat_id": asking})
     assert ok(run) == {"found": True, "interface": "telegram_bot", "chat_id": "-100501", "thread_id": None,
                        "link": "https://t.me/bookclub", "chat_name": name, "thread_name": None}
@@ -50,8 +51,9 @@ def test_store_link_then_get_it_by_name_and_the_answer_reaches_the_chat(chat_sta
 def test_an_ambiguous_name_asks_for_the_numeric_id(chat_stack: Stack) -> None:
     name = f"General {uuid.uuid4().hex[:6]}"
     ok(chat_stack.run("store_link", {"chat_id": "-100601", "link": "l1", "interface": "telegram_bot",
-                                     "chat_name": name}))
-    ok(chat_stack.run("store_link", {"chat_id": "602", "link": "l2", "interface": "discord_bot", "chat_name": name}))
+                                     "chat_name": name}, TRAINER))
+    ok(chat_stack.run("store_link", {"chat_id": "602", "link": "l2", "interface": "discord_bot", "chat_name": name},
+                      TRAINER))
     run = chat_stack.run("resolve_chat", {"identifier": name})
     assert run["status"] == "failed"
     assert f"Ambiguous name '{name}'" in run["error"] and "use the numeric chat_id" in run["error"]
@@ -64,11 +66,11 @@ def test_an_ambiguous_name_asks_for_the_numeric_id(chat_stack: Stack) -> None:
 
 def test_update_chat_names_asks_telegram_when_no_name_is_given(chat_stack: Stack, tg) -> None:
     tg.chats["-100700"] = {"id": -100700, "type": "supergroup", "title": "Gardening", "username": "garden"}
-    result = ok(chat_stack.run("update_chat_names", {"chat_id": "-100700"}, {"interface": "telegram_bot"}))
+    result = ok(chat_stack.run("update_chat_names", {"chat_id": "-100700"}, TRAINER))
     assert result["chat_name"] == "Gardening" and result["link"] == "https://t.me/garden"
     assert tg.received("/getChat", chat_id="-100700")
     assert ok(chat_stack.run("resolve_chat", {"identifier": "gardening"}))["chat_id"] == "-100700"
-    ok(chat_stack.run("update_chat_names", {"chat_id": "-100700", "chat_name": "Orto"}, {"interface": "telegram_bot"}))
+    ok(chat_stack.run("update_chat_names", {"chat_id": "-100700", "chat_name": "Orto"}, TRAINER))
     listed = ok(chat_stack.run("list_links", {"interface": "telegram_bot"}))["links"]
     assert {"chat_id": "-100700", "chat_name": "Orto"}.items() <= next(
         link for link in listed if link["chat_id"] == "-100700").items()
@@ -77,7 +79,7 @@ def test_update_chat_names_asks_telegram_when_no_name_is_given(chat_stack: Stack
 def test_linked_chats_get_every_message_across_platforms_once(chat_stack: Stack, tg) -> None:
     web, group = _chat(), "-100800"
     linked = ok(chat_stack.run("link_chats", {"from_chat": web, "from_interface": "outbox", "to_chat": group,
-                                              "to_interface": "telegram_bot", "bidirectional": True}))
+                                              "to_interface": "telegram_bot", "bidirectional": True}, TRAINER))
     assert linked["linked"] == [{"from": f"outbox:{web}", "to": f"telegram_bot:{group}"},
                                 {"from": f"telegram_bot:{group}", "to": f"outbox:{web}"}]
     # A message to the web chat also reaches the Telegram group, and does not come back (loop protection).
@@ -92,7 +94,8 @@ def test_linked_chats_get_every_message_across_platforms_once(chat_stack: Stack,
     assert [r.data["text"] for r in tg.sends(group)] == ["from the web", "from telegram"]
     # Unlinked: no more forwarding.
     assert ok(chat_stack.run("unlink_chats", {"from_chat": web, "from_interface": "outbox", "to_chat": group,
-                                              "to_interface": "telegram_bot", "bidirectional": True}))["removed"] == 2
+                                              "to_interface": "telegram_bot", "bidirectional": True},
+                             TRAINER))["removed"] == 2
     ok(chat_stack.run("message_outbox", {"text": "alone"}, {"interface": "outbox", "chat_id": web}))
     assert len(tg.sends(group)) == 2
 
@@ -101,7 +104,7 @@ def test_a_cycle_of_links_delivers_to_each_chat_once(chat_stack: Stack) -> None:
     a, b, c = _chat("a"), _chat("b"), _chat("c")
     for src, dst in ((a, b), (b, c), (c, a)):
         ok(chat_stack.run("link_chats", {"from_chat": src, "from_interface": "outbox", "to_chat": dst,
-                                         "to_interface": "outbox"}))
+                                         "to_interface": "outbox"}, TRAINER))
     result = ok(chat_stack.run("message_outbox", {"text": "round"}, {"chat_id": a}))
     assert [f["chat_id"] for f in result["forwarded"]] == [b, c]
     assert [len(outbox(chat_stack, chat)) for chat in (a, b, c)] == [1, 1, 1]
@@ -110,7 +113,7 @@ def test_a_cycle_of_links_delivers_to_each_chat_once(chat_stack: Stack) -> None:
 def test_a_message_target_may_be_a_stored_chat_name(chat_stack: Stack, tg) -> None:
     name = f"Family {uuid.uuid4().hex[:6]}"
     ok(chat_stack.run("store_link", {"chat_id": "-100900", "link": "l", "interface": "telegram_bot",
-                                     "chat_name": name}))
+                                     "chat_name": name}, TRAINER))
     ok(chat_stack.run("message_telegram_bot", {"text": "by name", "target": name}))
     assert [r.data["text"] for r in tg.sends("-100900")] == ["by name"]
 

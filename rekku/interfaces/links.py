@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -39,9 +40,13 @@ def looks_like_id(value: str) -> bool:
 def resolve_chat(identifier: str | int, interface: str | None = None, *, strict: bool = True) -> tuple[str, str]:
     """``(interface, chat_id)`` of a chat given by id or by name.
 
-    A known id wins; otherwise names (chat or thread) are matched case-insensitively. Several
-    chats with that name is an error that asks for the numeric id; no chat with that name is an
-    error when ``strict``, else the identifier is taken as a platform's own chat id."""
+    An id always wins over a name, so that nobody can re-point a chat by giving another chat its id
+    as a name: a stored chat id, an identifier that looks like an id (numbers, @channel; never
+    matched against names) and a chat id some request came from (the action log's indexed
+    ``chat_id``, e.g. an outbox chat "web-1") are taken as that chat. Otherwise names (chat or
+    thread) are matched case-insensitively. Several chats with that name is an error that asks for
+    the numeric id; no chat with that name is an error when ``strict``, else the identifier is taken
+    as a platform's own chat id."""
     ident = str(identifier).strip()
     with session_factory()() as s:
         query = sa.select(ChatLink.interface, ChatLink.chat_id)
@@ -50,12 +55,17 @@ def resolve_chat(identifier: str | int, interface: str | None = None, *, strict:
         by_id = s.execute(query.where(ChatLink.chat_id == ident)).first()
         if by_id is not None:
             return by_id[0], by_id[1]
+        if looks_like_id(ident):
+            return interface or "", ident
+        heard = _heard_from(s, ident)
+        if heard is not None:
+            return interface or heard, ident
         lowered = ident.lower()
         rows = s.execute(query.where(sa.or_(sa.func.lower(ChatLink.chat_name) == lowered,
                                             sa.func.lower(ChatLink.thread_name) == lowered))).all()
     chats = sorted({(r[0], r[1]) for r in rows})
     if not chats:
-        if looks_like_id(ident) or not strict:
+        if not strict:
             return interface or "", ident
         where = f" on {interface}" if interface else ""
         raise PluginError(f"Unknown chat '{ident}'{where}: no stored chat has that id or name "
@@ -65,6 +75,38 @@ def resolve_chat(identifier: str | int, interface: str | None = None, *, strict:
         raise PluginError(f"Ambiguous name '{ident}': it matches {len(chats)} chats ({listed}); "
                           "use the numeric chat_id instead")
     return chats[0]
+
+
+def _heard_from(session: Any, chat_id: str) -> str | None:
+    """The interface ("" if none was given) of a request that came from chat ``chat_id``, or None if
+    none did. Chat ids in the action log come from request contexts (the token holder's word), so a
+    chat id found there is a real chat, and a name equal to it must not take its messages."""
+    from rekku.models import ActionRun, chat_key
+
+    context = session.scalar(sa.select(ActionRun.context).where(ActionRun.chat_id == chat_key(chat_id)).limit(1))
+    if not isinstance(context, dict) or str(context.get("chat_id")) != chat_id:  # MariaDB compares without case
+        return None
+    return str(context.get("interface") or "")
+
+
+def is_known_chat_id(chat_id: str) -> bool:
+    """Whether ``chat_id`` is a chat some request came from or a stored chat's id (see :func:`resolve_chat`)."""
+    ident = str(chat_id).strip()
+    with session_factory()() as s:
+        if s.scalar(sa.select(ChatLink.id).where(ChatLink.chat_id == ident).limit(1)) is not None:
+            return True
+        return _heard_from(s, ident) is not None
+
+
+def chats_named(name: str) -> set[tuple[str, str]]:
+    """Every stored chat ``(interface, chat_id)`` whose chat or thread name is ``name`` (case-insensitive),
+    as :func:`resolve_chat` would match it."""
+    lowered = str(name).strip().lower()
+    with session_factory()() as s:
+        rows = s.execute(sa.select(ChatLink.interface, ChatLink.chat_id)
+                         .where(sa.or_(sa.func.lower(ChatLink.chat_name) == lowered,
+                                       sa.func.lower(ChatLink.thread_name) == lowered))).all()
+    return {(r[0], r[1]) for r in rows}
 
 
 def forwards_from(source: Chat) -> list[Chat]:

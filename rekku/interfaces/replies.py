@@ -3,6 +3,11 @@
 The reply is an action of its own (``message_<interface>`` on the io pool, in the action log, with
 retries), enqueued under the idempotency key ``output:<action id>``: a query re-run after a
 redelivery never sends its output twice, and the query itself never waits on a platform.
+
+Like every action made from another action, the reply runs with the query's verified context (the
+chat and user the token holder named) and is authorized when it is made, as the ingress would; it
+names no ``target``, so the message goes to exactly the context's chat and is never resolved by name
+(a chat id that is not a number could otherwise be matched against a chat name someone else stored).
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ def send_output(result: Any, message: str) -> str | None:
     if earlier is not None:
         return _again(earlier)
     batch_id, reply_id = str(uuid.uuid4()), str(uuid.uuid4())
-    payload = {"text": output_message(ctx.action_type, ctx.action_id, result, message), "target": ctx.chat_id}
-    if ctx.thread_id:
-        payload["thread_id"] = ctx.thread_id
+    # no "target": the message plugin then sends to the context's own chat and thread, never by name
+    payload = {"text": output_message(ctx.action_type, ctx.action_id, result, message)}
     context = {k: v for k, v in {"interface": interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id,
                                  "user_id": ctx.user_id, "username": ctx.username}.items() if v}
+    denied = _refusal(f"message_{interface}", payload, context)
+    if denied:
+        log.warning("output of %s not sent back: %s", ctx.action_id, denied)
+        return None
     run = NewRun(reply_id, 0, f"message_{interface}", "io", payload, {**context, "reply_to_action": ctx.action_id})
     answer = {"batch_id": batch_id, "accepted": [{"index": 0, "id": reply_id, "type": run.type, "queue": "io"}],
               "rejected": [], "correction": None}
@@ -58,6 +66,19 @@ def send_output(result: Any, message: str) -> str | None:
         return _again(earlier)
     _enqueue(run, batch_id)
     return reply_id
+
+
+def _refusal(action_type: str, payload: dict, context: dict) -> str | None:
+    """Why the reply may not be made for this context, exactly as the ingress would decide it (the
+    action log is written directly here, so this is its ingress check; the worker checks again)."""
+    from rekku.registry import get_registry
+    from rekku.validation import authorization_error
+
+    registry = get_registry()
+    spec = registry.actions.get(action_type)
+    if spec is None:
+        return f"Action '{action_type}' is unavailable here"
+    return authorization_error(spec, context, get_settings(), payload, registry)
 
 
 def _again(answer: dict) -> str:
