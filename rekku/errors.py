@@ -38,10 +38,14 @@ class Conflict(RekkuError):
     http_status = 409
 
 
-class TooManyActions(RekkuError):
-    """A request holds more actions than REKKU_MAX_ACTIONS_PER_REQUEST allows."""
+class TooLarge(RekkuError):
+    """A request is larger than a documented limit (REKKU_MAX_BODY_BYTES, REKKU_MAX_ACTIONS_PER_REQUEST)."""
 
     http_status = 413
+
+
+class TooManyActions(TooLarge):
+    """A request holds more actions than REKKU_MAX_ACTIONS_PER_REQUEST allows."""
 
 
 class PluginError(RekkuError):

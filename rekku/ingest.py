@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from rekku import dispatch
 from rekku.action_log import ActionLog, EarlierBatch, NewRun, shared_log
 from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
-from rekku.errors import Conflict, ServiceUnavailable, TooManyActions, ValidationError
+from rekku.errors import Conflict, ServiceUnavailable, TooLarge, TooManyActions, ValidationError
 from rekku.limits import (
     MAX_PAYLOAD_DEPTH,
     context_errors,
@@ -27,6 +28,7 @@ from rekku.limits import (
     is_valid_text,
     printable,
     printable_value,
+    size_exceeds,
 )
 from rekku.metrics import count_submission
 from rekku.parsing import parse_text, parse_value
@@ -94,7 +96,7 @@ class Ingress:
                            idempotency_key: str | None = None) -> Answer:
         """Accept a request from outside (HTTP, ``rekku.ingest``): the key may not take a prefix Rekku
         keeps for itself, and a key used before with another request is a 409, not the old answer."""
-        if idempotency_key and idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+        if idempotency_key and _folded(idempotency_key).startswith(RESERVED_KEY_PREFIXES):
             raise ValidationError(f"idempotency keys starting with {', '.join(RESERVED_KEY_PREFIXES)} are "
                                   "reserved for Rekku's own requests; choose another key")
         if idempotency_key and (len(idempotency_key) > MAX_KEY_CHARS or not is_valid_text(idempotency_key)):
@@ -105,6 +107,9 @@ class Ingress:
 
     def _submit(self, body: Any, context: dict | None, idempotency_key: str | None,
                 fingerprint: str | None) -> Answer:
+        limit = self.settings.max_body_bytes  # HTTP bodies are cut at it; rekku.ingest messages are not
+        if len(body) > limit if isinstance(body, (str, bytes)) else size_exceeds(body, limit):
+            raise TooLarge(f"the request is larger than {limit} bytes (REKKU_MAX_BODY_BYTES)")
         ctx = normalize_context(context)
         problems = context_errors(ctx)
         if problems:
@@ -232,6 +237,13 @@ def default_ingress() -> Ingress:
         client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"),
                                       socket_timeout=2, socket_connect_timeout=2)
     return Ingress(settings, get_registry(), shared_log(), client)
+
+
+def _folded(key: str) -> str:
+    """``key`` as MariaDB's accent- and case-insensitive collation compares it, so ``EVENT:`` or ``évent:``
+    cannot pass for a client's key and then match one of ours."""
+    decomposed = unicodedata.normalize("NFKD", key[:32])
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
 def _fingerprint(body: Any, context: dict | None) -> str | None:

@@ -15,6 +15,7 @@ Every walk here is iterative, so no input can overflow it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ MAX_PAYLOAD_DEPTH = 32
 #: Longest value of a request context (ids, interface, username), in characters: the indexed
 #: columns that hold them are VARCHAR(191) on MariaDB with utf8mb4.
 MAX_CONTEXT_CHARS = 191
+#: Longest field name in a payload, in characters.
+MAX_KEY_CHARS = 256
 #: At most this many shape errors are reported per action (one broken field is usually many).
 MAX_REPORTED = 10
 
@@ -48,6 +51,8 @@ def printable_value(value: Any) -> Any:
     for values within the depth limit (it recurses)."""
     if isinstance(value, str):
         return printable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no infinity: echoed as the text "inf"
     if isinstance(value, dict):
         return {printable(k) if isinstance(k, str) else k: printable_value(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -72,50 +77,91 @@ def depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _walk(payload: dict) -> Iterator[tuple[str, Any, int, bool]]:
+#: A place in a payload, built lazily: ``(parent, key or index)``; its text is made only for an error,
+#: so a wide payload with long keys costs no copies of its paths.
+Path = tuple[Any, Any] | None
+
+
+def path_text(path: Path) -> str:
+    """``a.b[2].c`` for a :data:`Path`, shortened and safe to echo."""
+    parts: list[str] = []
+    while path is not None:
+        path, step = path
+        parts.append(f"[{step}]" if isinstance(step, int) else f".{printable(str(step)[:60])}")
+    text = "".join(reversed(parts)).lstrip(".")
+    return text if len(text) <= 200 else text[:97] + "…" + text[-100:]
+
+
+def _walk(payload: dict) -> Iterator[tuple[Path, Any, int, bool]]:
     """Every (path, value, depth, is_key) below ``payload``, depth first, without recursion; a value
     deeper than :data:`MAX_PAYLOAD_DEPTH` is yielded but not entered."""
-    stack: list[tuple[str, Any, int]] = [(str(k), v, 2) for k, v in reversed(list(payload.items()))]
-    for key in payload:
-        yield str(key), key, 1, True
+    stack: list[tuple[Path, Any, int]] = [(None, payload, 1)]
     while stack:
         path, value, depth = stack.pop()
-        yield path, value, depth, False
+        if depth > 1:
+            yield path, value, depth, False
         if depth > MAX_PAYLOAD_DEPTH:
             continue
         if isinstance(value, dict):
-            for key in value:
-                yield f"{path}.{key}", key, depth, True
-            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in reversed(list(value.items())))
+            for key, item in value.items():
+                yield (path, key), key, depth, True
+                stack.append(((path, key), item, depth + 1))
         elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(value))))
+            stack.extend(((path, i), item, depth + 1) for i, item in enumerate(value))
 
 
 def payload_errors(action_type: str, payload: dict, max_chars: int) -> list[str]:
-    """Why this payload's shape is refused: too deep, a string too long, text that is not UTF-8."""
+    """Why this payload's shape is refused: too deep, a string or a field name too long, text that is
+    not UTF-8, a number that is not finite (``1e400`` decodes to infinity, which JSON cannot hold)."""
     errors: list[str] = []
     too_deep = False
     for path, value, depth, is_key in _walk(payload):
-        shown = printable(path)[:200]
         if is_key:
-            if isinstance(value, str) and not is_valid_text(value):
-                errors.append(f"A field name at '{shown}' is not valid UTF-8 (it holds a lone surrogate such as "
-                              f"\\ud800) for action '{action_type}'; write the text itself")
+            if isinstance(value, str) and len(value) > MAX_KEY_CHARS:
+                where = f"in '{path_text(path[0])}'" if path[0] is not None else "at the payload's top level"
+                errors.append(f"A field name {where} is too long for action '{action_type}' "
+                              f"({len(value)} characters; at most {MAX_KEY_CHARS})")
+            elif isinstance(value, str) and not is_valid_text(value):
+                errors.append(f"A field name at '{path_text(path)}' is not valid UTF-8 (it holds a lone surrogate "
+                              f"such as \\ud800) for action '{action_type}'; write the text itself")
         elif depth > MAX_PAYLOAD_DEPTH:
             if not too_deep:  # once: every value below the limit would repeat it
-                errors.append(f"Field '{shown}' is nested too deeply for action '{action_type}' "
+                errors.append(f"Field '{path_text(path)}' is nested too deeply for action '{action_type}' "
                               f"(a payload may nest at most {MAX_PAYLOAD_DEPTH} levels)")
             too_deep = True
         elif isinstance(value, str):
             if len(value) > max_chars:
-                errors.append(f"Field '{shown}' is too long for action '{action_type}' "
+                errors.append(f"Field '{path_text(path)}' is too long for action '{action_type}' "
                               f"({len(value)} characters; at most {max_chars})")
             elif not is_valid_text(value):
-                errors.append(f"Field '{shown}' is not valid UTF-8 text for action '{action_type}' (it holds a "
-                              "lone surrogate such as \\ud800); write the character itself or drop it")
+                errors.append(f"Field '{path_text(path)}' is not valid UTF-8 text for action '{action_type}' (it "
+                              "holds a lone surrogate such as \\ud800); write the character itself or drop it")
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"Field '{path_text(path)}' is not a finite number for action '{action_type}'")
         if len(errors) >= MAX_REPORTED:
             break
     return errors
+
+
+def size_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` written as JSON would take more than about ``limit`` bytes (counted without
+    writing it: strings by length, other values a few bytes each); stops as soon as it is over."""
+    stack, total = [value], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 3
+        elif isinstance(item, dict):
+            total += 2 + sum(len(k) + 4 for k in item if isinstance(k, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            total += 2 + len(item)
+            stack.extend(item)
+        else:
+            total += 8
+        if total > limit:
+            return True
+    return False
 
 
 def context_errors(context: dict[str, str]) -> list[str]:

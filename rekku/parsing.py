@@ -9,6 +9,7 @@ Nothing here raises on bad input: every problem becomes a message in ``ParseResu
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,15 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constants)
+def _finite(text: str) -> float:
+    """JSON numbers like ``1e400`` would decode to infinity, which no JSON answer or column can hold."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:30]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constants, parse_float=_finite)
 
 
 def decode_json(text: str) -> Any:

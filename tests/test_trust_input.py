@@ -133,7 +133,7 @@ def test_an_idempotency_key_reused_with_another_request_is_a_409(stack: Stack) -
 
 def test_rekkus_own_idempotency_prefixes_are_reserved(stack: Stack) -> None:
     for key in ("event:1:2026-01-01T00:00:00+00:00:actions", "output:some-action", "speech:x",
-                "celery-task:abc"):
+                "celery-task:abc", "EVENT:1:x", "Évent:1:x"):  # MariaDB compares keys without case or accents
         resp = stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {}}], "idempotency_key": key})
         assert resp.status_code == 422, (key, resp.text)
         assert "reserved" in resp.json()["detail"]
@@ -156,3 +156,33 @@ def test_context_ids_longer_than_their_columns_are_refused(stack: Stack) -> None
         assert "191" in resp.text
     assert stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {}}],
                                       "context": {"chat_id": "9" * 191}}).status_code == 202
+
+
+def test_long_field_names_and_numbers_out_of_range_are_refused(stack: Stack) -> None:
+    answer = stack.submit([{"type": "echo", "payload": {"k" * 300: [0] * 1000}}])
+    assert not answer["accepted"] and "field name" in answer["rejected"][0]["errors"][0]
+    assert "at most 256" in answer["rejected"][0]["errors"][0]
+    for body in ('{"actions": [{"type": "echo", "payload": {"x": 1e400}}]}',  # once: inf stored, reads 500
+                 '{"actions": [{"type": "no_such", "payload": {"x": -1e999}}]}'):  # once: a 500 echoing it
+        resp = _post_raw(stack, body)
+        assert resp.status_code == 400 and "out of range" in resp.text, resp.text
+
+
+def test_a_celery_client_gets_the_same_bounds_as_http(stack: Stack) -> None:
+    """rekku.ingest has no HTTP body limit in front of it: the ingress applies the same bounds itself."""
+    import pytest
+    from celery import Celery
+
+    client = Celery("plain-client", broker=stack.broker_url, backend=stack.broker_url)
+    try:
+        def ingest(**kwargs: object) -> object:
+            return client.send_task("rekku.ingest", kwargs=kwargs, queue="default").get(timeout=30)
+
+        answer = ingest(body={"actions": [{"type": "echo", "payload": {"x": float("inf")}}]})
+        assert not answer["accepted"] and "not a finite number" in answer["rejected"][0]["errors"][0]
+        with pytest.raises(Exception, match="REKKU_MAX_BODY_BYTES"):
+            ingest(body={"actions": [{"type": "echo", "payload": {"text": "x" * 90_000}}] * 12})
+        with pytest.raises(Exception, match="reserved"):
+            ingest(body={"actions": [{"type": "echo", "payload": {}}]}, idempotency_key="EVENT:1:x")
+    finally:
+        client.close()
