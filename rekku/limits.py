@@ -103,11 +103,12 @@ def _walk(payload: dict) -> Iterator[tuple[Path, Any, int, bool]]:
         if depth > MAX_PAYLOAD_DEPTH:
             continue
         if isinstance(value, dict):
-            for key, item in value.items():
+            for key in value:
                 yield (path, key), key, depth, True
-                stack.append(((path, key), item, depth + 1))
+            # pushed last first, so values come out in the payload's own order (errors read top-down)
+            stack.extend(((path, key), value[key], depth + 1) for key in reversed(value))
         elif isinstance(value, list):
-            stack.extend(((path, i), item, depth + 1) for i, item in enumerate(value))
+            stack.extend(((path, i), value[i], depth + 1) for i in range(len(value) - 1, -1, -1))
 
 
 def payload_errors(action_type: str, payload: dict, max_chars: int) -> list[str]:
