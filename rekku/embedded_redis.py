@@ -14,7 +14,6 @@ one ``redis://:<password>@127.0.0.1:<port>/0`` works in all of them.)
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import socket
@@ -24,6 +23,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+
+from rekku.settings import write_private
 
 #: Seconds to wait for the server to answer PING.
 START_TIMEOUT = 15.0
@@ -58,16 +59,6 @@ def without_password(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (0600 from the start: no window)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 class EmbeddedRedis:

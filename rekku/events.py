@@ -135,8 +135,10 @@ NO_REQUESTER = ("not run: this event was created before its requester was record
 def requester_of(context: Any) -> dict[str, str]:
     """The verified requester an event keeps, from a request context (a dict or an ActionContext):
     only what the API token holder said, never anything from a payload."""
-    get = context.get if isinstance(context, dict) else (lambda key: getattr(context, key, None))
-    return {key: str(value) for key in REQUESTER_KEYS if (value := get(key)) not in (None, "")}
+    from rekku.context import normalize_context
+
+    fields = context if isinstance(context, dict) else vars(context)
+    return {k: v for k, v in normalize_context(fields).items() if k in REQUESTER_KEYS}
 
 
 def new_event(rule: Rule, first: datetime, description: str, interface: str, chat_id: str,

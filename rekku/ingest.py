@@ -26,9 +26,9 @@ from rekku.limits import (
     context_errors,
     depth_exceeds,
     is_valid_text,
+    over_limit,
     printable,
     printable_value,
-    size_exceeds,
 )
 from rekku.metrics import count_submission
 from rekku.parsing import parse_text, parse_value
@@ -88,7 +88,7 @@ class Ingress:
     def submit(self, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
         """Accept a request made inside Rekku (event deliveries, speech sends): its key is ours, and a
         key seen before answers what it answered then, whatever the body (a re-run may word it anew)."""
-        answer = self._submit(body, context, idempotency_key, None)
+        answer = self._submit(body, context, idempotency_key, client=False)
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
@@ -101,24 +101,26 @@ class Ingress:
                                   "reserved for Rekku's own requests; choose another key")
         if idempotency_key and (len(idempotency_key) > MAX_KEY_CHARS or not is_valid_text(idempotency_key)):
             raise ValidationError(f"the idempotency key must be UTF-8 text of at most {MAX_KEY_CHARS} characters")
-        answer = self._submit(body, context, idempotency_key, _fingerprint(body, context))
+        answer = self._submit(body, context, idempotency_key, client=True)
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
-    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None,
-                fingerprint: str | None) -> Answer:
+    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None, *, client: bool) -> Answer:
         limit = self.settings.max_body_bytes  # HTTP bodies are cut at it; rekku.ingest messages are not
-        if len(body) > limit if isinstance(body, (str, bytes)) else size_exceeds(body, limit):
+        text = isinstance(body, (str, bytes))
+        bound = ("size" if len(body) > limit else None) if text else over_limit(body, limit, MAX_PAYLOAD_DEPTH + 3)
+        if bound == "size":
             raise TooLarge(f"the request is larger than {limit} bytes (REKKU_MAX_BODY_BYTES)")
         ctx = normalize_context(context)
         problems = context_errors(ctx)
         if problems:
             return Answer(None, [], [{"index": None, "type": None, "errors": problems}], None, status=422)
-        if not isinstance(body, (str, bytes)) and depth_exceeds(body, MAX_PAYLOAD_DEPTH + 3):
+        if bound == "depth":
             problem = (f"The actions are nested too deeply (a payload may nest at most {MAX_PAYLOAD_DEPTH} "
                        "levels)")
             return Answer(None, [], [{"index": None, "type": None, "errors": [problem]}],
                           self._correction([Rejection(None, None, [problem])], _TOO_DEEP_REPLY, ctx), status=422)
+        fingerprint = _fingerprint(body, ctx) if client and idempotency_key else None
         if idempotency_key:
             earlier = self.log.find_batch(idempotency_key)
             if earlier is not None:
@@ -246,12 +248,10 @@ def _folded(key: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
-def _fingerprint(body: Any, context: dict | None) -> str | None:
-    """What makes two requests the same for an idempotency key: the body and the context, as
-    canonical JSON. None for a body too deep to encode (it is refused before anything is kept)."""
-    if not isinstance(body, (str, bytes)) and depth_exceeds(body, MAX_PAYLOAD_DEPTH + 3):
-        return None
+def _fingerprint(body: Any, context: dict[str, str]) -> str:
+    """What makes two requests the same for an idempotency key: the body and the (normalized) context,
+    as canonical JSON; only for a body within the bounds (it is encoded whole)."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    canonical = json.dumps({"body": text, "context": normalize_context(context)}, sort_keys=True,
-                           ensure_ascii=True, separators=(",", ":"), default=str)
+    canonical = json.dumps({"body": text, "context": context}, sort_keys=True, ensure_ascii=True,
+                           separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -144,25 +144,30 @@ def payload_errors(action_type: str, payload: dict, max_chars: int) -> list[str]
     return errors
 
 
-def size_exceeds(value: Any, limit: int) -> bool:
-    """Whether ``value`` written as JSON would take more than about ``limit`` bytes (counted without
-    writing it: strings by length, other values a few bytes each); stops as soon as it is over."""
-    stack, total = [value], 0
+def over_limit(value: Any, max_bytes: int, max_depth: int) -> str | None:
+    """Which bound ``value`` breaks, in one walk that stops as soon as it knows: "size" when written as
+    JSON it would take more than about ``max_bytes`` (strings by length, other values a few bytes
+    each; nothing is written), "depth" when containers nest deeper than ``max_depth``; else None."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    total = 0
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, str):
             total += len(item) + 3
-        elif isinstance(item, dict):
-            total += 2 + sum(len(k) + 4 for k in item if isinstance(k, str))
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            total += 2 + len(item)
-            stack.extend(item)
+        elif isinstance(item, (dict, list)):
+            if depth + 1 > max_depth:
+                return "depth"
+            if isinstance(item, dict):
+                total += 2 + sum(len(k) + 4 for k in item if isinstance(k, str))
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                total += 2 + len(item)
+                stack.extend((child, depth + 1) for child in item)
         else:
             total += 8
-        if total > limit:
-            return True
-    return False
+        if total > max_bytes:
+            return "size"
+    return None
 
 
 def context_errors(context: dict[str, str]) -> list[str]:

@@ -87,10 +87,11 @@ class Redactor:
         return pattern.sub(HIDDEN, text) if pattern is not None and text else text
 
     def scrub(self, record: logging.LogRecord) -> None:
-        """Redact ``record`` in place: its message (formatted once, if it held a secret), its
-        exception text and its stack."""
-        if self.pattern is None:
+        """Redact ``record`` in place, once (the record factory and the handler filter both ask): its
+        message (formatted once, if it held a secret), its exception text and its stack."""
+        if self.pattern is None or getattr(record, "_rekku_redacted", False):
             return
+        record._rekku_redacted = True
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: logging reports it when it formats the record

@@ -44,7 +44,13 @@ def retry_action(action_id: str) -> Any:
     if current is None:
         raise NotFound(f"no action {action_id}")
     if current["status"] == FAILED:
-        denied = _retry_refusal(current)
+        from rekku.context import normalize_context
+        from rekku.registry import get_registry
+        from rekku.settings import get_settings
+        from rekku.validation import authorize_again
+
+        denied = authorize_again(current["type"], current.get("payload") or {},
+                                 normalize_context(current.get("context")), get_settings(), get_registry())
         if denied:
             raise Conflict(f"action {action_id} cannot be retried: {denied}; it stays failed")
     run = log.reset_for_retry(action_id)
@@ -57,22 +63,6 @@ def retry_action(action_id: str) -> Any:
         log.fail(action_id, "could not enqueue the retry: the broker is unreachable")
         raise ServiceUnavailable("the broker is unreachable; the action stays failed")
     return run
-
-
-def _retry_refusal(run: dict) -> str | None:
-    """Why the action's recorded context may not run its payload now, or None (rekku.validation's
-    authorization, the one the ingress and the worker use)."""
-    from rekku.context import normalize_context
-    from rekku.registry import get_registry
-    from rekku.settings import get_settings
-    from rekku.validation import authorization_error
-
-    registry = get_registry()
-    spec = registry.actions.get(run["type"])
-    if spec is None:
-        return f"no available plugin handles '{run['type']}' any more"
-    context = normalize_context(run.get("context"))
-    return authorization_error(spec, context, get_settings(), run.get("payload") or {}, registry)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

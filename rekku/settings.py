@@ -66,14 +66,16 @@ def _make_private(path: Path) -> None:
     _private_homes.add(path)
 
 
-def _write_secret(path: Path, value: str) -> None:
-    """Create ``path`` holding ``value``, readable by its owner only from the start; an existing file
-    (another process was first) is left as it is."""
+def write_private(path: Path, value: str, *, replace: bool = True) -> None:
+    """Write ``value`` to ``path``, readable by its owner only from the start (no window at 0644).
+    With ``replace=False`` an existing file (another process was first) is left as it is."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
         return
     with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
         fh.write(value)
 
 
@@ -331,7 +333,7 @@ class Settings(BaseSettings):
             return self.api_token
         path = self.home_dir / "api_token"
         if not path.exists():
-            _write_secret(path, secrets.token_urlsafe(32))
+            write_private(path, secrets.token_urlsafe(32), replace=False)
         return path.read_text().strip()
 
     def ensure_flower_auth(self) -> str:
@@ -340,7 +342,7 @@ class Settings(BaseSettings):
             return self.flower_basic_auth
         path = self.home_dir / "flower_auth"
         if not path.exists():
-            _write_secret(path, "rekku:" + secrets.token_urlsafe(16))
+            write_private(path, "rekku:" + secrets.token_urlsafe(16), replace=False)
         return path.read_text().strip()
 
 

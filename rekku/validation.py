@@ -78,6 +78,16 @@ def authorization_error(spec: ActionSpec, context: dict, settings: Settings, pay
     return None
 
 
+def authorize_again(action_type: str, payload: dict, context: dict, settings: Settings,
+                    registry: Registry) -> str | None:
+    """Why ``context`` may not run this logged or internally made action now (a retry, a query's output
+    reply), as the ingress would decide it; an action type no longer available is refused too."""
+    spec = registry.actions.get(action_type)
+    if spec is None:
+        return f"Action '{action_type}' is unavailable here (no enabled plugin handles it)"
+    return authorization_error(spec, context, settings, payload, registry)
+
+
 def validate_one(index: int, raw: Any, registry: Registry, context: dict,
                  settings: Settings) -> ValidAction | Rejection:
     if not isinstance(raw, dict):

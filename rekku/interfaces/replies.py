@@ -22,7 +22,9 @@ from rekku.action_log import NewRun, shared_log
 from rekku.context import current_action
 from rekku.errors import TransientError
 from rekku.interfaces.registry import get_interfaces
+from rekku.registry import get_registry
 from rekku.settings import get_settings
+from rekku.validation import authorize_again
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def send_output(result: Any, message: str) -> str | None:
     payload = {"text": output_message(ctx.action_type, ctx.action_id, result, message)}
     context = {k: v for k, v in {"interface": interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id,
                                  "user_id": ctx.user_id, "username": ctx.username}.items() if v}
-    denied = _refusal(f"message_{interface}", payload, context)
+    denied = authorize_again(f"message_{interface}", payload, context, get_settings(), get_registry())
     if denied:
         log.warning("output of %s not sent back: %s", ctx.action_id, denied)
         return None
@@ -66,19 +68,6 @@ def send_output(result: Any, message: str) -> str | None:
         return _again(earlier)
     _enqueue(run, batch_id)
     return reply_id
-
-
-def _refusal(action_type: str, payload: dict, context: dict) -> str | None:
-    """Why the reply may not be made for this context, exactly as the ingress would decide it (the
-    action log is written directly here, so this is its ingress check; the worker checks again)."""
-    from rekku.registry import get_registry
-    from rekku.validation import authorization_error
-
-    registry = get_registry()
-    spec = registry.actions.get(action_type)
-    if spec is None:
-        return f"Action '{action_type}' is unavailable here"
-    return authorization_error(spec, context, get_settings(), payload, registry)
 
 
 def _again(answer: dict) -> str:
