@@ -182,8 +182,7 @@ def keep(source: Path, name: str, settings: Settings | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out)
-        os.chmod(partial, 0o644)
+            shutil.copyfileobj(src, out)  # mkstemp made it 0600: the requester's audio, private like all state
         os.replace(partial, directory / name)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

@@ -55,6 +55,8 @@ def test_speech_reaches_telegram_and_the_outbox_and_reports_credits(plugin_stack
     assert audio.content[:2] == b"\xff\xfb" and len(audio.content) == result["bytes"]
     assert requests.get(plugin_stack.base_url + f"/v1/artifacts/{name}", timeout=10).status_code == 401
     assert plugin_stack.get("/v1/artifacts/..%2Frekku.db").status_code == 404
+    kept = plugin_stack.home / "artifacts" / name  # the audio is the requester's: private like all state
+    assert kept.stat().st_mode & 0o077 == 0, oct(kept.stat().st_mode)
     for delivery in result["deliveries"]:
         done = plugin_stack.wait_action(delivery["action_id"])
         assert done["status"] == "succeeded", done
