@@ -1,4 +1,4 @@
-# One image for every Rekku process (DESIGN.md §2): `docker compose` runs it as the ingress, each
+# One image for every Rekku process (the README's architecture): `docker compose` runs it as the ingress, each
 # worker pool, beat and Flower, choosing the part with the `rekku` sub-command:
 #   docker run --rm rekku-on-celery worker --pool io
 #

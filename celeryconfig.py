@@ -1,4 +1,4 @@
-"""Celery settings for every Rekku process, all taken from the one settings object (DESIGN.md §7).
+"""Celery settings for every Rekku process, all taken from the one settings object (docs/contracts.md §6).
 
 Users who know Celery find the usual names here; ``celery -A rekku.celery_app worker -Q selenium``
 reads this module too.

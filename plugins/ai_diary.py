@@ -1,4 +1,4 @@
-"""ai_diary: Rekku's personal diary, and its recent entries as prompt context (UPSTREAM.md §2).
+"""ai_diary: Rekku's personal diary, and its recent entries as prompt context (docs/plugins.md §2).
 
 ``create_personal_diary_entry`` stores one entry with the chat it was written in (from the
 action's context). Upstream lost the summary when ``content`` was absent and had no

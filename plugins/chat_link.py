@@ -1,7 +1,7 @@
 """chat_link: a directory of chats (links and names, so actions may address a chat by name) and
 cross-platform links (every message sent to one chat is also delivered to another).
 
-Upstream's actions and ``chat_link`` table are kept (UPSTREAM.md §2); ``link_chats`` and
+Upstream's actions and ``chat_link`` table are kept (docs/plugins.md §2); ``link_chats`` and
 ``unlink_chats`` add the cross-platform links, stored in ``chat_link_forwards`` and followed by
 every message send (rekku/interfaces/delivery.py) with loop protection: a message reaches each chat
 at most once, so A↔B or A→B→C→A never echo. A name matching several chats is an error that asks for

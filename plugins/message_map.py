@@ -1,6 +1,6 @@
 """message_map: a message forwarded to the trainer, mapped back to its original chat and message.
 
-Upstream's actions and ``message_map`` table (UPSTREAM.md §2), with portable SQL (upstream's was
+Upstream's actions and ``message_map`` table (docs/plugins.md §2), with portable SQL (upstream's was
 SQLite-only). Query results also go back to the asking chat as a ``system_message`` of type output.
 """
 

@@ -1,7 +1,7 @@
 """selenium_elevenlabs: ``speech_selenium_elevenlabs`` — speak a message through the text-to-speech site.
 
 Runs on the selenium pool with the process's browser (workers/browser.py): open the page, log in if
-asked, fill the editor, generate, download the .mp3, read the remaining credits (UPSTREAM.md §4; the
+asked, fill the editor, generate, download the .mp3, read the remaining credits (docs/plugins.md §3; the
 selectors are class attributes). The audio is kept as an artifact (``REKKU_ARTIFACT_DIR``) and sent to
 every destination as an ``audio_<interface>`` action on the io pool, under the idempotency key
 ``speech:<action id>``, so the browser never waits on a platform and a re-run never sends twice.
@@ -30,7 +30,7 @@ class SeleniumElevenLabs(AIPluginBase):
     restricted = True
     max_retries = 1
 
-    #: UPSTREAM.md §4, kept so the real site and test sites built to it both work.
+    #: docs/plugins.md §3, kept so the real site and test sites built to it both work.
     EMAIL = "input[name='email']"
     PASSWORD = "input[name='password']"  # noqa: S105 - a CSS selector
     SIGN_IN = "//button[contains(., 'Sign in')]"

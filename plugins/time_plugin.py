@@ -1,4 +1,4 @@
-"""Injects the current location, local date and time into the prompt (UPSTREAM.md §2, time_plugin)."""
+"""Injects the current location, local date and time into the prompt (docs/plugins.md §2, time_plugin)."""
 
 from __future__ import annotations
 

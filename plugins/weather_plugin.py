@@ -1,4 +1,4 @@
-"""weather_plugin: the current weather as one line of prompt context (UPSTREAM.md §2).
+"""weather_plugin: the current weather as one line of prompt context (docs/plugins.md §2).
 
 celery beat runs ``rekku.periodic.weather_plugin.refresh`` on the io pool every minute (or every
 ``WEATHER_FETCH_TIME`` if shorter); it fetches ``WEATHER_URL/<location>?format=j1`` only when the

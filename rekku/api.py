@@ -1,4 +1,4 @@
-"""The HTTP ingress (DESIGN.md §5): FastAPI routes over :mod:`rekku.ingest` and the action log.
+"""The HTTP ingress (docs/contracts.md §2): FastAPI routes over :mod:`rekku.ingest` and the action log.
 
 Every ``/v1`` route needs the bearer token; health checks don't. Every bad input gets a 4xx in
 the one error shape ``{"detail", "errors"}``; a 500 means a bug.

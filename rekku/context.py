@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Keys a request context may carry (DESIGN.md §5).
+#: Keys a request context may carry (docs/contracts.md §2).
 CONTEXT_KEYS = ("interface", "chat_id", "thread_id", "user_id", "username", "message_id")
 
 

@@ -62,7 +62,7 @@ class CorrectionCounter:
 
 def build_correction(errors: list[str], original: Any, capabilities: dict, *, attempt: int,
                      retries: int) -> dict:
-    """The ``correction`` object of DESIGN.md §4."""
+    """The ``correction`` object of docs/contracts.md §1."""
     if attempt > retries:
         message = (f"This chat sent {attempt} invalid replies in a row; it is blocked from further "
                    f"corrections for the next {WINDOW_SECONDS // 60} minutes. Do not retry now.")

@@ -1,4 +1,4 @@
-"""``GET /v1/outbox``: messages delivered through the ``outbox`` interface, oldest first (DESIGN.md §5).
+"""``GET /v1/outbox``: messages delivered through the ``outbox`` interface, oldest first (docs/contracts.md §2).
 
 Poll with ``after`` = the last message id seen; an empty list means nothing new.
 """

@@ -1,6 +1,6 @@
 """The prompt context an LLM service sends to its model (``GET /v1/prompt``, ``rekku prompt``).
 
-UPSTREAM.md §1's shape: ``{"context": {time, date, location, weather, participants,
+docs/contracts.md §1's shape: ``{"context": {time, date, location, weather, participants,
 latest_diary_entries, chat_history, ...}, "input": {...}, "instructions": ..., "actions": ...}``.
 
 - **Static injections** come from every plugin offering ``get_static_injection``; they run at once,

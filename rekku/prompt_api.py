@@ -1,4 +1,4 @@
-"""``GET /v1/prompt``: the prompt context an LLM service sends to its model (DESIGN.md §5).
+"""``GET /v1/prompt``: the prompt context an LLM service sends to its model (docs/contracts.md §2).
 
 Built by :func:`rekku.prompt.build_prompt`; this module only maps query parameters to it.
 """

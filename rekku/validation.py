@@ -1,6 +1,6 @@
 """Check raw actions against the registry: schema rules first, then the plugin's own ``validate_payload``.
 
-Messages keep upstream's wording (UPSTREAM.md §1) and are de-duplicated per action; each rejection
+Messages keep upstream's wording (docs/contracts.md §1) and are de-duplicated per action; each rejection
 names the action's index and type.
 """
 

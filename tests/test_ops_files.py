@@ -31,11 +31,11 @@ INFRA_SERVICES = frozenset({"redis", "mariadb"})
 #: Settings object. Each is still listed in .env.example. When one becomes a Settings field, it may
 #: stay here or be dropped; either way .env.example must keep it.
 RESERVED_PLUGIN_VARIABLES = frozenset({
-    # --- listed in DESIGN.md §7
+    # --- listed in docs/contracts.md §6
     "TELEGRAM_BOT_TOKEN",       # telegram_bot interface
     "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
     "DISCORD_WEBHOOK_URL",      # discord_bot interface
-    # --- not (yet) named in DESIGN.md §7: knobs of the plugins and pools described there
+    # --- not (yet) named in docs/contracts.md §6: knobs of the plugins and pools described there
     "TERMINAL_MAX_TIMEOUT",     # terminal plugin: longest command run
     "TERMINAL_MAX_OUTPUT",      # terminal plugin: output cap
     "TERMINAL_SESSION_IDLE",    # terminal plugin: idle persistent sessions are closed
@@ -401,3 +401,34 @@ def test_build_context_holds_the_sources_and_keeps_secrets_out() -> None:
         for file in files:
             rel = file.relative_to(ROOT).as_posix()
             assert not dockerignored(rel), f"{rel} is needed by the Dockerfile but excluded by .dockerignore"
+
+
+def _tracked_texts() -> dict[str, str]:
+    """Every text file git tracks (and the new ones it does not ignore), by path."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    texts = {}
+    for name in filter(None, listed):
+        path = ROOT / name
+        if path.suffix in {".py", ".md", ".yml", ".toml", ".example", ".cfg", ".txt", ".sh"} or \
+                name in {"Makefile", "Dockerfile"}:
+            try:
+                texts[name] = path.read_text()
+            except (OSError, UnicodeDecodeError):
+                continue
+    return texts
+
+
+def test_the_repository_cites_only_documents_it_holds() -> None:
+    """The contracts live in docs/ and SECURITY.md; nothing may send a reader to the team's notes
+    outside the repository (DESIGN.md, UPSTREAM.md, seed/plugins.rst, ../shared)."""
+    outside = re.compile(r"DESIGN\.md|UPSTREAM\.md|seed/plugins\.rst|\.\./shared")
+    found = [f"{name}: {m.group(0)}" for name, text in _tracked_texts().items()
+             if name != "tests/test_ops_files.py" for m in outside.finditer(text)]
+    assert not found, found
+    cited = {m.group(0) for text in _tracked_texts().values()
+             for m in re.finditer(r"docs/[a-z_-]+\.md|SECURITY\.md", text)}
+    missing = sorted(c for c in cited if not (ROOT / c).is_file())
+    assert cited and not missing, missing

@@ -1,4 +1,4 @@
-"""Validation rules and wording (UPSTREAM.md §1), de-duplication, and the trainer/restricted policy."""
+"""Validation rules and wording (docs/contracts.md §1), de-duplication, and the trainer/restricted policy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A fake text-to-speech site built to UPSTREAM.md §4's selectors, on 127.0.0.1, for real Chromium.
+"""A fake text-to-speech site built to docs/plugins.md §3's selectors, on 127.0.0.1, for real Chromium.
 
 ``/app/speech-synthesis/text-to-speech`` redirects to ``/login`` without a session cookie; the login
 form (``name=email``, ``name=password``, a "Sign in" button) shows ``role=alert`` on a wrong password.

@@ -1,4 +1,4 @@
-"""ai_diary plugin: Rekku's personal diary (UPSTREAM.md §2, plus the missing ``involved_users``).
+"""ai_diary plugin: Rekku's personal diary (docs/plugins.md §2, plus the missing ``involved_users``).
 
 Revision ID: ai_diary_0001
 Revises: 0001

@@ -1,4 +1,4 @@
-"""bio_manager plugin: what Rekku knows about each person (UPSTREAM.md §2).
+"""bio_manager plugin: what Rekku knows about each person (docs/plugins.md §2).
 
 Every field but ``user_name`` holds JSON (lists, objects or text), merged by the plugin's rules.
 
