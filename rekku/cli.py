@@ -1,4 +1,4 @@
-"""The `rekku` command (DESIGN.md §5): start the parts, submit actions, look at them."""
+"""The `rekku` command (docs/contracts.md §4): start the parts, submit actions, look at them."""
 
 from __future__ import annotations
 
@@ -34,7 +34,28 @@ def _setup_logging() -> None:
 UMASK = 0o077
 
 
+#: The installed distribution (pyproject.toml's ``name``): ``rekku --version`` reads its version.
+DISTRIBUTION = "rekku-on-celery"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"rekku {_version()}")
+        ctx.exit()
+
+
 @click.group()
+@click.option("--version", "-V", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the installed version and exit.")
 def main() -> None:
     """Rekku actions on Celery."""
     from pydantic import ValidationError
@@ -51,6 +72,21 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------- processes
+#: Variables Celery's own command line reads without any prefix (celery/bin/celery.py: --app, --broker,
+#: --result-backend, --loader, --config, --skip-checks). They are generic names a shell or a platform
+#: sets for itself (BROKER_URL!), not Rekku's: its parts take all of that from Settings only.
+CELERY_CLI_VARIABLES = ("APP", "BROKER_URL", "RESULT_BACKEND", "LOADER", "CONFIG_MODULE", "SKIP_CHECKS")
+
+
+def _start_celery(argv: list[str]) -> None:
+    """Run a Celery command (worker, beat, flower) of Rekku's app, configured by Settings alone."""
+    for name in CELERY_CLI_VARIABLES:
+        os.environ.pop(name, None)
+    from rekku.celery_app import app
+
+    app.start(argv)
+
+
 @main.command()
 def up() -> None:
     """Everything on this machine: Redis (embedded unless REKKU_BROKER_URL), database, ingress,
@@ -93,18 +129,14 @@ def worker(pool: str, concurrency: int | None, node: str | None) -> None:
 
     settings = get_settings()
     argv = worker_argv(pool, concurrency or settings.worker_concurrency, node, settings.log_level)
-    from rekku.celery_app import app
-
-    app.start(argv[2:])
+    _start_celery(argv[2:])
 
 
 @main.command()
 def beat() -> None:
     """celery beat: periodic work (due events, weather, reconciler)."""
-    from rekku.celery_app import app
-
     schedule = get_settings().home_dir / "celerybeat-schedule"
-    app.start(["beat", "-s", str(schedule), "--loglevel", get_settings().log_level])
+    _start_celery(["beat", "-s", str(schedule), "--loglevel", get_settings().log_level])
 
 
 @main.command()
@@ -113,7 +145,6 @@ def beat() -> None:
 def flower(port: int | None, address: str) -> None:
     """Flower, always behind basic auth (FLOWER_BASIC_AUTH, else generated credentials) on every route
     (/metrics and /healthcheck included), and read-only unless REKKU_FLOWER_CONTROL is set."""
-    from rekku.celery_app import app
     from rekku.flower_guard import FlowerGuardError, make_read_only, require_auth_everywhere
 
     settings = get_settings()
@@ -134,7 +165,7 @@ def flower(port: int | None, address: str) -> None:
     redact_secrets(settings)  # the credentials may have been generated just now
     if not settings.flower_basic_auth:
         console.print(f"Flower credentials (generated, in {settings.home_dir / 'flower_auth'}): {auth}")
-    app.start(["flower", f"--port={port or settings.flower_port}", f"--address={address}"])
+    _start_celery(["flower", f"--port={port or settings.flower_port}", f"--address={address}"])
 
 
 @main.command()
@@ -153,6 +184,30 @@ def _client() -> tuple[str, dict[str, str]]:
     settings = get_settings()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return f"http://{host}:{settings.port}", {"Authorization": f"Bearer {settings.ensure_api_token()}"}
+
+
+def _problem(resp: requests.Response) -> str:
+    """What an error answer of the ingress says: its ``detail`` and ``errors``, or a refused request's
+    ``rejected[].errors`` (a 403 has no detail), never ``None``."""
+    try:
+        answer = resp.json()
+    except ValueError:
+        return f"{resp.status_code} {resp.reason}: {resp.text.strip()[:300]}".rstrip(": ")
+    said: list[str] = []
+    if isinstance(answer, dict):
+        if answer.get("detail"):
+            said.append(str(answer["detail"]))
+        for err in answer.get("errors") or []:
+            if isinstance(err, dict):
+                where = ".".join(str(p) for p in err.get("loc") or [])
+                said.append(f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", err)))
+            else:
+                said.append(str(err))
+        for rej in answer.get("rejected") or []:
+            said.extend(str(e) for e in rej.get("errors") or [])
+    elif answer is not None:
+        said.append(json.dumps(answer)[:300])
+    return f"{resp.status_code} {resp.reason}: " + ("; ".join(said) if said else "(no details in the answer)")
 
 
 def _request(method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -194,11 +249,17 @@ def submit(file: str, context_json: str | None, wait: bool, timeout: float, idem
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
     resp = _request("POST", "/v1/actions", json=body)
-    answer = resp.json()
-    if resp.status_code not in (202, 422):
-        raise click.ClickException(f"{resp.status_code}: {answer.get('detail')}")
+    try:
+        answer = resp.json()
+    except ValueError:
+        answer = None
+    # 202 and 422 answer with the batch (accepted and rejected actions); anything else is an error
+    # (403: a plugin refused the whole request, its reason in rejected[].errors).
+    if resp.status_code not in (202, 422) or not isinstance(answer, dict) or "rejected" not in answer:
+        raise click.ClickException(_problem(resp))
     for rej in answer.get("rejected", []):
-        console.print(f"[red]rejected[/red] action {rej['index']} ({rej['type']}): " + "; ".join(rej["errors"]))
+        which = f"action {rej['index']} ({rej['type']})" if rej.get("index") is not None else "request"
+        console.print(f"[red]rejected[/red] {which}: " + "; ".join(rej["errors"]))
     if not answer.get("accepted"):
         sys.exit(2)
     console.print(f"batch {answer['batch_id']}: {len(answer['accepted'])} accepted")
@@ -227,9 +288,7 @@ def submit(file: str, context_json: str | None, wait: bool, timeout: float, idem
 def status(action_id: str | None, wait: float, stuck: bool) -> None:
     """One action's state as JSON, or (--stuck) the actions that are not moving."""
     if stuck:
-        from rekku.reconciler import stuck as find_stuck
-
-        runs = find_stuck(get_settings())
+        runs = _stuck_runs()
         table = Table(title=f"{len(runs)} stuck actions", header_style="bold")
         for col in ("id", "type", "status", "queue", "worker", "attempts", "last change"):
             table.add_column(col)
@@ -242,8 +301,38 @@ def status(action_id: str | None, wait: float, stuck: bool) -> None:
         raise click.UsageError("give an ACTION_ID, or --stuck")
     resp = _request("GET", f"/v1/actions/{action_id}", params={"wait": wait}, timeout=wait + 30)
     if resp.status_code != 200:
-        raise click.ClickException(f"{resp.status_code}: {resp.json().get('detail')}")
+        raise click.ClickException(_problem(resp))
     console.print_json(data=resp.json())
+
+
+def _stuck_runs() -> list[dict]:
+    """The stuck actions, read from the database; a database without Rekku's tables (never migrated)
+    or out of reach is a message saying what to do, not a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rekku.embedded_redis import without_password
+    from rekku.migrate import state
+    from rekku.reconciler import stuck as find_stuck
+
+    settings = get_settings()
+    url = settings.resolved_database_url()
+    try:
+        return find_stuck(settings)
+    except SQLAlchemyError as exc:
+        shown = without_password(url)
+        try:
+            current, head = state(url)
+        except Exception as inner:
+            raise click.ClickException(
+                f"cannot read the database {shown}: {type(inner).__name__}: {inner} "
+                "(check REKKU_DATABASE_URL, or DB_HOST/DB_USER/DB_PASS/DB_NAME)") from None
+        if current != head:
+            found = "has no Rekku tables yet" if current == "none" else f"is behind (schema at {current})"
+            raise click.ClickException(
+                f"the database {shown} {found}: run `rekku migrate` "
+                "(`rekku up` and `rekku ingress` migrate it too)") from None
+        raise click.ClickException(f"cannot read the action log in {shown}: "
+                                   f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}") from None
 
 
 @main.command()
@@ -252,7 +341,7 @@ def retry(action_id: str) -> None:
     """Run a failed action again (see GET /v1/dead-letters)."""
     resp = _request("POST", f"/v1/actions/{action_id}/retry")
     if resp.status_code != 200:
-        raise click.ClickException(f"{resp.status_code}: {resp.json().get('detail')}")
+        raise click.ClickException(_problem(resp))
     console.print(f"action {action_id} queued again on {resp.json()['queue']}")
 
 

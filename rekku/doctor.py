@@ -1,4 +1,8 @@
-"""`rekku doctor`: each check says what it found and, when something is wrong, what to do."""
+"""`rekku doctor`: each check says what it found and, when something is wrong, what to do.
+
+Levels: ``ok``; ``info`` — not configured, and optional (no Telegram token: its actions are off);
+``warn`` — runs, but something is missing (a pool without a worker, a plugin file that failed to load);
+``fail`` — broken (the broker or the database cannot be used): `rekku doctor` then exits 1."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @dataclass
 class Check:
     name: str
-    level: str  # ok | warn | fail
+    level: str  # ok | info | warn | fail
     detail: str
     fix: str = ""
 
@@ -44,30 +48,69 @@ def _signing(settings: Settings) -> Check:
     return Check("message signing", "ok", f"on: signs as {cert.get_id()}, accepts {settings.signing_cert_store}")
 
 
-def _broker(settings: Settings) -> Check:
+#: What Rekku uses with no REKKU_BROKER_URL and no embedded Redis running (Settings.resolved_broker_url).
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+
+def _broker_source(settings: Settings) -> tuple[str, str]:
+    """``(url, where it comes from)``, as :meth:`Settings.resolved_broker_url` resolves it."""
+    if settings.broker_url:
+        return settings.broker_url, "REKKU_BROKER_URL"
+    recorded = settings.home_dir / "embedded-redis.url"
+    if recorded.exists():
+        return recorded.read_text().strip(), f"the embedded Redis of `rekku up` (recorded in {recorded})"
+    return settings.resolved_broker_url(), ""
+
+
+def _reachable(url: str) -> Exception | None:
     from rekku.celery_app import app
 
-    url = settings.resolved_broker_url()
-    shown = url.split("@")[-1]
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write(url) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
-        return Check("broker", "ok", shown)
     except Exception as exc:
-        return Check("broker", "fail", f"{shown}: {type(exc).__name__}: {exc}",
-                     "start Redis or set REKKU_BROKER_URL (rekku up starts an embedded one)")
+        return exc
+    return None
+
+
+def _broker(settings: Settings) -> Check:
+    """Says which broker URL it checked (without its password) and why that one: never a silent
+    fall-back to local Redis."""
+    from rekku.embedded_redis import without_password
+
+    url, source = _broker_source(settings)
+    shown = without_password(url)
+    error = _reachable(url)
+    problem = f": {type(error).__name__}: {error}" if error else ""
+    if not source:
+        found = f"no broker configured and no embedded Redis running (rekku up); checked {shown}"
+        if error:
+            return Check("broker", "fail", found + problem,
+                         "run `rekku up` (it starts an embedded Redis), or set REKKU_BROKER_URL to your Redis")
+        return Check("broker", "warn", found + ": a Redis answers there, and `rekku worker`, `ingress` and `beat` "
+                     "started without REKKU_BROKER_URL use it (`rekku up` would start its own instead)",
+                     f"set REKKU_BROKER_URL={shown} if that is the broker you mean")
+    if error:
+        fix = ("is `rekku up` still running? Start it again" if source != "REKKU_BROKER_URL" else
+               "start that Redis, or correct REKKU_BROKER_URL")
+        return Check("broker", "fail", f"{shown} (from {source}){problem}", fix)
+    return Check("broker", "ok", f"{shown} (from {source})")
 
 
 def _database(settings: Settings) -> Check:
+    from rekku.embedded_redis import without_password
     from rekku.migrate import state
 
     url = settings.resolved_database_url()
-    shown = url.split("@")[-1]
+    shown = without_password(url)
     try:
         current, head = state(url)
     except Exception as exc:
         return Check("database", "fail", f"{shown}: {type(exc).__name__}: {exc}",
                      "check REKKU_DATABASE_URL / DB_HOST, DB_USER, DB_PASS, DB_NAME")
+    if current == "none":
+        return Check("database", "warn", f"{shown}: no Rekku tables yet",
+                     "run `rekku migrate` (`rekku up` and `rekku ingress` migrate first)")
     if current != head:
         return Check("database", "fail", f"{shown}: schema at {current}, code expects {head}", "run `rekku migrate`")
     return Check("database", "ok", f"{shown} (schema {current})")
@@ -108,8 +151,13 @@ def _plugins() -> list[Check]:
     checks = [Check("plugins", "ok", f"{len(registry.plugins)} plugins, {len(registry.actions)} actions")]
     checks += [Check("plugin error", "warn", err, "fix or remove the file; the other plugins run")
                for err in registry.errors]
-    checks += [Check(f"action {t}", "warn", f"disabled: {s.disabled}", "set the missing configuration")
-               for t, s in sorted(registry.disabled.items())]
+    # Actions whose configuration is missing are off: not configured, not broken. One line per reason.
+    reasons: dict[str, list[str]] = {}
+    for action_type, spec in sorted(registry.disabled.items()):
+        reasons.setdefault(str(spec.disabled), []).append(action_type)
+    checks += [Check("not configured", "info", f"{', '.join(types)}: off, {reason}",
+                     "optional: set it to turn them on (.env.example)")
+               for reason, types in reasons.items()]
     return checks
 
 
@@ -119,7 +167,7 @@ def run_checks(settings: Settings) -> list[Check]:
         return [signing]
     broker = _broker(settings)
     checks = [signing, broker, _database(settings)]
-    if broker.level == "ok":
+    if broker.level != "fail":
         checks += _workers()
     return checks + [_browser()] + _plugins()
 
@@ -128,7 +176,10 @@ def render(checks: list[Check], console: Console) -> None:
     table = Table(title="rekku doctor", header_style="bold")
     for col in ("check", "", "found", "what to do"):
         table.add_column(col)
-    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    marks = {"ok": "[green]ok[/]", "info": "[blue]info[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
     for c in checks:
         table.add_row(c.name, marks[c.level], c.detail, c.fix)
     console.print(table)
+    count = {level: sum(c.level == level for c in checks) for level in marks}
+    console.print(f"{count['fail']} broken, {count['warn']} warnings, {count['info']} not configured (optional)"
+                  + (": fix what is broken first" if count["fail"] else ""))

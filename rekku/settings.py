@@ -1,7 +1,7 @@
 """The one settings object: every environment variable the project reads is a field here.
 
 Code never reads ``os.environ`` for configuration; it asks :func:`get_settings` (or receives a
-``Settings``), so the contract of DESIGN.md §7 is visible in one place and `.env.example` can be
+``Settings``), so the contract of docs/contracts.md §6 is visible in one place and `.env.example` can be
 checked against it.
 """
 
@@ -13,6 +13,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote_plus
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -31,6 +32,21 @@ def location_of(tz_name: str, configured: str | None) -> str:
 
 def _env(name: str, *more: str) -> AliasChoices:
     return AliasChoices(name, *more)
+
+
+def _field_names_to_aliases(cls: type[BaseSettings], values: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments given by field name (``home=``), renamed to the field's documented variable
+    (``REKKU_HOME=``); everything else (aliases, ``_env_file`` …) unchanged."""
+    renamed: dict[str, Any] = {}
+    for key, value in values.items():
+        field = cls.model_fields.get(key)
+        alias = field.validation_alias if field is not None else None
+        if isinstance(alias, AliasChoices):
+            key = str(alias.choices[0])
+        elif isinstance(alias, str):
+            key = alias
+        renamed[key] = value
+    return renamed
 
 
 #: REKKU_HOME directories this process has made private already (``home_dir`` is read often).
@@ -80,9 +96,18 @@ def write_private(path: Path, value: str, *, replace: bool = True) -> None:
 
 
 class Settings(BaseSettings):
-    """Typed view of the environment (and of ``.env`` when present)."""
+    """Typed view of the environment (and of ``.env`` when present).
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    Only the documented names configure Rekku: each field's ``validation_alias`` (``REKKU_HOME``,
+    ``REKKU_PORT``, ``DB_HOST``…), read from the environment and ``.env``. A field's own name is not a
+    variable (``HOME``, ``PORT``, ``DATABASE_URL`` belong to the shell and the platform, not to Rekku):
+    no ``populate_by_name``, so no settings source ever looks it up. Code may still pass a field by its
+    name (``Settings(home=path)``): :meth:`__init__` turns it into the documented name first."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**_field_names_to_aliases(type(self), values))
 
     home: Path = Field(Path(".rekku"), validation_alias=_env("REKKU_HOME"))
     broker_url: str | None = Field(None, validation_alias=_env("REKKU_BROKER_URL"))
@@ -144,8 +169,11 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(30.0, gt=0, validation_alias=_env("REKKU_RECONCILE_SECONDS"))
     #: Seconds an unfinished action must sit untouched before the reconciler looks at it.
     reconcile_grace: float = Field(60.0, ge=0, validation_alias=_env("REKKU_RECONCILE_GRACE"))
-    #: Seconds a worker node counts as alive after its last heartbeat (it beats every third of it).
+    #: Seconds a worker counts as alive after its last heartbeat (it beats every third of it, at most every 2 s).
     worker_heartbeat_ttl: float = Field(30.0, ge=3, validation_alias=_env("REKKU_WORKER_HEARTBEAT_TTL"))
+    #: Times an action's worker process may die while running it (killed by the OS, out of memory, a
+    #: crash) before the action is failed instead of being run again (a poison message).
+    max_attempts: int = Field(5, ge=1, validation_alias=_env("REKKU_MAX_ATTEMPTS"))
     #: Seconds between a worker process's sends of its run metrics to Redis (and on its shutdown).
     metrics_flush_seconds: float = Field(1.0, gt=0, validation_alias=_env("REKKU_METRICS_FLUSH_SECONDS"))
 
