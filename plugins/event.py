@@ -1,4 +1,4 @@
-"""event: reminders and scheduled actions, delivered by celery beat through any interface (UPSTREAM.md §2).
+"""event: reminders and scheduled actions, delivered by celery beat through any interface (docs/plugins.md §2).
 
 ``event`` keeps upstream's payload (``date`` YYYY-MM-DD, ``time`` HH:MM, ``description`` ≤500,
 ``repeat``, ``created_by``) and adds: ``time`` with seconds, ``datetime`` (ISO 8601, with an offset
@@ -110,6 +110,9 @@ class EventPlugin(TablePlugin):
         restrictions, its plugin's ``authorize_payload``) with this request's context. Otherwise an
         event would launder any action past the ingress (a non-trainer's ``terminal`` run when due).
         Called at the ingress and again in the worker (``AuthorizationHook``)."""
+        if action_type == "event" and payload.get("target") is None and (context or {}).get("chat_id") in (None, ""):
+            return ("The event has no 'target' and the request came from no chat; give target "
+                    "{interface, chat_id} for action 'event'")
         if action_type != "event" or not isinstance(payload.get("actions"), list):
             return None
         return scheduled_actions_refusal(payload["actions"], requester_of(context))

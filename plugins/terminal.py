@@ -1,7 +1,7 @@
 """terminal: shell commands for trainers, one-off or in persistent sessions pinned to terminal nodes.
 
 Upstream's ``terminal`` action (``command``; *``persistent_session``*) with its bugs fixed
-(UPSTREAM.md §2): only trainers may run it (checked at the ingress and again in the worker, and an
+(docs/plugins.md §2): only trainers may run it (checked at the ingress and again in the worker, and an
 action with no user is no trainer); every caller gets their own session instead of one shared
 shell; each command is framed by a per-command marker instead of a per-line timeout, so the shell
 never gets out of sync; one-off commands have a timeout too.
@@ -29,7 +29,7 @@ from celery.signals import celeryd_after_setup, worker_shutdown
 
 from rekku import AIPluginBase, current_action, get_settings, register_plugin
 from rekku.errors import NotAuthorized, ValidationError
-from workers.terminal_host import KILL_GRACE, Limits, run_once
+from workers.terminal_host import KILL_GRACE, HostError, Limits, run_once
 from workers.terminal_node import TerminalNode
 from workers.terminal_registry import SessionRegistry
 
@@ -219,6 +219,41 @@ def session_of(payload: dict, context: Any) -> str:
     return payload.get("session") or default_session(context)
 
 
+def _session_action(run: dict) -> bool:
+    """A logged action that runs in a persistent session (a command, or its close)."""
+    payload = run.get("payload") or {}
+    return (run.get("type") == "terminal" and payload.get("persistent_session") is True) or \
+        run.get("type") == "terminal_close_session"
+
+
+def _earlier_in_batch(ctx: Any, session: str) -> list[str]:
+    """Ids of the actions of ``session`` before this one in its batch (the batch's order is the order given)."""
+    if not getattr(ctx, "batch_id", None):
+        return []
+    from rekku.action_log import shared_log
+
+    earlier = []
+    for run in shared_log().batch(ctx.batch_id) or []:  # by position
+        if run["id"] == ctx.action_id:
+            return earlier
+        if _session_action(run) and session_of(run.get("payload") or {}, run.get("context") or {}) == session:
+            earlier.append(run["id"])
+    return []  # not in its batch (an action made past the ingress): nothing to wait for
+
+
+def _finished_in_log(action_ids: list[str]) -> set[str]:
+    """Which of ``action_ids`` the action log says are final (ran elsewhere, refused, cancelled)."""
+    from rekku.action_log import ActionLog, shared_log
+
+    log_ = shared_log()
+    done = set()
+    for action_id in action_ids:
+        run = log_.get(action_id)
+        if run is None or ActionLog.is_final(run["status"]):
+            done.add(action_id)
+    return done
+
+
 # ----------------------------------------------------------------------------- node run time
 _nodes: dict[str, TerminalNode] = {}
 _nodes_lock = threading.Lock()
@@ -380,7 +415,8 @@ class TerminalPlugin(AIPluginBase):
             return {"sessions": registry().sessions(), "nodes": registry().live_nodes(), "node": node}
         if action_type == "terminal_close_session":
             session = session_of(payload, ctx)
-            return {"session": session, "node": node, **self._node(node).close_session(session)}
+            return {"session": session, "node": node,
+                    **self._in_turn(ctx, session, node, lambda: self._node(node).close_session(session))}
         errors = self.validate_payload(action_type, payload)
         if errors:
             raise ValidationError("; ".join(errors), errors)
@@ -393,6 +429,24 @@ class TerminalPlugin(AIPluginBase):
             raise ValidationError(f"persistent sessions need a terminal node that consumes its own queue "
                                   f"'terminal.{node}' (start it with `rekku worker --pool terminal`)")
         return node_runtime(node)
+
+    def _in_turn(self, ctx: Any, session: str, node: str, work: Any) -> Any:
+        """Run ``work`` (a command or close of ``session``) after the earlier commands of the session in
+        the same batch: several run at once on a node (threads), and ``cd /tmp`` then ``ls`` must not
+        swap. Gives up (not run) if an earlier one makes no progress for TERMINAL_MAX_TIMEOUT + margin."""
+        runtime = self._node(node)
+        try:
+            earlier = _earlier_in_batch(ctx, session)
+            if earlier:
+                ctx.report_progress("waiting for earlier commands", session=session, node=node)
+                patience = get_settings().terminal_max_timeout + 2 * KILL_GRACE + TIME_MARGIN
+                stuck = runtime.await_earlier(earlier, _finished_in_log, patience)
+                if stuck:
+                    raise HostError(f"not run: the earlier command(s) {', '.join(stuck)} of session '{session}' in "
+                                    f"this batch did not finish within {patience:g} s; send it again")
+            return work()
+        finally:
+            runtime.finished(ctx.action_id)
 
     def _terminal(self, payload: dict, ctx: Any, node: str, settings: Any) -> dict:
         command, cwd = payload["command"], payload.get("cwd")
@@ -407,7 +461,8 @@ class TerminalPlugin(AIPluginBase):
         if persistent:
             session = session_of(payload, ctx)
             ctx.report_progress("running", session=session, node=node)
-            ran = self._node(node).session_command(session, command, timeout, cwd)
+            ran = self._in_turn(ctx, session, node,
+                                lambda: self._node(node).session_command(session, command, timeout, cwd))
             outcome = ran["outcome"]
             result.update(session=session, session_lost=ran["session_lost"], new_session=ran["new_session"],
                           ran=ran["ran"], interrupted=outcome.interrupted, session_reset=outcome.session_reset,

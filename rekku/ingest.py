@@ -139,8 +139,10 @@ class Ingress:
         if not parsed.actions and not parsed.errors:
             if parsed.ignored_system_message:
                 rejected = [Rejection(None, None, ["A system_message is never executed; no actions to run"])]
-            else:
-                rejected = [Rejection(None, None, ["No actions to run"])]
+            else:  # {"actions": []} (or []): the prompt's way to stay silent, a valid reply with nothing to do
+                if self.corrections is not None:
+                    self.corrections.reset(ctx)
+                return Answer(None, [], [], None, status=202)
         correction = self._correction(rejected, body, ctx)
         if not accepted:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)

@@ -4,6 +4,12 @@ Plugins call :func:`register_plugin` from their constructor, as the seed shows; 
 every candidate module, builds its ``PLUGIN_CLASS`` with no arguments and records what failed
 (import error, constructor error, clashing action type) without stopping the others.
 
+Order, and who wins a clash: the directories of ``REKKU_PLUGIN_PATH`` first (in their order), then the
+bundled ``plugins/``, then the ``rekku.plugins`` entry points. The first plugin to take a plugin name
+or an action type keeps it; a later one that wants the same is skipped with one error line (in the
+logs, ``rekku doctor`` and ``/v1/capabilities`` ``errors``), so a user's copy of a bundled plugin
+replaces it. ``plugins/examples/`` is not loaded unless asked for (``REKKU_PLUGIN_PATH=plugins/examples``).
+
 The seed's import paths ``core.ai_plugin_base`` and ``core.core_initializer`` are provided as
 aliases of this package (see :func:`install_core_aliases`), so the seed's example loads unchanged.
 """
@@ -32,6 +38,14 @@ log = logging.getLogger(__name__)
 BUILTIN_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 #: Entry-point group installed packages use to offer plugins.
 ENTRY_POINT_GROUP = "rekku.plugins"
+#: Folders of the bundled plugins that are loaded only when named in REKKU_PLUGIN_PATH.
+OPT_IN_DIRS = frozenset({"examples"})
+#: The rule applied to clashes, as error lines state it.
+CLASH_RULE = "REKKU_PLUGIN_PATH wins over bundled plugins, an earlier directory over a later one"
+
+
+class PluginClash(ValueError):
+    """A plugin wants a plugin name or an action type that an earlier plugin already took."""
 
 
 @dataclass
@@ -43,11 +57,15 @@ class Registry:
     disabled: dict[str, ActionSpec] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     loaded_modules: list[str] = field(default_factory=list)
+    #: Where each plugin came from (file or entry point), by name; and what is being loaded now.
+    origins: dict[str, str] = field(default_factory=dict)
+    loading: str | None = None
 
     def add_plugin(self, name: str, plugin: Any) -> None:
         """Register ``plugin`` under ``name`` and resolve its actions; clashes are errors, not crashes."""
         if name in self.plugins and self.plugins[name] is not plugin:
-            raise ValueError(f"plugin name '{name}' is already registered")
+            raise PluginClash(f"plugin name '{name}' is already registered by "
+                              f"{self.origins.get(name, 'an earlier plugin')}")
         types_ = [t for t in plugin.get_supported_action_types() if t != STATIC_INJECT]
         schemas = plugin.get_supported_actions() if types_ else {}
         specs = []
@@ -56,10 +74,11 @@ class Registry:
                 raise ValueError(f"plugin '{name}' declares an invalid action type {action_type!r}")
             owner = self.actions.get(action_type) or self.disabled.get(action_type)
             if owner is not None and owner.plugin != name:
-                raise ValueError(f"action type '{action_type}' of plugin '{name}' is already "
-                                 f"provided by plugin '{owner.plugin}'")
+                raise PluginClash(f"action type '{action_type}' of plugin '{name}' is already provided by "
+                                  f"plugin '{owner.plugin}' ({self.origins.get(owner.plugin, 'an earlier plugin')})")
             specs.append(build_spec(name, plugin, action_type, schemas.get(action_type, {}) or {}))
         self.plugins[name] = plugin
+        self.origins.setdefault(name, self.loading or "an earlier plugin")
         for spec in specs:
             (self.disabled if spec.disabled else self.actions)[spec.type] = spec
 
@@ -124,6 +143,8 @@ def _candidate_files(root: Path) -> list[Path]:
         rel = path.relative_to(root)
         if any(part.startswith("_") or part.startswith(".") for part in rel.parts):
             continue
+        if root == BUILTIN_PLUGIN_DIR and rel.parts[0] in OPT_IN_DIRS:
+            continue  # opt-in: REKKU_PLUGIN_PATH=plugins/examples
         files.append(path)
     return files
 
@@ -160,6 +181,7 @@ def _instantiate(registry: Registry, module: Any, origin: str) -> None:
     if cls is None:
         return  # a helper module, not a plugin
     before = set(registry.plugins)
+    registry.loading = origin
     instance = cls()
     if not any(p is instance for p in registry.plugins.values()):
         # Not self-registered: register it under its class name rather than lose it.
@@ -169,10 +191,23 @@ def _instantiate(registry: Registry, module: Any, origin: str) -> None:
 
 
 def _report(registry: Registry, origin: str, exc: BaseException) -> None:
+    if isinstance(exc, PluginClash):  # expected (a user's copy of a plugin): one line, no traceback
+        message = f"{origin}: skipped: {exc} ({CLASH_RULE})"
+        registry.errors.append(message)
+        log.error("plugin %s", message)
+        return
     message = f"{origin}: {type(exc).__name__}: {exc}"
     registry.errors.append(message)
     log.error("plugin %s failed to load and was skipped:\n%s", origin,
               "".join(traceback.format_exception(exc)).rstrip())
+
+
+def _resolve(root: Path) -> Path:
+    """A relative REKKU_PLUGIN_PATH entry from the working directory, else from the repository
+    (so ``plugins/examples`` works from anywhere); the bundled directory itself when it names it."""
+    if not root.is_absolute() and not root.is_dir() and (BUILTIN_PLUGIN_DIR.parent / root).is_dir():
+        root = BUILTIN_PLUGIN_DIR.parent / root
+    return BUILTIN_PLUGIN_DIR if root.is_dir() and root.resolve() == BUILTIN_PLUGIN_DIR else root
 
 
 def discover(settings: Settings | None = None, *, builtin: bool = True) -> Registry:
@@ -184,7 +219,9 @@ def discover(settings: Settings | None = None, *, builtin: bool = True) -> Regis
     with _lock:
         _active = registry
         try:
-            roots = ([BUILTIN_PLUGIN_DIR] if builtin else []) + settings.plugin_dirs()
+            # the user's directories first: the first to take a name keeps it (see the module's doc)
+            roots = [_resolve(root) for root in settings.plugin_dirs()] + ([BUILTIN_PLUGIN_DIR] if builtin else [])
+            roots = list(dict.fromkeys(roots))  # a directory named twice is loaded once
             for root in roots:
                 if not root.is_dir():
                     registry.errors.append(f"{root}: plugin directory does not exist")

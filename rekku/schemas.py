@@ -27,7 +27,7 @@ class SubmitRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={
         "oneOf": [{"required": ["actions"]}, {"required": ["text"]}]})
-    actions: (Annotated[list[Any], Field(min_length=1)] | Annotated[dict[str, Any], Field(min_length=1)]) = Field(
+    actions: (list[Any] | Annotated[dict[str, Any], Field(min_length=1)]) = Field(
         None, description="the LLM's actions, in any accepted form")
     text: str = Field(None, min_length=1, description="a raw LLM reply; fences and prose around the JSON are tolerated")
     context: RequestContext | None = None

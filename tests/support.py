@@ -36,14 +36,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: The last command of a connection that is consuming a queue (kombu waits in BRPOP): a worker's. An idle
+#: connection of this test process to a db it released earlier is no reason to skip that db.
+CONSUMING = frozenset({"brpop", "blpop", "brpoplpush", "blmove"})
+
+
+def _own_ports() -> set[str]:
+    """Local TCP ports of this process's sockets (its own idle Redis connections are no other run's)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes:
+                ports.add(str(int(fields[1].rpartition(":")[2], 16)))
+    return ports
+
+
 def claim_redis_db() -> int:
-    """A Redis db number no other test run holds (a lease key in db 0), flushed for us."""
+    """A Redis db number no other test run holds (a lease key in db 0) and no process is connected to
+    (a worker left over from an interrupted run, still consuming a db whose lease expired, would take
+    this run's messages), flushed for us."""
     lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
     for number in TEST_DBS:
-        if lease.set(f"rekku-test-lease:{number}", os.getpid(), nx=True, ex=3600):
-            redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
-            return number
-    raise RuntimeError("every test Redis db is leased; stale leases expire within an hour")
+        key = f"rekku-test-lease:{number}"
+        if not lease.set(key, os.getpid(), nx=True, ex=3600):
+            continue
+        mine = _own_ports()
+        if any(str(client.get("db")) == str(number) and client.get("cmd") in CONSUMING
+               and client.get("addr", "").rpartition(":")[2] not in mine for client in lease.client_list()):
+            lease.delete(key)  # someone's leftover workers consume from it: not ours to flush
+            continue
+        redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
+        return number
+    raise RuntimeError("every test Redis db is leased or in use; stale leases expire within an hour")
 
 
 def release_redis_db(number: int) -> None:
@@ -163,9 +200,13 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{log_name}.log", "ab")  # noqa: SIM115 - handed to the child
+        from rekku.supervisor import die_with_parent
+
+        # its own session (tests signal its group), and gone when the test run dies, however it dies:
+        # a killed pytest once left whole stacks consuming Redis test dbs that later runs claimed
         proc = subprocess.Popen([sys.executable, "-m", "rekku", *args], env=self.env(**env), cwd=str(ROOT),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         self.processes.append(proc)
         return proc
 

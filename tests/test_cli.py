@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ from tests.support import ROOT, Stack
 pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
-def rekku(stack: Stack, *args: str, stdin: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
-    env = stack.env(REKKU_PORT=str(stack.port), REKKU_HOST="127.0.0.1", COLUMNS="200")
+def rekku(stack: Stack, *args: str, stdin: str | None = None, timeout: float = 90,
+          **more_env: str) -> subprocess.CompletedProcess:
+    env = stack.env(REKKU_PORT=str(stack.port), REKKU_HOST="127.0.0.1", COLUMNS="200", **more_env)
     return subprocess.run([sys.executable, "-m", "rekku", *args], input=stdin, capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=timeout)
 
@@ -47,7 +49,9 @@ def test_status_prints_the_action_as_json(stack: Stack) -> None:
 
 
 def test_actions_table_lists_types_queues_and_plugin_errors(stack: Stack) -> None:
-    done = rekku(stack, "actions")
+    # the seed's example is opt-in (issue 14): loaded when its folder is in REKKU_PLUGIN_PATH
+    path = os.pathsep.join([stack.env()["REKKU_PLUGIN_PATH"], "plugins/examples"])
+    done = rekku(stack, "actions", REKKU_PLUGIN_PATH=path)
     assert done.returncode == 0
     for fragment in ("echo", "my_action", "tk_io", "io", "broken_plugin.py"):
         assert fragment in done.stdout

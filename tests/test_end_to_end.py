@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import TRAINER
-from tests.support import Stack, wait_until
+from tests.conftest import TRAINER, running_stack
+from tests.support import TEST_PLUGINS, Stack, wait_until
 
 
 def test_echo_result_is_readable_over_http(stack: Stack) -> None:
@@ -241,8 +243,19 @@ def test_rekku_ingest_task_answers_like_the_http_route(stack: Stack) -> None:
     assert len(stack.get(f"/v1/batches/{answer['batch_id']}").json()["actions"]) == 1
 
 
+@pytest.fixture(scope="module")
+def seed_stack(tmp_home: Path) -> Iterator[Stack]:
+    """An ingress and a default worker that load the seed's example, which is opt-in (issue 14)."""
+    home = tmp_home / "seed-example"
+    home.mkdir()
+    path = os.pathsep.join([str(TEST_PLUGINS), "plugins/examples"])
+    with running_stack("seed", home, "sqlite", {"REKKU_PLUGIN_PATH": path}, [("default", 1, "seed-main")]) as running:
+        yield running
+
+
 @pytest.mark.parametrize("value", ["x", 1, None])
-def test_seed_example_plugin_loads_validates_and_runs_unchanged(stack: Stack, value) -> None:
+def test_seed_example_plugin_loads_validates_and_runs_unchanged(seed_stack: Stack, value) -> None:
+    stack = seed_stack
     caps = stack.get("/v1/capabilities").json()
     assert caps["actions"]["my_action"]["required_fields"] == ["value"]
     assert caps["actions"]["my_action"]["instructions"]["description"] == "Execute my custom action with a value."

@@ -99,7 +99,9 @@ def test_missing_plugin_directory_is_reported(tmp_path: Path) -> None:
 
 
 def test_builtin_plugins_and_the_unchanged_seed_example(tmp_path: Path) -> None:
-    registry = discover(Settings(REKKU_HOME=str(tmp_path)))
+    # the seed's example is opt-in (issue 14): loaded when its folder is in REKKU_PLUGIN_PATH
+    registry = discover(Settings(REKKU_HOME=str(tmp_path), REKKU_PLUGIN_PATH="plugins/examples"))
+    assert registry.errors == []
     assert {"echo", "my_action"} <= set(registry.actions)
     assert "time_plugin" in registry.plugins and "myplugin" in registry.plugins
     assert registry.actions["my_action"].instructions["payload"]["value"]["type"] == "string"

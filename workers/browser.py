@@ -9,15 +9,25 @@ browser, so the next action starts from a clean one and the worker keeps serving
 
 Each browser gets a fresh profile and download directory under the system temp dir, removed with
 it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a Selenium Grid instead.
+
+A local browser never outlives its worker process, however that process dies (a SIGKILLed worker
+once left Chromium running). chromedriver and every Chromium process run in a process group of their
+own (in the worker's session, so chromedriver may join it), led by a tiny watchdog (``sh``) that gets
+a parent-death signal (PR_SET_PDEATHSIG) from the worker process and then SIGKILLs its whole group.
+Each group is also recorded (``rekku-browsers-<uid>`` in the temp dir, with the owner's pid and the
+profile directory); starting a browser first sweeps the groups whose owner is dead (a watchdog
+killed along with its worker), checked by the profile directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -41,6 +51,66 @@ CHROMIUM_FLAGS = (
 PARTIAL = (".crdownload", ".tmp")
 #: Seconds the health check and a quit may take before the browser is considered wedged.
 HEALTH_TIMEOUT = 5.0
+
+
+#: The watchdog leading each browser's process group: on its parent's death (SIGTERM through
+#: PR_SET_PDEATHSIG), or any SIGTERM/SIGHUP/SIGINT, it SIGKILLs the group (chromedriver, Chromium, itself).
+WATCHDOG = 'trap "kill -KILL 0" TERM HUP INT; while :; do sleep 86400 & wait $!; done'
+
+
+def _records_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"rekku-browsers-{os.getuid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    members.append(int(entry.name))
+    return members
+
+
+def sweep_orphans() -> int:
+    """SIGKILL the browser groups recorded by processes that are gone; returns how many were swept.
+    A group is killed only while one of its processes still names the recorded profile directory."""
+    swept = 0
+    directory = _records_dir()
+    for record in directory.glob("*.json") if directory.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(record.read_text())
+            if _alive(int(data["owner"])):
+                continue
+            pgid, root = int(data["pgid"]), str(data["root"])
+            for pid in _group_members(pgid):
+                with contextlib.suppress(OSError):
+                    if root.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.killpg(pgid, signal.SIGKILL)
+                        log.warning("killed the browser left by dead worker process %s (group %s)",
+                                    data["owner"], pgid)
+                        swept += 1
+                        break
+            shutil.rmtree(root, ignore_errors=True)
+            record.unlink(missing_ok=True)
+    return swept
+
+
+def _start_watchdog() -> subprocess.Popen:
+    from rekku.supervisor import die_with_parent
+
+    return subprocess.Popen(["/bin/sh", "-c", WATCHDOG], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, process_group=0, preexec_fn=die_with_parent)
 
 
 class PageError(PluginError):
@@ -68,19 +138,46 @@ class Browser:
             "download.default_directory": str(self.downloads), "download.prompt_for_download": False,
             "download.directory_upgrade": True, "safebrowsing.enabled": False})
         self.remote = bool(settings.selenium_remote_url)
+        self.watchdog: subprocess.Popen | None = None
+        self.record: Path | None = None
         if self.remote:
             options.enable_downloads = True  # files stay on the Grid node; fetched in wait_for_download
             self.driver = webdriver.Remote(command_executor=settings.selenium_remote_url, options=options)
         else:
             options.binary_location = settings.chromium_path
             options.add_argument(f"--user-data-dir={self.root / 'profile'}")
+            sweep_orphans()
+            self.watchdog = watchdog = _start_watchdog()
+            self._remember(watchdog.pid)
             service = webdriver.ChromeService(executable_path=settings.chromedriver_path,
-                                              log_output=str(self.root / "chromedriver.log"))
-            self.driver = webdriver.Chrome(service=service, options=options)
+                                              log_output=str(self.root / "chromedriver.log"),
+                                              popen_kw={"process_group": watchdog.pid})
+            try:
+                self.driver = webdriver.Chrome(service=service, options=options)
+            except BaseException:
+                self._kill_group()
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise
             with contextlib.suppress(Exception):  # headless Chromium needs to be told where downloads go
                 self.driver.execute_cdp_cmd("Browser.setDownloadBehavior",
                                             {"behavior": "allow", "downloadPath": str(self.downloads)})
         self.driver.set_page_load_timeout(60)
+
+    def _remember(self, pgid: int) -> None:
+        directory = _records_dir()
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.record = directory / f"{pgid}.json"
+        self.record.write_text(json.dumps({"owner": os.getpid(), "pgid": pgid, "root": str(self.root)}))
+
+    def _kill_group(self) -> None:
+        """SIGKILL the browser's process group (chromedriver, Chromium, the watchdog) and forget it."""
+        if self.watchdog is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.watchdog.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                self.watchdog.wait(5)
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
 
     def healthy(self) -> bool:
         """The browser answers a trivial script within HEALTH_TIMEOUT."""
@@ -139,6 +236,7 @@ class Browser:
         threading.Thread(target=quit_driver, daemon=True).start()
         if not done.wait(HEALTH_TIMEOUT) and pid is not None:
             _kill_tree(pid)
+        self._kill_group()  # whatever the quit left behind
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -1,4 +1,4 @@
-"""The four worker pools of DESIGN.md §6 and how `rekku worker --pool NAME` starts each.
+"""The four worker pools of docs/contracts.md §5 and how `rekku worker --pool NAME` starts each.
 
 A pool is a queue plus the Celery settings that suit its work: database plugins on prefork,
 interface sends on threads (they wait on the network), one browser per selenium process with
@@ -26,14 +26,21 @@ class PoolSpec:
     max_tasks_per_child: int | None = None
     #: Also consume the node's own queue ``<name>.<node>``.
     node_queue: bool = False
+    #: Other queues this pool consumes too.
+    extra_queues: tuple[str, ...] = ()
 
     def queues(self, node: str) -> list[str]:
-        return [self.name] + ([f"{self.name}.{node}"] if self.node_queue else [])
+        return [self.name] + list(self.extra_queues) + ([f"{self.name}.{node}"] if self.node_queue else [])
 
 
 #: The pools, by name (= queue name).
+#: Celery's own default queue: a plain ``Celery(broker=...)`` app that knows nothing of Rekku's routes
+#: sends ``send_task("rekku.ingest", ...)`` there, so the default pool consumes it too (README).
+CELERY_DEFAULT_QUEUE = "celery"
+
 POOLS: dict[str, PoolSpec] = {
-    "default": PoolSpec("default", "prefork", concurrency=min(4, os.cpu_count() or 1), prefetch=4),
+    "default": PoolSpec("default", "prefork", concurrency=min(4, os.cpu_count() or 1), prefetch=4,
+                        extra_queues=(CELERY_DEFAULT_QUEUE,)),
     "io": PoolSpec("io", "threads", concurrency=16, prefetch=1),
     "selenium": PoolSpec("selenium", "prefork", concurrency=1, prefetch=1, max_tasks_per_child=None),
     # Threads, not prefork: a node's persistent shells must all live in ONE process (the session host

@@ -12,19 +12,30 @@ workers/terminal_registry.py):
   session was lost, so a command that relied on the lost directory or variables (``rm -rf build``
   after ``cd project``) never runs somewhere else;
 - S is new: a shell is started and the command runs in it.
+
+Commands of one session sent in one batch run in the batch's order: the node runs several commands
+at once (threads), so a command first waits until the earlier commands of its session in its batch
+have finished (:meth:`TerminalNode.await_earlier`, fed by :meth:`TerminalNode.finished`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from workers.terminal_host import HostError, Limits, Outcome, SessionHost, run_once
 from workers.terminal_registry import SessionRegistry
 
 log = logging.getLogger(__name__)
+
+#: How many finished action ids a node remembers for ordering (older ones are read from the action log).
+FINISHED_MEMORY = 4096
+#: Seconds between reads of the action log while waiting for earlier commands.
+LOG_POLL = 0.5
 
 
 class SessionElsewhere(HostError):
@@ -41,6 +52,8 @@ class TerminalNode:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = threading.Lock()
+        self._turns = threading.Condition()
+        self._finished: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -70,6 +83,44 @@ class TerminalNode:
                     self.registry.release(shell.name, shell.id)
             except Exception:  # Redis away for a moment: keep beating
                 log.warning("terminal node %s heartbeat failed", self.name, exc_info=True)
+
+    # ------------------------------------------------------------------ order within a batch
+    def finished(self, action_id: str) -> None:
+        """``action_id`` (a session command run here) is done: commands waiting for it may go."""
+        with self._turns:
+            self._finished[action_id] = None
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+            self._turns.notify_all()
+
+    def await_earlier(self, earlier: Iterable[str], finished_in_log: Callable[[list[str]], set[str]],
+                      patience: float) -> list[str]:
+        """Wait until every action of ``earlier`` finished (here, or as the action log says); returns
+        those still unfinished after ``patience`` seconds without any of them finishing (else [])."""
+        pending = set(earlier)
+        deadline = time.monotonic() + patience
+        next_read = 0.0
+        with self._turns:
+            while pending:
+                before = len(pending)
+                pending -= self._finished.keys()
+                now = time.monotonic()
+                if pending and now >= next_read:
+                    self._turns.release()
+                    try:
+                        done = finished_in_log(sorted(pending))
+                    finally:
+                        self._turns.acquire()
+                    pending -= done
+                    next_read = now + LOG_POLL
+                if len(pending) < before:
+                    deadline = now + patience  # progress: the next one gets its own time
+                if not pending:
+                    break
+                if now >= deadline:
+                    return sorted(pending)
+                self._turns.wait(min(LOG_POLL, deadline - now))
+        return []
 
     # ------------------------------------------------------------------ commands
     def one_off(self, command: str, timeout: float, cwd: str | None) -> Outcome:
