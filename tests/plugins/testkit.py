@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ class TestKit(AIPluginBase):
 
     @staticmethod
     def get_supported_action_types() -> list[str]:
-        return ["tk_sleep", "tk_fail", "tk_flaky", "tk_whoami", "tk_hang", "tk_trainer", "tk_io", "tk_sync",
-                "tk_poison"]
+        return ["tk_sleep", "tk_fail", "tk_flaky", "tk_whoami", "tk_hang", "tk_trainer", "tk_io", "tk_sync"]
 
     def get_supported_actions(self) -> dict:
         return {
@@ -51,8 +49,6 @@ class TestKit(AIPluginBase):
             "tk_io": {"description": "runs on the io pool", "required_fields": [], "optional_fields": [],
                       "pool": "io"},
             "tk_sync": {"description": "a synchronous handler", "required_fields": [], "optional_fields": []},
-            "tk_poison": {"description": "journals its start, then SIGKILLs its own process (a poison message)",
-                          "required_fields": [], "optional_fields": []},
         }
 
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
@@ -61,9 +57,6 @@ class TestKit(AIPluginBase):
         return []
 
     def handle_custom_action(self, action_type: str, payload: dict):
-        if action_type == "tk_poison":
-            note(current_action().action_id, "start")
-            os.kill(os.getpid(), signal.SIGKILL)
         if action_type == "tk_sync":
             ctx = current_action()
             return {"sync": True, "action_id": ctx.action_id, "pid": os.getpid()}
