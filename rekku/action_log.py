@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -39,6 +39,30 @@ T = TypeVar("T")
 RECONNECT_ATTEMPTS = 3
 #: Longest error text kept per action, in characters.
 MAX_ERROR_CHARS = 8000
+
+
+def lost_error(lost: int, limit: int) -> str:
+    """The error of an action failed because its worker process kept dying while running it."""
+    return (f"its worker process died {lost} times while running it (killed by the OS, out of memory, "
+            f"or a crash); not retried: REKKU_MAX_ATTEMPTS={limit}")
+
+
+def node_of_worker(worker: str | None) -> str | None:
+    """The node a ``worker`` column names: ``pool@node#incarnation`` → ``pool@node`` (the incarnation
+    tells one start of the node from the next; see rekku.reconciler)."""
+    return worker.partition("#")[0] if worker else worker
+
+
+class RunState(NamedTuple):
+    """What a worker reads before running a delivery (one SELECT)."""
+
+    status: str
+    cancel_requested: bool
+    #: Runs lost with their worker process so far (see ``ActionRun.lost_runs``).
+    lost_runs: int
+    #: Delivered to a worker before (running, retried, or recovered from a dead node): this delivery
+    #: writes its claim before the handler runs, so a process that dies at once is still counted.
+    delivered_before: bool
 
 
 @dataclass
@@ -71,7 +95,8 @@ def run_as_dict(run: Any) -> dict[str, Any]:
         "queue": run.queue, "payload": run.payload, "context": run.context or {},
         "result": run.result, "error": run.error, "progress": run.progress,
         "attempts": run.attempts, "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at), "worker": run.worker,
+        "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
+        "worker": node_of_worker(run.worker),
     }
 
 
@@ -111,7 +136,19 @@ _PROGRESS = sa.update(_runs).where(_id).values(progress=sa.bindparam("progress")
 _GET = sa.select(_runs).where(_id)
 _ATTEMPTS = sa.select(_runs.c.attempts).where(_id)
 _CANCEL_REQUESTED = sa.select(_runs.c.cancel_requested).where(_id)
-_STATE = sa.select(_runs.c.status, _runs.c.cancel_requested).where(_id)
+_STATE = sa.select(_runs.c.status, _runs.c.cancel_requested, _runs.c.lost_runs, _runs.c.worker).where(_id)
+_UNFINISHED = _runs.c.status.in_((QUEUED, RUNNING))
+# A run lost with its pool process, seen by the worker's main process: counted; one that died before its
+# claim was written is counted as an attempt too, and marked as delivered (its redelivery claims first).
+_LOST = (sa.update(_runs).where(_id, _UNFINISHED)
+         .values(lost_runs=_runs.c.lost_runs + 1,
+                 attempts=sa.case((_runs.c.status == QUEUED, _runs.c.attempts + 1), else_=_runs.c.attempts),
+                 worker=sa.case((_runs.c.status == QUEUED, sa.bindparam("worker")), else_=_runs.c.worker),
+                 updated_at=sa.bindparam("now")))
+_LOST_RUNS = sa.select(_runs.c.lost_runs).where(_id, _UNFINISHED)
+_FAIL_UNFINISHED = (sa.update(_runs).where(_id, _UNFINISHED)
+                    .values(status=FAILED, error=sa.bindparam("error"), finished_at=sa.bindparam("now"),
+                            updated_at=sa.bindparam("now")))
 
 
 class ActionLog:
@@ -190,10 +227,32 @@ class ActionLog:
         now = utcnow()
         return self._do(lambda c: c.execute(_CLAIM, {"aid": action_id, "worker": worker, "now": now}).rowcount == 1)
 
-    def state(self, action_id: str) -> tuple[str, bool] | None:
-        """``(status, cancel_requested)``, or None for an unknown action: a read, no lock taken."""
+    def state(self, action_id: str) -> RunState | None:
+        """What a delivery needs to know before it runs, or None for an unknown action: a read, no lock."""
         row = self._do(lambda c: c.execute(_STATE, {"aid": action_id}).first(), write=False)
-        return (row.status, bool(row.cancel_requested)) if row else None
+        if row is None:
+            return None
+        return RunState(row.status, bool(row.cancel_requested), row.lost_runs or 0,
+                        row.status == RUNNING or row.worker is not None)
+
+    def record_lost(self, action_id: str, worker: str, limit: int) -> int:
+        """A run of the action was lost with its worker process: count it; at ``limit`` lost runs the
+        action fails (:func:`lost_error`). Returns the lost runs counted (0: the action is final)."""
+        def work(c: Connection) -> int:
+            now = utcnow()
+            if not c.execute(_LOST, {"aid": action_id, "worker": worker, "now": now}).rowcount:
+                return 0
+            lost = c.scalar(_LOST_RUNS, {"aid": action_id}) or 0
+            if lost >= limit:
+                c.execute(_FAIL_UNFINISHED, {"aid": action_id, "error": lost_error(lost, limit), "now": now})
+            return lost
+
+        return self._do(work)
+
+    def fail_unfinished(self, action_id: str, error: str) -> bool:
+        """queued/running → failed (an action not to run again); False when it is already final."""
+        params = {"aid": action_id, "error": error[:MAX_ERROR_CHARS], "now": utcnow()}
+        return self._do(lambda c: c.execute(_FAIL_UNFINISHED, params).rowcount == 1)
 
     def attempts(self, action_id: str) -> int:
         return self._do(lambda c: c.scalar(_ATTEMPTS, {"aid": action_id}), write=False) or 0
@@ -278,10 +337,12 @@ class ActionLog:
         return [run_as_dict(r) for r in rows]
 
     def reset_for_retry(self, action_id: str) -> dict | None:
-        """failed → queued (attempts kept, error kept until the next run), for a manual retry."""
+        """failed → queued (attempts kept, error kept until the next run), for a manual retry; its lost
+        runs start again from 0 (REKKU_MAX_ATTEMPTS counts afresh)."""
         with self._engine.begin() as c:
             changed = c.execute(sa.update(_runs).where(_runs.c.id == action_id, _runs.c.status == FAILED)
-                                .values(status=QUEUED, finished_at=None, updated_at=utcnow())).rowcount
+                                .values(status=QUEUED, finished_at=None, lost_runs=0,
+                                        updated_at=utcnow())).rowcount
         return self.get(action_id) if changed else None
 
     @staticmethod

@@ -111,11 +111,46 @@ _heartbeat_stop = threading.Event()
 
 @celeryd_after_setup.connect(weak=False)
 def _start_heartbeat(sender: str, instance: Any, **_kwargs: Any) -> None:
-    """Each worker node says it is alive, so the reconciler can tell orphaned 'running' actions."""
-    from rekku.reconciler import heartbeat_forever
+    """Each worker says it is alive, so the reconciler can tell orphaned 'running' actions.
 
-    threading.Thread(target=heartbeat_forever, args=(sender, _heartbeat_stop), name="rekku-heartbeat",
-                     daemon=True).start()
+    Each start of a worker is an incarnation of its node (rekku.reconciler): its claims, heartbeat and
+    unacknowledged deliveries carry ``<node>#<incarnation>``, its first heartbeat is written before it
+    consumes anything, and it recovers at once what an earlier start of the same node name left
+    running or unacknowledged (a SIGKILLed node restarted by systemd, compose or Kubernetes). Its pool
+    processes, forked after this, inherit the incarnation; the main process counts a pool process lost
+    mid-action (rekku.hooks.ActionRequest), which bounds poison messages (REKKU_MAX_ATTEMPTS)."""
+    import redis
+
+    from rekku.reconciler import (
+        ACTION_TASK_PREFIX,
+        _redis,
+        beat,
+        heartbeat_forever,
+        recover_predecessors,
+        start_incarnation,
+        tag_deliveries,
+    )
+
+    settings = get_settings()
+    incarnation = start_incarnation()
+    tag_deliveries(f"{sender}#{incarnation}")
+    for name, task in instance.app.tasks.items():  # before the consumer builds its strategies
+        if name.startswith(ACTION_TASK_PREFIX):
+            task.Request = "rekku.hooks:ActionRequest"
+    try:
+        beat(_redis(settings), sender, incarnation, max(3, int(settings.worker_heartbeat_ttl)))
+    except redis.RedisError:
+        logging.getLogger(__name__).warning("could not write the first worker heartbeat", exc_info=True)
+    threading.Thread(target=heartbeat_forever, args=(sender, _heartbeat_stop, settings, incarnation),
+                     name="rekku-heartbeat", daemon=True).start()
+
+    # In this thread, before the pool forks: a thread doing database or import work while a pool process
+    # is forked can leave that child a lock held forever (the C client's, an import's), and the child
+    # then hangs on its first task. Without a predecessor this costs one query; with one, a few seconds.
+    try:
+        recover_predecessors(sender, incarnation, settings)
+    except Exception:  # the reconciler recovers them once their heartbeat expires
+        logging.getLogger(__name__).warning("could not recover %s's earlier runs", sender, exc_info=True)
 
 
 @after_setup_logger.connect(weak=False)

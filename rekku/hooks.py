@@ -14,11 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rekku.action_log import ActionLog, shared_log
+from celery.worker.request import Request
+
+from rekku.action_log import ActionLog, lost_error, shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
 from rekku.models import FINAL_STATES, utcnow
 from rekku.plugin_base import ActionSpec
+from rekku.reconciler import worker_id
 from rekku.settings import get_settings
 
 log = logging.getLogger("rekku.run")
@@ -171,7 +174,17 @@ class ActionLogHook(Hook):
     conditional UPDATE never moves a final action, and a redelivery may re-run a ``running`` one,
     exactly as a synchronous claim would allow. A run that ends within :data:`CLAIM_DELAY` is recorded
     by ONE write (claim, progress, result) instead of three, which is what several processes sharing
-    SQLite contend on. The price: a worker killed within that time leaves no count in ``attempts``.
+    SQLite contend on. The price: a worker killed within that time leaves no count in ``attempts`` —
+    so a delivery of an action that was delivered before (running when its holder died, retried,
+    recovered from a dead node) writes its claim before the handler runs, and the worker's main
+    process counts a pool process lost before its claim (:class:`ActionRequest`).
+
+    Poison messages: an action whose runs were lost with their worker process ``REKKU_MAX_ATTEMPTS``
+    times fails instead of running again (counted in ``lost_runs`` where the loss is seen; checked
+    here too, so no delivery of it runs once the bound is reached).
+
+    The claim records the worker as ``pool@node#incarnation`` (rekku.reconciler): a node restarted
+    under the same name tells its predecessor's runs from its own.
     """
 
     @property
@@ -182,13 +195,18 @@ class ActionLogHook(Hook):
         state = self.log.state(run.action_id)
         if state is None:
             raise SkipRun("unknown action (not in the action log)")
-        status, cancel_requested = state
-        if status in FINAL_STATES:
-            raise SkipRun(f"already {status}")
-        if cancel_requested:  # cancel asked while its previous holder died
+        if state.status in FINAL_STATES:
+            raise SkipRun(f"already {state.status}")
+        if state.cancel_requested:  # cancel asked while its previous holder died
             self.log.cancelled(run.action_id, "cancelled")
             raise SkipRun("cancelled")
-        claim = run.extras["claim"] = DeferredClaim(self.log, run.action_id, run.context.worker or "?")
+        limit = get_settings().max_attempts
+        if state.lost_runs >= limit:  # a poison message: its processes kept dying
+            self.log.fail_unfinished(run.action_id, lost_error(state.lost_runs, limit))
+            raise SkipRun(f"its worker process died {state.lost_runs} times running it")
+        claim = run.extras["claim"] = DeferredClaim(self.log, run.action_id, worker_id(run.context.worker or "?"))
+        if state.delivered_before:  # not the hot path: count this run before the handler can kill its process
+            claim.write()
         run.context._attempt_loader = lambda: (claim.write(), self.log.attempts(run.action_id))[1]
 
     def _end(self, run: Run, *, succeeded: bool, result: Any = None, error: str | None = None) -> None:
@@ -200,7 +218,8 @@ class ActionLogHook(Hook):
                 self.log.fail(run.action_id, error or "")
         else:
             started = claim.started if claim else utcnow()
-            self.log.claim_and_finish(run.action_id, run.context.worker or "?", started, succeeded=succeeded,
+            self.log.claim_and_finish(run.action_id, worker_id(run.context.worker or "?"), started,
+                                      succeeded=succeeded,
                                       result=result, error=error, progress=claim.progress if claim else None)
 
     def after_success(self, run: Run, result: Any) -> None:
@@ -266,3 +285,35 @@ class LoggingHook(Hook):
 
     def after_skip(self, run: Run, reason: str) -> None:
         log.info("action %s (%s) not run: %s", run.action_id, run.spec.type, reason)
+
+
+class ActionRequest(Request):
+    """The worker's main process's view of one action delivery (``rekku.action.*`` tasks use it): when
+    the pool process running it dies (SIGKILL, the OOM killer, a crash), the run is counted as lost
+    before Celery puts the message back (``task_reject_on_worker_lost``), so the next delivery sees
+    it; at ``REKKU_MAX_ATTEMPTS`` lost runs the action fails and that delivery only acknowledges it.
+    Only this rare path writes: a run that ends normally costs nothing here."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        from billiard.einfo import ExceptionWithTraceback
+        from billiard.exceptions import WorkerLostError
+
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, (SystemExit, KeyboardInterrupt))
+            and not (getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)))
+        if lost:
+            limit = get_settings().max_attempts
+            try:
+                count = shared_log().record_lost(self.id, worker_id(self.hostname), limit)
+            except Exception:  # the reconciler and the claim still bound it; never break the worker
+                log.warning("could not count the lost run of action %s", self.id, exc_info=True)
+            else:
+                if count >= limit:
+                    log.error("action %s failed: %s", self.id, lost_error(count, limit))
+                elif count:
+                    log.warning("action %s: its worker process died while running it (%d of %d)",
+                                self.id, count, limit)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

@@ -91,6 +91,10 @@ class ActionRun(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     progress: Mapped[dict | None] = mapped_column(JSONType)
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: Runs lost with their worker process (killed mid-run): counted by whoever notices (the worker's main
+    #: process when a pool process dies, the reconciler or a restarted node when a whole node died); at
+    #: REKKU_MAX_ATTEMPTS the action fails instead of running again (a poison message).
+    lost_runs: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(sa.String(255))
     cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -7,15 +7,28 @@ by default). Every ``REKKU_RECONCILE_SECONDS`` beat runs :func:`reconcile`, whic
 * re-enqueues ``queued`` actions older than ``REKKU_RECONCILE_GRACE`` whose message is in no
   queue and in no worker's unacknowledged set (the grace covers the ingress between its commit and
   its publish), and
-* re-enqueues ``running`` actions whose worker node stopped its heartbeat (a Redis key each worker
-  refreshes, :data:`HEARTBEAT_PREFIX`), after moving them back to ``queued``, and
+* recovers what dead worker incarnations held: ``running`` actions whose worker stopped its
+  heartbeat are moved back to ``queued`` and re-enqueued, and the messages such a worker had taken
+  (running or prefetched: each unacknowledged entry names the incarnation holding it) leave the
+  unacknowledged set at once, an action's to be re-enqueued, any other task's back to its queue;
 * moves actions waiting in a dead node's own queue (``terminal.<node>``: nobody else consumes it)
   to where their plugin routes them now.
+
+Worker identity: each start of a worker process is an *incarnation* (a random id made at start): the
+action log's ``worker`` column says ``pool@node#incarnation`` and each incarnation beats its own key
+(``rekku:worker:pool@node#incarnation``, a TTL of ``REKKU_WORKER_HEARTBEAT_TTL``) besides the node's
+(``rekku:worker:pool@node``, holding the newest incarnation). A node restarted under the same name
+(systemd, compose, Kubernetes) therefore does not keep its dead predecessor "alive": it recovers the
+predecessor's running and unacknowledged actions as soon as it starts (:func:`recover_predecessors`),
+and a node that never returns is recovered once its key expires, by the next reconciler pass: within
+the TTL plus ``REKKU_RECONCILE_SECONDS`` of its death.
 
 A finished action is never re-enqueued, and the worker's claim refuses a delivery of an action
 that is already final, so a re-enqueue can never run finished work twice. A re-enqueued action
 carries exactly the payload and the context the action log recorded when it was accepted (the
 verified request context, never anything a payload said), and the worker authorizes it again.
+A run lost with its worker is counted (``lost_runs``); at ``REKKU_MAX_ATTEMPTS`` the action fails
+instead of being re-enqueued (a poison message that kills its process every time).
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,59 +46,160 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from rekku.action_log import NewRun
+from rekku.action_log import NewRun, lost_error
 from rekku.db import get_engine
-from rekku.models import QUEUED, RUNNING, ActionRun, utcnow
+from rekku.models import CANCELLED, FAILED, QUEUED, RUNNING, ActionRun, utcnow
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-#: Redis key of a worker node's heartbeat: ``rekku:worker:<hostname>`` (expires when it stops beating).
+#: Redis key of a worker's heartbeat: ``rekku:worker:<hostname>`` (the node, holding its newest
+#: incarnation) and ``rekku:worker:<hostname>#<incarnation>`` (one start of it); both expire when it stops.
 HEARTBEAT_PREFIX = "rekku:worker:"
 #: Kombu's Redis transport keeps delivered-but-unacknowledged messages in this hash.
 UNACKED_KEY = "unacked"
 #: Kombu's index of unacknowledged deliveries (delivery tag → time), restored after the visibility timeout.
 UNACKED_INDEX_KEY = "unacked_index"
+#: Message property naming the worker incarnation that holds an unacknowledged delivery.
+OWNER_PROPERTY = "rekku_owner"
+#: When the reconciler first saw this Redis (no expiry): right after a Redis restart every heartbeat is
+#: missing for a moment, which says nothing about the workers; dead ones are named only a TTL later.
+SINCE_KEY = "rekku:reconciler:since"
 #: Kombu's priority sub-queues are ``<queue>\x06\x16<priority>`` for these priorities.
 PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 #: Most actions re-enqueued per run (the next run takes the rest).
 BATCH = 5000
+#: Action tasks' names start with this.
+ACTION_TASK_PREFIX = "rekku.action."
+#: Longest time between two heartbeats of a worker (a third of the TTL when that is shorter): a node
+#: restarted under the same name watches its predecessor's key this long (times 1.5) to tell a dead
+#: predecessor from a live process wrongly sharing its name.
+MAX_BEAT_INTERVAL = 2.0
+
+
+def beat_interval(ttl: float) -> float:
+    return min(ttl / 3, MAX_BEAT_INTERVAL)
 
 
 def _redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.resolved_broker_url(), socket_timeout=10)
 
 
+# ----------------------------------------------------------------------------- incarnations
+_incarnation: str | None = None
+
+
+def start_incarnation() -> str:
+    """A new identity for this start of the worker process (its pool children inherit it)."""
+    global _incarnation
+    _incarnation = uuid.uuid4().hex[:12]
+    return _incarnation
+
+
+def worker_id(hostname: str) -> str:
+    """What the action log records as an action's worker: ``pool@node#incarnation`` in a worker."""
+    return f"{hostname}#{_incarnation}" if _incarnation else hostname
+
+
+def tag_deliveries(owner: str) -> None:
+    """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
+    (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries
+    a dead worker held can be told from a live one's at once rather than after the visibility timeout."""
+    from kombu.transport import redis as kombu_redis
+
+    base = getattr(kombu_redis.Channel.QoS, "rekku_base", kombu_redis.Channel.QoS)
+
+    class OwnedQoS(base):  # type: ignore[misc, valid-type]
+        rekku_base = base
+
+        def append(self, message: Any, delivery_tag: Any) -> None:
+            raw = message._raw
+            try:
+                message._raw = {**raw, "properties": {**raw["properties"], OWNER_PROPERTY: owner}}
+            except (TypeError, KeyError):
+                return super().append(message, delivery_tag)
+            try:
+                super().append(message, delivery_tag)
+            finally:
+                message._raw = raw
+
+    kombu_redis.Channel.QoS = OwnedQoS
+
+
 # ----------------------------------------------------------------------------- worker heartbeat
-def heartbeat_forever(hostname: str, stop: threading.Event, settings: Settings | None = None) -> None:
-    """Refresh ``rekku:worker:<hostname>`` until ``stop`` is set (run in a daemon thread)."""
+def beat(client: redis.Redis, hostname: str, incarnation: str | None, ttl: int) -> None:
+    """One heartbeat: the node's key (holding the incarnation) and the incarnation's own key."""
+    pipe = client.pipeline(transaction=False)
+    pipe.set(HEARTBEAT_PREFIX + hostname, incarnation or "1", ex=ttl)
+    if incarnation:
+        pipe.set(f"{HEARTBEAT_PREFIX}{hostname}#{incarnation}", "1", ex=ttl)
+    pipe.execute()
+
+
+def heartbeat_forever(hostname: str, stop: threading.Event, settings: Settings | None = None,
+                      incarnation: str | None = None) -> None:
+    """Refresh the worker's heartbeat (every :func:`beat_interval`) until ``stop`` is set (a daemon thread)."""
     settings = settings or get_settings()
     ttl = max(3, int(settings.worker_heartbeat_ttl))
     client = _redis(settings)
     while not stop.is_set():
         try:
-            client.set(HEARTBEAT_PREFIX + hostname, "1", ex=ttl)
+            beat(client, hostname, incarnation, ttl)
         except redis.RedisError:
             log.warning("could not refresh the worker heartbeat", exc_info=True)
-        stop.wait(ttl / 3)
+        stop.wait(beat_interval(ttl))
     try:
-        client.delete(HEARTBEAT_PREFIX + hostname)
+        if incarnation:
+            client.delete(f"{HEARTBEAT_PREFIX}{hostname}#{incarnation}")
+        if client.get(HEARTBEAT_PREFIX + hostname) in (None, (incarnation or "1").encode()):
+            client.delete(HEARTBEAT_PREFIX + hostname)  # not a successor's
     except redis.RedisError:
         pass
 
 
 # ----------------------------------------------------------------------------- what the broker holds
+@dataclass(frozen=True)
+class Delivery:
+    """One unacknowledged message in kombu's hash."""
+
+    tag: str
+    task_id: str | None
+    task: str | None
+    #: The worker incarnation holding it (None: an entry written by a consumer that does not say).
+    owner: str | None
+
+
+def _message(raw: bytes) -> dict | None:
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
+            message = message[0]
+        return message if isinstance(message, dict) else None
+    except ValueError:
+        return None
+
+
 def _ids_in(payloads: list[bytes]) -> set[str]:
     ids = set()
     for raw in payloads:
         try:
-            message = json.loads(raw)
-            if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
-                message = message[0]
-            ids.add(message["headers"]["id"])
-        except (ValueError, KeyError, TypeError, IndexError):
+            ids.add((_message(raw) or {})["headers"]["id"])
+        except (KeyError, TypeError):
             continue
     return ids
+
+
+def unacked(client: redis.Redis) -> list[Delivery]:
+    """Every unacknowledged delivery, with the task it carries and the incarnation holding it."""
+    deliveries = []
+    for tag, raw in client.hgetall(UNACKED_KEY).items():
+        message = _message(raw) or {}
+        headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+        properties = message.get("properties") if isinstance(message.get("properties"), dict) else {}
+        owner = properties.get(OWNER_PROPERTY)
+        deliveries.append(Delivery(tag.decode(), headers.get("id"), headers.get("task"),
+                                   owner if isinstance(owner, str) else None))
+    return deliveries
 
 
 def forget_unacked(client: redis.Redis, ids: set[str]) -> set[str]:
@@ -91,12 +208,16 @@ def forget_unacked(client: redis.Redis, ids: set[str]) -> set[str]:
     dropped: set[str] = set()
     for tag, raw in client.hgetall(UNACKED_KEY).items():
         if found := _ids_in([raw]) & ids:
-            pipe = client.pipeline()
-            pipe.hdel(UNACKED_KEY, tag)
-            pipe.zrem(UNACKED_INDEX_KEY, tag)
-            if pipe.execute()[0]:
+            if _drop(client, tag):
                 dropped |= found
     return dropped
+
+
+def _drop(client: redis.Redis, tag: str | bytes) -> bool:
+    pipe = client.pipeline()
+    pipe.hdel(UNACKED_KEY, tag)
+    pipe.zrem(UNACKED_INDEX_KEY, tag)
+    return bool(pipe.execute()[0])
 
 
 def take_from_queue(client: redis.Redis, queue: str, ids: set[str]) -> set[str]:
@@ -110,13 +231,28 @@ def take_from_queue(client: redis.Redis, queue: str, ids: set[str]) -> set[str]:
     return taken
 
 
-def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
-    """Task ids waiting in ``queues`` or delivered to a worker and not yet acknowledged."""
-    held = _ids_in(list(client.hvals(UNACKED_KEY)))
+def _queued_ids(client: redis.Redis, queues: set[str]) -> set[str]:
+    held: set[str] = set()
     for queue in queues:
         for step in PRIORITY_STEPS:
             held |= _ids_in(client.lrange(queue + step, 0, -1))
     return held
+
+
+def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
+    """Task ids waiting in ``queues`` or delivered to a worker and not yet acknowledged."""
+    return _ids_in(list(client.hvals(UNACKED_KEY))) | _queued_ids(client, queues)
+
+
+def _alive(client: redis.Redis, workers: Iterable[str]) -> set[str]:
+    """The workers (``pool@node`` or ``pool@node#incarnation``) whose heartbeat key exists."""
+    workers = sorted(set(workers))
+    if not workers:
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for worker in workers:
+        pipe.exists(HEARTBEAT_PREFIX + worker)
+    return {w for w, exists in zip(workers, pipe.execute()) if exists}
 
 
 # ----------------------------------------------------------------------------- nodes' own queues
@@ -157,6 +293,165 @@ def reroute_stranded(client: redis.Redis, rows: list[Any], held: set[str]) -> di
     return {i: new for i, (_, new) in wanted.items() if i in freed or i not in held}
 
 
+# ----------------------------------------------------------------------------- dead incarnations
+@dataclass
+class Recovered:
+    """What :func:`recover_dead` did for some dead worker incarnations."""
+
+    #: Actions now ``queued`` whose message is gone: to re-enqueue.
+    requeue: set[str]
+    #: Actions failed: their runs were lost REKKU_MAX_ATTEMPTS times.
+    failed: set[str]
+    #: Unacknowledged deliveries taken off the dead incarnations.
+    freed: set[str]
+
+
+def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery],
+                 settings: Settings) -> Recovered:
+    """Take back what the dead worker incarnations ``dead`` held: their ``running`` actions go back to
+    ``queued`` with the lost run counted (``failed`` at REKKU_MAX_ATTEMPTS, ``cancelled`` when a cancel
+    was asked) and their unacknowledged copies are dropped; the deliveries they had taken but not
+    started (prefetched, or waiting for a retry's countdown) leave the unacknowledged set too: an
+    action's to be re-enqueued through the one dispatch path, any other task's restored to its queue
+    as kombu would after the visibility timeout. Returns the actions to re-enqueue."""
+    runs = ActionRun.__table__
+    engine = get_engine()
+    limit = settings.max_attempts
+    out = Recovered(set(), set(), set())
+    if not dead:
+        return out
+
+    with engine.connect() as conn:
+        running = conn.execute(sa.select(runs.c.id, runs.c.worker)
+                               .where(runs.c.status == RUNNING, runs.c.worker.in_(sorted(dead)))).all()
+    if running:
+        now = utcnow()
+        ids = [r.id for r in running]
+        with engine.begin() as conn:
+            for worker in {r.worker for r in running}:
+                conn.execute(sa.update(runs)
+                             .where(runs.c.id.in_([r.id for r in running if r.worker == worker]),
+                                    runs.c.status == RUNNING, runs.c.worker == worker)
+                             .values(status=QUEUED, lost_runs=runs.c.lost_runs + 1, updated_at=now,
+                                     error="its worker stopped while running it; re-enqueued"))
+            conn.execute(sa.update(runs).where(runs.c.id.in_(ids), runs.c.status == QUEUED,
+                                               runs.c.cancel_requested.is_(True))
+                         .values(status=CANCELLED, error="cancelled (its worker stopped)", finished_at=now))
+            for r in conn.execute(sa.select(runs.c.id, runs.c.lost_runs)
+                                  .where(runs.c.id.in_(ids), runs.c.status == QUEUED,
+                                         runs.c.lost_runs >= limit)).all():
+                conn.execute(sa.update(runs).where(runs.c.id == r.id, runs.c.status == QUEUED)
+                             .values(status=FAILED, error=lost_error(r.lost_runs, limit), finished_at=now))
+                out.failed.add(r.id)
+        if out.failed:
+            log.error("failed %d actions whose worker process died %d times running them: %s",
+                      len(out.failed), limit, ", ".join(sorted(out.failed)))
+        out.requeue |= set(ids) - out.failed
+        forget_unacked(client, set(ids))  # their copies, whoever's entry they are in
+
+    others = []
+    for d in deliveries:
+        if d.owner not in dead:
+            continue
+        if d.task and d.task.startswith(ACTION_TASK_PREFIX) and d.task_id:
+            if _drop(client, d.tag):
+                out.freed.add(d.task_id)
+        else:
+            others.append(d.tag)
+    if out.freed:
+        # never claimed (a prefetched delivery, or one whose process died before its claim): say it was
+        # delivered, so its next delivery writes its claim before running (rekku.hooks)
+        with engine.begin() as conn:
+            for worker in dead:
+                conn.execute(sa.update(runs).where(runs.c.id.in_(sorted(out.freed)), runs.c.status == QUEUED,
+                                                   runs.c.worker.is_(None)).values(worker=worker))
+        out.requeue |= out.freed
+    if others:
+        from rekku.celery_app import app
+
+        with app.connection_for_write() as connection:
+            qos = connection.default_channel.qos
+            for tag in others:
+                qos.restore_by_tag(tag, leftmost=True)
+        log.warning("restored %d tasks a dead worker had taken to their queues", len(others))
+    return out
+
+
+def _enqueue(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
+    """Re-enqueue ``rows`` (action log rows) through the one dispatch path; returns the unsent ids."""
+    from rekku import dispatch
+
+    moved = moved or {}
+    by_batch: dict[str, list[NewRun]] = {}
+    for r in rows:
+        context = {k: v for k, v in (r.context or {}).items() if k != "batch_id"}
+        by_batch.setdefault(r.batch_id, []).append(NewRun(r.id, r.position, r.type, moved.get(r.id, r.queue),
+                                                          r.payload, context))
+    unsent: list[str] = []
+    for batch_id, batch_runs in by_batch.items():
+        unsent += dispatch.enqueue(batch_runs, batch_id)
+    if rows:
+        runs = ActionRun.__table__
+        with get_engine().begin() as conn:  # so the next pass gives them a fresh grace period
+            conn.execute(sa.update(runs).where(runs.c.id.in_([r.id for r in rows]), runs.c.status == QUEUED)
+                         .values(updated_at=utcnow()))
+    return unsent
+
+
+def _gone(client: redis.Redis, worker: str, ttl: float) -> bool:
+    """Whether the incarnation ``worker`` (of this node's name) is dead. Its key outlives it by up to a
+    TTL, so one still there is watched for a heartbeat period and a half: a live one refreshes it (another
+    process runs under the same name: nothing of its is touched), a dead one does not."""
+    key = HEARTBEAT_PREFIX + worker
+    last = client.pttl(key)
+    if last == -2:
+        return True
+    deadline = time.monotonic() + beat_interval(ttl) * 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = client.pttl(key)
+        if now == -2:
+            return True
+        if now > last:
+            log.error("worker %s is alive and uses this node's name: two workers must not share a name "
+                      "(its actions are left to it)", worker)
+            return False
+        last = now
+    client.delete(key)
+    return True
+
+
+def recover_predecessors(hostname: str, incarnation: str, settings: Settings | None = None) -> int:
+    """Run by a worker as it starts: recover what earlier incarnations of the same node name (a process
+    killed with its whole group, then restarted under the same name) left ``running`` or unacknowledged,
+    at once instead of after their heartbeat expires. Returns how many actions were re-enqueued."""
+    settings = settings or get_settings()
+    client = _redis(settings)
+    runs = ActionRun.__table__
+    me, prefix = f"{hostname}#{incarnation}", hostname + "#"
+    deliveries = unacked(client)
+    with get_engine().connect() as conn:
+        workers = {w for (w,) in conn.execute(sa.select(runs.c.worker).where(runs.c.status == RUNNING).distinct())}
+    candidates = {w for w in workers if w and (w == hostname or w.startswith(prefix))}
+    candidates |= {d.owner for d in deliveries if d.owner and d.owner.startswith(prefix)}
+    candidates.discard(me)
+    ttl = max(3, int(settings.worker_heartbeat_ttl))
+    # ``hostname`` alone: a run recorded before incarnations existed, by an earlier start of this node
+    dead = {w for w in sorted(candidates) if w == hostname or _gone(client, w, ttl)}
+    if not dead:
+        return 0
+    recovered = recover_dead(client, dead, deliveries, settings)
+    with get_engine().connect() as conn:
+        rows = conn.execute(sa.select(runs).where(runs.c.id.in_(sorted(recovered.requeue)), runs.c.status == QUEUED,
+                                                  runs.c.cancel_requested.is_(False))).all()
+    held = _queued_ids(client, {r.queue for r in rows}) | _ids_in(list(client.hvals(UNACKED_KEY)))
+    rows = [r for r in rows if r.id not in held]
+    unsent = _enqueue(rows)
+    log.warning("recovered %d actions from earlier starts of %s (%s); %d failed as poison messages",
+                len(rows) - len(unsent), hostname, ", ".join(sorted(dead)), len(recovered.failed))
+    return len(rows) - len(unsent)
+
+
 # ----------------------------------------------------------------------------- the reconciler
 @dataclass
 class Outcome:
@@ -169,10 +464,16 @@ class Outcome:
                 "rerouted_from_dead_nodes": self.rerouted_from_dead_nodes}
 
 
+def _heartbeats_trusted(client: redis.Redis, ttl: float) -> bool:
+    """False for a TTL after this Redis first met the reconciler (started empty, or restarted and lost
+    every heartbeat): until then a missing heartbeat may be a live worker's not yet beaten again."""
+    client.set(SINCE_KEY, time.time(), nx=True)
+    since = client.get(SINCE_KEY)
+    return since is not None and time.time() - float(since) >= ttl
+
+
 def reconcile(settings: Settings | None = None) -> dict[str, int]:
     """One pass; returns how many actions were re-enqueued, by reason."""
-    from rekku import dispatch
-
     settings = settings or get_settings()
     client = _redis(settings)
     runs = ActionRun.__table__
@@ -180,25 +481,25 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
     outcome = Outcome()
     engine = get_engine()
 
+    # Dead worker incarnations: running actions' holders and unacknowledged deliveries' owners whose
+    # heartbeat expired (a TTL after their last beat: detection takes the TTL, recovery this pass).
+    deliveries = unacked(client)
     with engine.connect() as conn:
-        orphans = conn.execute(sa.select(runs.c.id, runs.c.worker).where(runs.c.status == RUNNING,
-                                                                           runs.c.updated_at < cutoff)).all()
-    dead = [r.id for r in orphans if r.worker and not client.exists(HEARTBEAT_PREFIX + r.worker)]
-    if dead:
-        with engine.begin() as conn:
-            conn.execute(sa.update(runs).where(runs.c.id.in_(dead), runs.c.status == RUNNING)
-                         .values(status=QUEUED, updated_at=utcnow(),
-                                 error="its worker stopped; re-enqueued by the reconciler"))
-        outcome.requeued_orphaned = len(dead)
+        workers = {w for (w,) in conn.execute(sa.select(runs.c.worker).where(runs.c.status == RUNNING).distinct())
+                   if w}
+    workers |= {d.owner for d in deliveries if d.owner}
+    dead: set[str] = set()
+    if workers and _heartbeats_trusted(client, settings.worker_heartbeat_ttl):
+        dead = workers - _alive(client, workers)
+    recovered = recover_dead(client, dead, deliveries, settings)
+    orphaned = recovered.requeue
 
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(runs).where(runs.c.status == QUEUED, runs.c.cancel_requested.is_(False),
-                                                  (runs.c.updated_at < cutoff) | runs.c.id.in_(dead or [""]))
+        due = (runs.c.updated_at < cutoff) | runs.c.id.in_(sorted(orphaned) or [""])
+        rows = conn.execute(sa.select(runs).where(runs.c.status == QUEUED, runs.c.cancel_requested.is_(False), due)
                             .order_by(runs.c.created_at).limit(BATCH)).all()
     if not rows:
         return outcome.as_dict()
-    if dead:
-        forget_unacked(client, set(dead))
     held = held_by_broker(client, {r.queue for r in rows})
     moved = reroute_stranded(client, rows, held)
     if moved:
@@ -207,19 +508,8 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
                 conn.execute(sa.update(runs).where(runs.c.id.in_([i for i, q in moved.items() if q == queue]))
                              .values(queue=queue))
     lost = [r for r in rows if r.id not in held or r.id in moved]
-    by_batch: dict[str, list[NewRun]] = {}
-    for r in lost:
-        context = {k: v for k, v in (r.context or {}).items() if k != "batch_id"}
-        by_batch.setdefault(r.batch_id, []).append(NewRun(r.id, r.position, r.type, moved.get(r.id, r.queue),
-                                                          r.payload, context))
-    unsent = []
-    for batch_id, batch_runs in by_batch.items():
-        unsent += dispatch.enqueue(batch_runs, batch_id)
-    if lost:
-        with engine.begin() as conn:  # so the next pass gives them a fresh grace period
-            conn.execute(sa.update(runs).where(runs.c.id.in_([r.id for r in lost]), runs.c.status == QUEUED)
-                         .values(updated_at=utcnow()))
-    orphaned, unpublished = set(dead), set(unsent)  # once, not per action counted
+    unpublished = set(_enqueue(lost, moved))  # once, not per action counted
+    outcome.requeued_orphaned = sum(1 for r in lost if r.id in orphaned and r.id not in unpublished)
     outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in unpublished and i not in orphaned)
     outcome.requeued_lost = sum(1 for r in lost if r.id not in orphaned and r.id not in unpublished
                                 and r.id not in moved)

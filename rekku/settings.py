@@ -169,8 +169,11 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(30.0, gt=0, validation_alias=_env("REKKU_RECONCILE_SECONDS"))
     #: Seconds an unfinished action must sit untouched before the reconciler looks at it.
     reconcile_grace: float = Field(60.0, ge=0, validation_alias=_env("REKKU_RECONCILE_GRACE"))
-    #: Seconds a worker node counts as alive after its last heartbeat (it beats every third of it).
+    #: Seconds a worker counts as alive after its last heartbeat (it beats every third of it, at most every 2 s).
     worker_heartbeat_ttl: float = Field(30.0, ge=3, validation_alias=_env("REKKU_WORKER_HEARTBEAT_TTL"))
+    #: Times an action's worker process may die while running it (killed by the OS, out of memory, a
+    #: crash) before the action is failed instead of being run again (a poison message).
+    max_attempts: int = Field(5, ge=1, validation_alias=_env("REKKU_MAX_ATTEMPTS"))
     #: Seconds between a worker process's sends of its run metrics to Redis (and on its shutdown).
     metrics_flush_seconds: float = Field(1.0, gt=0, validation_alias=_env("REKKU_METRICS_FLUSH_SECONDS"))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,12 +32,13 @@ class TestKit(AIPluginBase):
 
     @staticmethod
     def get_supported_action_types() -> list[str]:
-        return ["tk_sleep", "tk_fail", "tk_flaky", "tk_whoami", "tk_hang", "tk_trainer", "tk_io", "tk_sync"]
+        return ["tk_sleep", "tk_fail", "tk_flaky", "tk_whoami", "tk_hang", "tk_trainer", "tk_io", "tk_sync",
+                "tk_poison"]
 
     def get_supported_actions(self) -> dict:
         return {
-            "tk_sleep": {"description": "sleep `seconds`, journaling start and end",
-                         "required_fields": ["seconds"], "optional_fields": []},
+            "tk_sleep": {"description": "sleep `seconds` (`first_run_seconds` on attempt 1), journaling start and end",
+                         "required_fields": ["seconds"], "optional_fields": ["first_run_seconds"]},
             "tk_fail": {"description": "raise ValueError", "required_fields": [], "optional_fields": ["message"]},
             "tk_flaky": {"description": "TransientError until attempt `succeed_on`",
                          "required_fields": ["succeed_on"], "optional_fields": [], "max_retries": 5},
@@ -49,6 +51,8 @@ class TestKit(AIPluginBase):
             "tk_io": {"description": "runs on the io pool", "required_fields": [], "optional_fields": [],
                       "pool": "io"},
             "tk_sync": {"description": "a synchronous handler", "required_fields": [], "optional_fields": []},
+            "tk_poison": {"description": "journals its start, then SIGKILLs its own process (a poison message)",
+                          "required_fields": [], "optional_fields": []},
         }
 
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
@@ -57,6 +61,9 @@ class TestKit(AIPluginBase):
         return []
 
     def handle_custom_action(self, action_type: str, payload: dict):
+        if action_type == "tk_poison":
+            note(current_action().action_id, "start")
+            os.kill(os.getpid(), signal.SIGKILL)
         if action_type == "tk_sync":
             ctx = current_action()
             return {"sync": True, "action_id": ctx.action_id, "pid": os.getpid()}
@@ -66,8 +73,11 @@ class TestKit(AIPluginBase):
         ctx = current_action()
         if action_type == "tk_sleep":
             note(ctx.action_id, "start")
-            ctx.report_progress("sleeping", seconds=payload["seconds"])
-            await asyncio.sleep(payload["seconds"])
+            seconds = payload["seconds"]
+            if "first_run_seconds" in payload and ctx.attempt == 1:  # a run that must outlive its node
+                seconds = payload["first_run_seconds"]
+            ctx.report_progress("sleeping", seconds=seconds)
+            await asyncio.sleep(seconds)
             note(ctx.action_id, "done")
             return {"slept": payload["seconds"], "attempt": ctx.attempt}
         if action_type == "tk_fail":
