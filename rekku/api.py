@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rekku.action_log import shared_log
 from rekku.auth import require_token
 from rekku.cancel import request_stop
+from rekku.celery_app import app as celery
 from rekku.errors import Conflict, NotFound, RekkuError
 from rekku.ingest import capabilities, default_ingress
 from rekku.models import CANCELLED, FINAL_STATES, RUNNING
@@ -224,8 +225,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses={**_ERRORS, 409: {"model": ErrorResponse}})
     def cancel_action(action_id: str) -> Any:
         """Cancel a queued action; ask a running one to stop."""
-        from rekku.celery_app import app as celery
-
         status, changed = shared_log().request_cancel(action_id)
         if status is None:
             raise NotFound(f"no action {action_id}")
@@ -314,7 +313,6 @@ def extra_routers() -> list[Any]:
 
 def readiness() -> dict[str, str]:
     """``{"broker": "ok"|error, "database": "ok"|error}``."""
-    from rekku.celery_app import app as celery
     from rekku.db import get_engine
 
     checks: dict[str, str] = {}

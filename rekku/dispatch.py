@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from rekku.action_log import NewRun
+from rekku.celery_app import app
 from rekku.redact import kwargs_repr
 
 log = logging.getLogger(__name__)
@@ -16,9 +17,10 @@ RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "in
 def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
     """Publish one ``rekku.action.<type>`` message per run, task id = action id.
 
-    Returns the ids that could not be published (the broker is unreachable)."""
-    from rekku.celery_app import app
+    Published by name (``send_task``): the ingress holds no task objects (rekku.celery_app), and the
+    message is the one a registered task's ``apply_async`` would send, with the queue given here.
 
+    Returns the ids that could not be published (the broker is unreachable)."""
     failed: list[str] = []
     try:
         with app.producer_or_acquire() as producer:
@@ -29,9 +31,9 @@ def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
                 kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
                 try:
                     # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
-                    app.tasks[f"rekku.action.{run.type}"].apply_async(
-                        kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs), task_id=run.id, queue=run.queue,
-                        producer=producer, retry=True, retry_policy=RETRY_POLICY)
+                    app.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
+                                  task_id=run.id, queue=run.queue, producer=producer, retry=True,
+                                  retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
                 except Exception:
                     log.exception("could not publish action %s", run.id)
                     failed.append(run.id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rekku.celery_app import app
 from rekku.settings import Settings
 
 #: Where Debian puts the browser and its driver (the selenium pool uses these paths).
@@ -63,8 +64,6 @@ def _broker_source(settings: Settings) -> tuple[str, str]:
 
 
 def _reachable(url: str) -> Exception | None:
-    from rekku.celery_app import app
-
     try:
         with app.connection_for_write(url) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
@@ -117,7 +116,6 @@ def _database(settings: Settings) -> Check:
 
 
 def _workers() -> list[Check]:
-    from rekku.celery_app import app
     from workers.pools import POOLS
 
     try:

@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from celery import shared_task
 
+from rekku.celery_app import app
 from rekku.db import get_engine, session_factory
 from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.schedule import Rule, next_occurrence
@@ -266,8 +267,6 @@ def _touch(keys: list[tuple[int, datetime]], now: datetime) -> None:
 def enqueue_deliveries(keys: list[tuple[int, datetime]], countdown: float | None = None) -> None:
     """Publish delivery tasks for these occurrences, :data:`DELIVERY_CHUNK` per message; an occurrence
     not due yet is published with its due time as ETA (the worker holds it until then)."""
-    from rekku.celery_app import app
-
     now = utcnow()
     by_eta: dict[datetime | None, list[list[Any]]] = {}
     for event_id, at in keys:

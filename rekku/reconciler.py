@@ -46,7 +46,9 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from rekku import dispatch
 from rekku.action_log import NewRun, lost_error
+from rekku.celery_app import app
 from rekku.db import get_engine
 from rekku.models import CANCELLED, FAILED, QUEUED, RUNNING, ActionRun, utcnow
 from rekku.settings import Settings, get_settings
@@ -81,7 +83,8 @@ def beat_interval(ttl: float) -> float:
     return min(ttl / 3, MAX_BEAT_INTERVAL)
 
 
-def _redis(settings: Settings) -> redis.Redis:
+def broker_client(settings: Settings) -> redis.Redis:
+    """A client of the broker's Redis (heartbeats, queues and kombu's unacknowledged set)."""
     return redis.Redis.from_url(settings.resolved_broker_url(), socket_timeout=10)
 
 
@@ -141,7 +144,7 @@ def heartbeat_forever(hostname: str, stop: threading.Event, settings: Settings |
     """Refresh the worker's heartbeat (every :func:`beat_interval`) until ``stop`` is set (a daemon thread)."""
     settings = settings or get_settings()
     ttl = max(3, int(settings.worker_heartbeat_ttl))
-    client = _redis(settings)
+    client = broker_client(settings)
     while not stop.is_set():
         try:
             beat(client, hostname, incarnation, ttl)
@@ -367,8 +370,6 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
                                                    runs.c.worker.is_(None)).values(worker=worker))
         out.requeue |= out.freed
     if others:
-        from rekku.celery_app import app
-
         with app.connection_for_write() as connection:
             qos = connection.default_channel.qos
             for tag in others:
@@ -379,8 +380,6 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
 
 def _enqueue(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
     """Re-enqueue ``rows`` (action log rows) through the one dispatch path; returns the unsent ids."""
-    from rekku import dispatch
-
     moved = moved or {}
     by_batch: dict[str, list[NewRun]] = {}
     for r in rows:
@@ -426,7 +425,7 @@ def recover_predecessors(hostname: str, incarnation: str, settings: Settings | N
     killed with its whole group, then restarted under the same name) left ``running`` or unacknowledged,
     at once instead of after their heartbeat expires. Returns how many actions were re-enqueued."""
     settings = settings or get_settings()
-    client = _redis(settings)
+    client = broker_client(settings)
     runs = ActionRun.__table__
     me, prefix = f"{hostname}#{incarnation}", hostname + "#"
     deliveries = unacked(client)
@@ -475,7 +474,7 @@ def _heartbeats_trusted(client: redis.Redis, ttl: float) -> bool:
 def reconcile(settings: Settings | None = None) -> dict[str, int]:
     """One pass; returns how many actions were re-enqueued, by reason."""
     settings = settings or get_settings()
-    client = _redis(settings)
+    client = broker_client(settings)
     runs = ActionRun.__table__
     cutoff = utcnow() - timedelta(seconds=settings.reconcile_grace)
     outcome = Outcome()

@@ -256,3 +256,40 @@ def test_a_plugin_clash_is_one_clear_line_and_the_users_copy_wins(tmp_home: Path
         log = (home / "logs" / "ingress.log").read_text()
         assert "Traceback" not in log, log
         assert len([line for line in log.splitlines() if "already registered" in line]) == 1, log
+
+
+# ----------------------------------------------------------------------------- 1b. without the signing extra
+#: Makes ``import cryptography`` fail in the process that loads it, as in a base install (``make run``
+#: installs Rekku without the optional 'signing' extra, the only one that brings cryptography).
+NO_CRYPTOGRAPHY = '''
+import importlib.abc, sys
+
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "cryptography" or name.startswith("cryptography."):
+            raise ModuleNotFoundError(f"No module named {name!r} (a base install)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Absent())
+'''
+
+
+def test_a_plain_celery_client_is_answered_by_a_worker_without_the_signing_extra(tmp_path: Path) -> None:
+    """``rekku.ingest`` used to import rekku.signing (and so cryptography) on every call, signing on or
+    off: in a base install the README's plain Celery client got an ImportError back."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_CRYPTOGRAPHY)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    with running_stack("nocrypto", home, "sqlite", env, []) as stack:
+        stack.start_worker("default", concurrency=1, node="nocrypto", **env)
+        app = Celery(broker=stack.broker_url, backend=stack.broker_url)
+        try:
+            body = {"actions": [{"type": "echo", "payload": {"text": "no-crypto"}}]}
+            answer = app.send_task("rekku.ingest", kwargs={"body": body}).get(timeout=30)
+        finally:
+            app.close()
+        assert answer["accepted"], answer
+        assert stack.wait_action(answer["accepted"][0]["id"])["status"] == "succeeded"

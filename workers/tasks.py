@@ -1,0 +1,120 @@
+"""What a worker (and beat) process registers on Rekku's Celery app: imported by Celery there alone.
+
+* one task per action type, ``rekku.action.<type>``, routed to its pool's queue, which runs the
+  handler through the runner and its hooks (rekku.runner);
+* ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
+* plugins' periodic tasks and the beat schedule (rekku.periodic);
+* the worker's bootsteps (workers.node, workers.timer_sweep), its cancel command and its signal
+  handlers (log format, metrics flush).
+
+Importing this module discovers the plugins; the ingress never imports it (rekku.celery_app).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
+
+from rekku import cancel  # noqa: F401 - registers the worker's cancel command
+from rekku.celery_app import app
+from rekku.ingest import default_ingress
+from rekku.logs import install as install_log_format
+from rekku.metrics import RUN_METRICS, count_reconciled
+from rekku.periodic import register_periodic_tasks
+from rekku.plugin_base import ActionSpec
+from rekku.reconciler import reconcile as reconcile_pass
+from rekku.registry import Registry, get_registry
+from rekku.runner import execute, time_limit_of
+from rekku.settings import get_settings
+from workers.node import NodeIdentity
+from workers.timer_sweep import TimerSweep
+
+#: The request attribute rekku.signing sets to a signed envelope's id (that module needs the optional
+#: 'signing' extra, so its name is repeated here rather than imported).
+ENVELOPE_ATTR = "rekku_envelope"
+#: Extra seconds Celery waits past an action's own limit before interrupting (soft) and killing (hard).
+SOFT_GRACE, HARD_GRACE = 5.0, 15.0
+
+
+def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
+    limit = time_limit_of(spec)
+
+    def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> dict:
+        # the action log keeps the result; Celery gets only the outcome ({"status": "succeeded"}), as
+        # whatever it gets back it shows (worker log, task events, Flower): see rekku.runner
+        return execute(self, spec, action_id, payload, context)
+
+    run_action.__name__ = f"action_{spec.type}"
+    run_action.__doc__ = spec.description or f"Run the '{spec.type}' action of plugin '{spec.plugin}'."
+    return app.task(
+        run_action, bind=True, name=spec.task_name, queue=spec.pool,
+        acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+        soft_time_limit=limit + SOFT_GRACE, time_limit=limit + HARD_GRACE,
+        rate_limit=spec.rate_limit, max_retries=None,
+        # the worker's main process counts a run lost with its pool process (poison messages)
+        Request="rekku.hooks:ActionRequest",
+    )
+
+
+def register_action_tasks(app: Celery, registry: Registry) -> None:
+    """Register a task for every enabled action type, routed to its pool's queue."""
+    routes = {}
+    for spec in registry.actions.values():
+        if spec.task_name not in app.tasks:
+            _make_action_task(app, spec)
+        routes[spec.task_name] = {"queue": spec.pool}
+    app.conf.task_routes = {**(app.conf.task_routes or {}), **routes}
+
+
+@app.task(name="rekku.ingest", bind=True, queue="default", acks_late=True)
+def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> dict:
+    """Accept actions from a service that speaks Celery; answers like POST /v1/actions.
+
+    Without a key of its own, the message's identity is the idempotency key, so a redelivered
+    ingest (its worker died after accepting) answers the same and enqueues nothing twice: the
+    task id, or with signing on the signed envelope's id (a replay may carry any task id)."""
+    ingress = default_ingress()
+    if idempotency_key:
+        return ingress.submit_from_client(body, context=context, idempotency_key=idempotency_key).as_dict()
+    envelope = getattr(self.request, ENVELOPE_ATTR, None)  # set by rekku.signing when signing is on
+    key = f"signed:{envelope}" if envelope else f"celery-task:{self.request.id}"
+    return ingress.submit(body, context=context, idempotency_key=key).as_dict()
+
+
+@app.task(name="rekku.reconcile", queue="default", acks_late=True, ignore_result=True, expires=60)
+def reconcile() -> dict:
+    """Re-enqueue actions the broker lost or a dead worker held (see rekku.reconciler)."""
+    outcome = reconcile_pass()
+    count_reconciled(outcome)
+    return outcome
+
+
+def _register(app: Celery) -> None:
+    settings = get_settings()
+    app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
+    app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
+    register_action_tasks(app, get_registry())
+    register_periodic_tasks(app, get_registry())
+    app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
+        "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
+        "options": {"queue": "default", "expires": settings.reconcile_seconds}}}
+
+
+@after_setup_logger.connect(weak=False)
+@after_setup_task_logger.connect(weak=False)
+def _log_format(logger: logging.Logger, **_kwargs: Any) -> None:
+    """Celery's worker and task loggers get our format (REKKU_LOG_FORMAT) and the action ids."""
+    install_log_format(logger.handlers)
+
+
+@worker_process_shutdown.connect(weak=False)
+@worker_shutdown.connect(weak=False)
+def _flush_metrics(**_kwargs: Any) -> None:
+    """A pool process (or a threads/solo worker) sends its last second of run metrics before it exits."""
+    RUN_METRICS.flush()
+
+
+_register(app)
