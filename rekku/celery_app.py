@@ -118,7 +118,7 @@ def _start_heartbeat(sender: str, instance: Any, **_kwargs: Any) -> None:
     consumes anything, and it recovers at once what an earlier start of the same node name left
     running or unacknowledged (a SIGKILLed node restarted by systemd, compose or Kubernetes). Its pool
     processes, forked after this, inherit the incarnation; the main process counts a pool process lost
-    mid-action (rekku.hooks.ActionRequest), which bounds poison messages (REKKU_MAX_ATTEMPTS)."""
+    mid-action (rekku.claim.ActionRequest), which bounds poison messages (REKKU_MAX_ATTEMPTS)."""
     import redis
 
     from rekku.reconciler import (
@@ -136,7 +136,7 @@ def _start_heartbeat(sender: str, instance: Any, **_kwargs: Any) -> None:
     tag_deliveries(f"{sender}#{incarnation}")
     for name, task in instance.app.tasks.items():  # before the consumer builds its strategies
         if name.startswith(ACTION_TASK_PREFIX):
-            task.Request = "rekku.hooks:ActionRequest"
+            task.Request = "rekku.claim:ActionRequest"
     try:
         beat(_redis(settings), sender, incarnation, max(3, int(settings.worker_heartbeat_ttl)))
     except redis.RedisError:

@@ -23,9 +23,10 @@ from sqlalchemy.exc import DBAPIError
 from rekku import context as ctxvars
 from rekku import event_loop
 from rekku.action_log import shared_log
+from rekku.claim import ActionLogHook
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import ActionLogHook, AuthorizationHook, Hook, LoggingHook, ProgressHook, Run, SkipRun
+from rekku.hooks import AuthorizationHook, Hook, LoggingHook, ProgressHook, Run, SkipRun
 from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
