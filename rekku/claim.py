@@ -160,13 +160,13 @@ class ActionLogHook(Hook):
         if state.lost_runs >= limit:  # a poison message: its processes kept dying
             self.log.fail_unfinished(run.action_id, lost_error(state.lost_runs, limit))
             raise SkipRun(f"its worker process died {state.lost_runs} times running it")
-        claim = run.extras["claim"] = DeferredClaim(self.log, run.action_id, worker_id(run.context.worker or "?"))
+        claim = run.claim = DeferredClaim(self.log, run.action_id, worker_id(run.context.worker or "?"))
         if state.delivered_before:  # not the hot path: count this run before the handler can kill its process
             claim.write()
-        run.context._attempt_loader = lambda: (claim.write(), self.log.attempts(run.action_id))[1]
+        run.context.attempt_source = lambda: (claim.write(), self.log.attempts(run.action_id))[1]
 
     def _end(self, run: Run, *, succeeded: bool, result: Any = None, error: str | None = None) -> None:
-        claim: DeferredClaim | None = run.extras.get("claim")  # None: a hook before this one failed the run
+        claim = run.claim  # None: this hook's before_run did not make one (it skipped, or raised)
         if claim is not None and claim.end():
             if succeeded:
                 self.log.succeed(run.action_id, result)
@@ -186,8 +186,8 @@ class ActionLogHook(Hook):
 
     @staticmethod
     def _write_claim(run: Run) -> None:
-        if (claim := run.extras.get("claim")) is not None:
-            claim.write()
+        if run.claim is not None:
+            run.claim.write()
 
     def before_retry(self, run: Run, error: str, countdown: float) -> None:
         self._write_claim(run)  # retries are counted by the claim: make sure it is written

@@ -7,14 +7,17 @@ added by writing a class and listing it there, not by adding branches to the tas
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rekku.action_log import shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
 from rekku.plugin_base import ActionSpec
 from rekku.settings import get_settings
+
+if TYPE_CHECKING:
+    from rekku.claim import DeferredClaim
 
 log = logging.getLogger("rekku.run")
 
@@ -27,20 +30,29 @@ class SkipRun(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
-    """One delivery of one action to one worker."""
+    """One delivery of one action to one worker, and the state its hooks hand each other.
+
+    The first five fields are the delivery. The others are written by one hook's ``before_run`` and
+    read by later callbacks; each is None while its writer has not run (see the module docstring).
+    Slots: a hook cannot hang untyped state on a run."""
 
     task: Any
     spec: ActionSpec
     action_id: str
     payload: dict
     context: ActionContext
-    extras: dict = field(default_factory=dict)
+    #: The run's deferred ``running`` write. Written by ActionLogHook.before_run; read by
+    #: ProgressHook's sink (progress waits on it until it is written) and ActionLogHook's outcomes.
+    claim: DeferredClaim | None = None
+    #: ``time.perf_counter()`` when MetricsHook.before_run ran; its outcomes time the run from it.
+    started_monotonic: float | None = None
 
 
 class Hook:
-    """No-op base: override the moments you care about."""
+    """No-op base: override the moments you care about (a hook whose before_run did not run still gets
+    the outcome: the Run state it writes is then None)."""
 
     def before_run(self, run: Run) -> None:
         """Before the handler; raise SkipRun to skip it, any other error fails the action."""
@@ -80,7 +92,7 @@ class ProgressHook(Hook):
         action_log = shared_log()
 
         def sink(progress: dict) -> None:
-            claim = run.extras.get("claim")
+            claim = run.claim
             # progress is only stored on an action the log already calls running: before its claim is
             # written, the claim's write (or the run's end) carries it
             if claim is None or not claim.hold_progress(progress):
@@ -90,7 +102,7 @@ class ProgressHook(Hook):
             except Exception:  # the result backend is a nicety here; the log has it
                 log.debug("could not publish progress of %s", run.action_id, exc_info=True)
 
-        run.context._progress_sink = sink
+        run.context.progress_sink = sink
 
 
 class LoggingHook(Hook):
