@@ -1,12 +1,38 @@
 """Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
 
-The task body (rekku.runner) calls every hook of its ``HOOKS`` list at the same points; a concern is
-added by writing a class and listing it there, not by adding branches to the task.
+The task body (rekku.runner) passes every delivery through one :class:`HookChain`; a concern is added
+by writing a class and listing it in ``rekku.runner.HOOKS``, not by adding branches to the task.
+Hooks hand each other state only through the typed fields of :class:`Run` and the context's
+``progress_sink`` / ``attempt_source``, so what one hook leaves for another is written down.
+
+What a delivery goes through, and what a hook that raises does to it:
+
+* ``before_run``, hook by hook in list order. A raise ends that phase: later hooks get no
+  ``before_run`` and the handler does not run. :class:`SkipRun` acknowledges the delivery (its
+  outcome is ``after_skip``); any other exception (NotAuthorized, a database error) fails the action
+  with that error (its outcome is ``after_failure``). Not isolated on purpose: an earlier hook decides
+  whether the later ones, and the handler, have anything to do.
+* Then one outcome per delivery — ``after_success``, ``after_failure``, ``before_retry`` (the
+  handler asked to be retried; an outcome despite its name: the handler has run), ``after_cancel`` or
+  ``after_skip`` — delivered to EVERY hook, in list order. That includes hooks whose ``before_run``
+  never ran because an earlier one raised: the state they would have written is then None, which is
+  why every :class:`Run` state field is optional. So a hook whose ``before_run`` ran always gets the
+  matching call, and that call is its cleanup.
+* Outcomes are isolated (Dramatiq's ``emit_after``): a hook whose outcome callback raises is logged
+  once, at ERROR with the hook's class, the callback and the traceback, and the next hook is still
+  called. The outcome stays the handler's: Celery is told what the handler did, not what a hook did.
+  A failed write in the action log's callback no longer silences the metrics and the log line, and
+  a failed requeue no longer cancels the retry. The row it could not write is left as it was when
+  the error escaped: a ``queued`` one is re-enqueued by the reconciler, a ``running`` one once its
+  worker stops. Unlike Dramatiq the outcomes go in list order, not reversed: the action log records
+  an outcome before the observers (metrics, log line) report it.
+* Only ``Exception`` is caught; ``SystemExit`` and ``KeyboardInterrupt`` (the worker stopping) pass.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +77,7 @@ class Run:
 
 
 class Hook:
-    """No-op base: override the moments you care about (a hook whose before_run did not run still gets
-    the outcome: the Run state it writes is then None)."""
+    """No-op base: override the moments you care about (the module docstring says what a raise does)."""
 
     def before_run(self, run: Run) -> None:
         """Before the handler; raise SkipRun to skip it, any other error fails the action."""
@@ -71,6 +96,41 @@ class Hook:
 
     def after_skip(self, run: Run, reason: str) -> None:
         """The delivery was acknowledged without running the handler."""
+
+
+class HookChain:
+    """A run's hooks in their declared order, called as the module docstring says."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks: tuple[Hook, ...] = tuple(hooks)
+
+    def before_run(self, run: Run) -> None:
+        """Every hook's ``before_run`` until one raises; the raise is the caller's to turn into an outcome."""
+        for hook in self.hooks:
+            hook.before_run(run)
+
+    def after_success(self, run: Run, result: Any) -> None:
+        self._emit("after_success", run, result)
+
+    def after_failure(self, run: Run, error: str) -> None:
+        self._emit("after_failure", run, error)
+
+    def before_retry(self, run: Run, error: str, countdown: float) -> None:
+        self._emit("before_retry", run, error, countdown)
+
+    def after_cancel(self, run: Run) -> None:
+        self._emit("after_cancel", run)
+
+    def after_skip(self, run: Run, reason: str) -> None:
+        self._emit("after_skip", run, reason)
+
+    def _emit(self, callback: str, run: Run, *args: Any) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, callback)(run, *args)
+            except Exception:
+                log.exception("hook %s.%s raised on action %s; the other hooks are called regardless",
+                              type(hook).__name__, callback, run.action_id)
 
 
 class AuthorizationHook(Hook):

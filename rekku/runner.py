@@ -26,14 +26,14 @@ from rekku.action_log import shared_log
 from rekku.claim import ActionLogHook
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import AuthorizationHook, Hook, LoggingHook, ProgressHook, Run, SkipRun
+from rekku.hooks import AuthorizationHook, HookChain, LoggingHook, ProgressHook, Run, SkipRun
 from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
 
-#: The hooks every action run passes through, in order (rekku.hooks explains the idea).
-HOOKS: list[Hook] = [ActionLogHook(), AuthorizationHook(), ProgressHook(), MetricsHook(), LoggingHook()]
+#: The hooks every action run passes through, in order (rekku.hooks says what a raise does).
+HOOKS = HookChain([ActionLogHook(), AuthorizationHook(), ProgressHook(), MetricsHook(), LoggingHook()])
 
 #: Longest wait between retries, in seconds.
 MAX_BACKOFF = 300.0
@@ -73,11 +73,6 @@ def invoke_handler(spec: ActionSpec, payload: dict, ctx: ActionContext) -> Any:
     return outcome
 
 
-def _each(method: str, *args: Any) -> None:
-    for hook in HOOKS:
-        getattr(hook, method)(*args)
-
-
 def shown(status: str, **detail: Any) -> dict:
     """What the task returns, for Celery to show: the outcome, never the handler's result."""
     return {"status": status, **detail}
@@ -99,12 +94,12 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
 def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     action_id, payload, ctx = run.action_id, run.payload, run.context
     try:
-        _each("before_run", run)
+        HOOKS.before_run(run)
     except SkipRun as skip:
-        _each("after_skip", run, skip.reason)
+        HOOKS.after_skip(run, skip.reason)
         return shown("skipped", reason=skip.reason)
     except Exception as exc:
-        _each("after_failure", run, _describe(exc))
+        HOOKS.after_failure(run, _describe(exc))
         raise ActionFailed(_describe(exc)) from None
     try:
         try:
@@ -119,12 +114,12 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     except TransientError as exc:
         if ctx.attempt <= spec.max_retries:
             countdown = exc.retry_after if exc.retry_after is not None else min(MAX_BACKOFF, 2.0 ** ctx.attempt)
-            _each("before_retry", run, _describe(exc), countdown)
+            HOOKS.before_retry(run, _describe(exc), countdown)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
         error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
     except (SoftTimeLimitExceeded, TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         if shared_log().cancel_requested(action_id):
-            _each("after_cancel", run)
+            HOOKS.after_cancel(run)
             return shown("cancelled")
         error = f"time limit of {time_limit_of(spec):g} s exceeded"
         if isinstance(exc, TimeoutError) and "did not finish" not in str(exc):
@@ -132,7 +127,7 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     except Exception as exc:
         error = _describe(exc)
     else:
-        _each("after_success", run, result)
+        HOOKS.after_success(run, result)
         return shown("succeeded")
-    _each("after_failure", run, error)
+    HOOKS.after_failure(run, error)
     raise ActionFailed(error)
