@@ -1,9 +1,11 @@
 """Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
 
 The task body (rekku.runner) passes every delivery through one :class:`HookChain`; a concern is added
-by writing a class and listing it in ``rekku.runner.HOOKS``, not by adding branches to the task.
-Hooks hand each other state only through the typed fields of :class:`Run` and the context's
-``progress_sink`` / ``attempt_source``, so what one hook leaves for another is written down.
+by writing a class and listing it in ``rekku.runner.HOOKS``, not by adding branches to the task. That
+list is the only place the order is decided: each entry says why it sits where it is, and
+:func:`check_order` refuses (when rekku.runner is imported) a list that breaks one of its
+:class:`OrderRule`. Hooks hand each other state only through the typed fields of :class:`Run` and the
+context's ``progress_sink`` / ``attempt_source``, so what one hook leaves for another is written down.
 
 What a delivery goes through, and what a hook that raises does to it:
 
@@ -32,7 +34,7 @@ What a delivery goes through, and what a hook that raises does to it:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +133,37 @@ class HookChain:
             except Exception:
                 log.exception("hook %s.%s raised on action %s; the other hooks are called regardless",
                               type(hook).__name__, callback, run.action_id)
+
+
+@dataclass(frozen=True)
+class OrderRule:
+    """In a run's hook list, ``earlier`` must come before ``later``, because ``why``."""
+
+    earlier: type[Hook]
+    later: type[Hook]
+    why: str
+
+
+class HookOrderError(ValueError):
+    """A hook list breaks one of its order rules (or lists a hook twice, or misses one a rule names)."""
+
+
+def check_order(hooks: Sequence[Hook], rules: Iterable[OrderRule]) -> None:
+    """Raise :class:`HookOrderError` unless ``hooks`` holds each hook a rule names once, in the rules'
+    order; the message names every rule broken, so one edit of the list can fix them all."""
+    position: dict[type[Hook], int] = {}
+    for index, hook in enumerate(hooks):
+        if type(hook) in position:
+            raise HookOrderError(f"{type(hook).__name__} is listed twice")
+        position[type(hook)] = index
+    broken = []
+    for rule in rules:
+        missing = ", ".join(cls.__name__ for cls in (rule.earlier, rule.later) if cls not in position)
+        if missing or position[rule.earlier] > position[rule.later]:
+            unlisted = f" ({missing} is not listed)" if missing else ""
+            broken.append(f"{rule.earlier.__name__} must come before {rule.later.__name__}{unlisted}: {rule.why}")
+    if broken:
+        raise HookOrderError("; ".join(broken))
 
 
 class AuthorizationHook(Hook):

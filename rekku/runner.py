@@ -26,14 +26,41 @@ from rekku.action_log import shared_log
 from rekku.claim import ActionLogHook
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import AuthorizationHook, HookChain, LoggingHook, ProgressHook, Run, SkipRun
+from rekku.hooks import AuthorizationHook, HookChain, LoggingHook, OrderRule, ProgressHook, Run, SkipRun, check_order
 from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
 
-#: The hooks every action run passes through, in order (rekku.hooks says what a raise does).
-HOOKS = HookChain([ActionLogHook(), AuthorizationHook(), ProgressHook(), MetricsHook(), LoggingHook()])
+#: The hooks every action run passes through, in this order (rekku.hooks says what a raise does).
+HOOKS = HookChain([
+    # First. Its before_run reads the action's state and acknowledges (SkipRun) an unknown, finished,
+    # cancelled or poisoned delivery before any other hook does work on it or judges it; it makes
+    # run.claim and the context's attempt_source. Its outcomes write the action log, before any
+    # observer reports the outcome.
+    ActionLogHook(),
+    # After the action log: a delivery that must not run is skipped, not refused. A refusal
+    # (NotAuthorized) fails the action, and the action log's after_failure records that.
+    AuthorizationHook(),
+    # After the action log: its sink hands progress to run.claim while the claim is unwritten.
+    ProgressHook(),
+    # Observers, last. After the deciding hooks, so a skipped or refused delivery starts no clock (it
+    # counts zero seconds) and its outcome is reported after the action log recorded it.
+    MetricsHook(),
+    LoggingHook(),
+])
+
+#: What the order of HOOKS must keep, checked below when this module is imported: a list that breaks
+#: a rule never reaches a worker.
+ORDER_RULES = (
+    OrderRule(ActionLogHook, AuthorizationHook,
+              "an unknown, finished, cancelled or poisoned delivery is acknowledged, not refused"),
+    OrderRule(ActionLogHook, ProgressHook, "the progress sink reads run.claim, made by the action log's before_run"),
+    OrderRule(ActionLogHook, MetricsHook, "an outcome is counted after the action log recorded it"),
+    OrderRule(ActionLogHook, LoggingHook, "an outcome is logged after the action log recorded it"),
+    OrderRule(AuthorizationHook, MetricsHook, "a refused delivery starts no clock: it counts zero seconds"),
+)
+check_order(HOOKS.hooks, ORDER_RULES)
 
 #: Longest wait between retries, in seconds.
 MAX_BACKOFF = 300.0
