@@ -7,17 +7,33 @@ travels in a context variable instead of an argument; handlers call :func:`curre
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 #: Keys a request context may carry (docs/contracts.md §2).
 CONTEXT_KEYS = ("interface", "chat_id", "thread_id", "user_id", "username", "message_id")
 
 
+class ProgressSink(Protocol):
+    """Where a handler's progress goes: set by the worker's progress hook (rekku.hooks.ProgressHook)."""
+
+    def __call__(self, progress: dict) -> None: ...
+
+
+class AttemptSource(Protocol):
+    """Which delivery of the action is running (1 = first): set by the action log's hook
+    (rekku.claim.ActionLogHook), which must write its deferred claim before it can tell."""
+
+    def __call__(self) -> int: ...
+
+
 @dataclass
 class ActionContext:
-    """The action being run, as its handler sees it."""
+    """The action being run, as its handler sees it.
+
+    ``progress_sink`` and ``attempt_source`` are how the worker's hooks serve :meth:`report_progress`
+    and :attr:`attempt`; a context made outside a worker has neither (progress goes nowhere, the
+    attempt is 1)."""
 
     action_id: str
     action_type: str
@@ -29,15 +45,15 @@ class ActionContext:
     username: str | None = None
     message_id: str | None = None
     worker: str | None = None
-    _progress_sink: Callable[[dict], None] | None = field(default=None, repr=False)
-    _attempt: int | None = field(default=None, repr=False)
-    _attempt_loader: Callable[[], int] | None = field(default=None, repr=False)
+    progress_sink: ProgressSink | None = field(default=None, repr=False, compare=False)
+    attempt_source: AttemptSource | None = field(default=None, repr=False, compare=False)
+    _attempt: int | None = field(default=None, repr=False)  # the attempt, once asked (it costs a write)
 
     @property
     def attempt(self) -> int:
         """Which delivery of this action is running (1 = first), read from the log when first asked."""
         if self._attempt is None:
-            self._attempt = self._attempt_loader() if self._attempt_loader else 1
+            self._attempt = self.attempt_source() if self.attempt_source else 1
         return self._attempt
 
     @classmethod
@@ -48,8 +64,8 @@ class ActionContext:
 
     def report_progress(self, step: str, **info: Any) -> None:
         """Record a named step (shown in Flower, ``GET /v1/actions/{id}`` and ``rekku submit --wait``)."""
-        if self._progress_sink is not None:
-            self._progress_sink({"step": step, **info})
+        if self.progress_sink is not None:
+            self.progress_sink({"step": step, **info})
 
 
 _current: contextvars.ContextVar[ActionContext | None] = contextvars.ContextVar("rekku_action", default=None)

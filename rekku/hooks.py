@@ -1,28 +1,51 @@
 """Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
 
-The task body (rekku.runner) calls every hook of its ``HOOKS`` list at the same points; a concern is
-added by writing a class and listing it there, not by adding branches to the task.
+The task body (rekku.runner) passes every delivery through one :class:`HookChain`; a concern is added
+by writing a class and listing it in ``rekku.runner.HOOKS``, not by adding branches to the task. That
+list is the only place the order is decided: each entry says why it sits where it is, and
+:func:`check_order` refuses (when rekku.runner is imported) a list that breaks one of its
+:class:`OrderRule`. Hooks hand each other state only through the typed fields of :class:`Run` and the
+context's ``progress_sink`` / ``attempt_source``, so what one hook leaves for another is written down.
+
+What a delivery goes through, and what a hook that raises does to it:
+
+* ``before_run``, hook by hook in list order. A raise ends that phase: later hooks get no
+  ``before_run`` and the handler does not run. :class:`SkipRun` acknowledges the delivery (its
+  outcome is ``after_skip``); any other exception (NotAuthorized, a database error) fails the action
+  with that error (its outcome is ``after_failure``). Not isolated on purpose: an earlier hook decides
+  whether the later ones, and the handler, have anything to do.
+* Then one outcome per delivery — ``after_success``, ``after_failure``, ``before_retry`` (the
+  handler asked to be retried; an outcome despite its name: the handler has run), ``after_cancel`` or
+  ``after_skip`` — delivered to EVERY hook, in list order. That includes hooks whose ``before_run``
+  never ran because an earlier one raised: the state they would have written is then None, which is
+  why every :class:`Run` state field is optional. So a hook whose ``before_run`` ran always gets the
+  matching call, and that call is its cleanup.
+* Outcomes are isolated (Dramatiq's ``emit_after``): a hook whose outcome callback raises is logged
+  once, at ERROR with the hook's class, the callback and the traceback, and the next hook is still
+  called. The outcome stays the handler's: Celery is told what the handler did, not what a hook did.
+  A failed write in the action log's callback no longer silences the metrics and the log line, and
+  a failed requeue no longer cancels the retry. The row it could not write is left as it was when
+  the error escaped: a ``queued`` one is re-enqueued by the reconciler, a ``running`` one once its
+  worker stops. Unlike Dramatiq the outcomes go in list order, not reversed: the action log records
+  an outcome before the observers (metrics, log line) report it.
+* Only ``Exception`` is caught; ``SystemExit`` and ``KeyboardInterrupt`` (the worker stopping) pass.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from celery.worker.request import Request
-
-from rekku.action_log import ActionLog, lost_error, shared_log
+from rekku.action_log import shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
-from rekku.models import FINAL_STATES, utcnow
 from rekku.plugin_base import ActionSpec
-from rekku.reconciler import worker_id
 from rekku.settings import get_settings
+
+if TYPE_CHECKING:
+    from rekku.claim import DeferredClaim
 
 log = logging.getLogger("rekku.run")
 
@@ -35,20 +58,28 @@ class SkipRun(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
-    """One delivery of one action to one worker."""
+    """One delivery of one action to one worker, and the state its hooks hand each other.
+
+    The first five fields are the delivery. The others are written by one hook's ``before_run`` and
+    read by later callbacks; each is None while its writer has not run (see the module docstring).
+    Slots: a hook cannot hang untyped state on a run."""
 
     task: Any
     spec: ActionSpec
     action_id: str
     payload: dict
     context: ActionContext
-    extras: dict = field(default_factory=dict)
+    #: The run's deferred ``running`` write. Written by ActionLogHook.before_run; read by
+    #: ProgressHook's sink (progress waits on it until it is written) and ActionLogHook's outcomes.
+    claim: DeferredClaim | None = None
+    #: ``time.perf_counter()`` when MetricsHook.before_run ran; its outcomes time the run from it.
+    started_monotonic: float | None = None
 
 
 class Hook:
-    """No-op base: override the moments you care about."""
+    """No-op base: override the moments you care about (the module docstring says what a raise does)."""
 
     def before_run(self, run: Run) -> None:
         """Before the handler; raise SkipRun to skip it, any other error fails the action."""
@@ -69,177 +100,70 @@ class Hook:
         """The delivery was acknowledged without running the handler."""
 
 
-#: How long a run goes unrecorded as ``running``. One that ends sooner (most: a no-op takes well under
-#: a millisecond) is written once, claim, last progress and result together; a longer one is claimed then.
-CLAIM_DELAY = 0.01
+class HookChain:
+    """A run's hooks in their declared order, called as the module docstring says."""
 
-
-class DeferredClaim:
-    """The write that marks a run ``running`` (attempts + 1, worker, started_at): made by the process's
-    claimer thread once :data:`CLAIM_DELAY` has passed, at once by :meth:`write` when something needs
-    the row (the attempt number), or never when the run ends first: then its end claims too. Progress
-    reported before the claim is written rides along with whichever write comes first."""
-
-    def __init__(self, action_log: ActionLog, action_id: str, worker: str) -> None:
-        self.started = utcnow()
-        self.due = time.monotonic() + CLAIM_DELAY
-        self.progress: dict | None = None
-        self.action_id = action_id
-        self._log, self._worker = action_log, worker
-        self._lock = threading.Lock()
-        self._ended = self._written = False
-        _claimer().add(self)
-
-    @property
-    def settled(self) -> bool:
-        return self._ended or self._written
-
-    def write(self) -> None:
-        """Write the claim, unless it is written or the run is over."""
-        with self._lock:
-            if self._ended or self._written:
-                return
-            self._log.claim(self.action_id, self._worker)
-            if self.progress is not None:
-                self._log.set_progress(self.action_id, self.progress)
-            self._written = True
-
-    def hold_progress(self, progress: dict) -> bool:
-        """Keep ``progress`` for the claim's write; False when the claim is already written (write it now)."""
-        with self._lock:
-            if self._written:
-                return False
-            self.progress = progress
-            return True
-
-    def end(self) -> bool:
-        """The run is over: True when the claim was written (its end is a plain finish), False when the
-        end must record the claim too."""
-        with self._lock:
-            self._ended = True
-            return self._written
-
-
-class _Claimer:
-    """The process's thread that writes the deferred claims that are due. While runs keep coming,
-    starting one only appends to a deque and wakes nothing (handing each claim to a pool thread cost a
-    fifth of a no-op action's worker time in GIL hand-offs: py-spy, bench (b)); an idle process's
-    thread sleeps until the next run."""
-
-    def __init__(self) -> None:
-        self._pending: collections.deque[DeferredClaim] = collections.deque()
-        self._wake = threading.Event()
-        threading.Thread(target=self._loop, name="rekku-claim", daemon=True).start()
-
-    def add(self, claim: DeferredClaim) -> None:
-        idle = not self._pending
-        self._pending.append(claim)
-        if idle:
-            self._wake.set()
-
-    def _loop(self) -> None:
-        pending = self._pending
-        while True:
-            if not pending:
-                self._wake.wait()
-                self._wake.clear()
-            time.sleep(CLAIM_DELAY)
-            now = time.monotonic()
-            while pending and (pending[0].settled or pending[0].due <= now):
-                claim = pending.popleft()
-                try:
-                    claim.write()
-                except Exception:  # the run's end records the claim instead
-                    log.warning("could not record that action %s is running", claim.action_id, exc_info=True)
-
-
-_claimers: dict[int, _Claimer] = {}
-
-
-def _claimer() -> _Claimer:
-    """The process's claimer (made again in a forked child, which has no threads)."""
-    pid = os.getpid()
-    claimer = _claimers.get(pid)
-    if claimer is None:
-        claimer = _claimers[pid] = _Claimer()
-    return claimer
-
-
-class ActionLogHook(Hook):
-    """Moves the action through its states in the log; a finished action is never run again.
-
-    The check that decides whether to run is a read (is the action final or cancelled?); the write
-    that marks it ``running`` is a :class:`DeferredClaim`, and every later state change comes after
-    it. That keeps database commits off the path to the handler without changing what can happen: the
-    conditional UPDATE never moves a final action, and a redelivery may re-run a ``running`` one,
-    exactly as a synchronous claim would allow. A run that ends within :data:`CLAIM_DELAY` is recorded
-    by ONE write (claim, progress, result) instead of three, which is what several processes sharing
-    SQLite contend on. The price: a worker killed within that time leaves no count in ``attempts`` —
-    so a delivery of an action that was delivered before (running when its holder died, retried,
-    recovered from a dead node) writes its claim before the handler runs, and the worker's main
-    process counts a pool process lost before its claim (:class:`ActionRequest`).
-
-    Poison messages: an action whose runs were lost with their worker process ``REKKU_MAX_ATTEMPTS``
-    times fails instead of running again (counted in ``lost_runs`` where the loss is seen; checked
-    here too, so no delivery of it runs once the bound is reached).
-
-    The claim records the worker as ``pool@node#incarnation`` (rekku.reconciler): a node restarted
-    under the same name tells its predecessor's runs from its own.
-    """
-
-    @property
-    def log(self) -> ActionLog:
-        return shared_log()
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks: tuple[Hook, ...] = tuple(hooks)
 
     def before_run(self, run: Run) -> None:
-        state = self.log.state(run.action_id)
-        if state is None:
-            raise SkipRun("unknown action (not in the action log)")
-        if state.status in FINAL_STATES:
-            raise SkipRun(f"already {state.status}")
-        if state.cancel_requested:  # cancel asked while its previous holder died
-            self.log.cancelled(run.action_id, "cancelled")
-            raise SkipRun("cancelled")
-        limit = get_settings().max_attempts
-        if state.lost_runs >= limit:  # a poison message: its processes kept dying
-            self.log.fail_unfinished(run.action_id, lost_error(state.lost_runs, limit))
-            raise SkipRun(f"its worker process died {state.lost_runs} times running it")
-        claim = run.extras["claim"] = DeferredClaim(self.log, run.action_id, worker_id(run.context.worker or "?"))
-        if state.delivered_before:  # not the hot path: count this run before the handler can kill its process
-            claim.write()
-        run.context._attempt_loader = lambda: (claim.write(), self.log.attempts(run.action_id))[1]
-
-    def _end(self, run: Run, *, succeeded: bool, result: Any = None, error: str | None = None) -> None:
-        claim: DeferredClaim | None = run.extras.get("claim")  # None: a hook before this one failed the run
-        if claim is not None and claim.end():
-            if succeeded:
-                self.log.succeed(run.action_id, result)
-            else:
-                self.log.fail(run.action_id, error or "")
-        else:
-            started = claim.started if claim else utcnow()
-            self.log.claim_and_finish(run.action_id, worker_id(run.context.worker or "?"), started,
-                                      succeeded=succeeded,
-                                      result=result, error=error, progress=claim.progress if claim else None)
+        """Every hook's ``before_run`` until one raises; the raise is the caller's to turn into an outcome."""
+        for hook in self.hooks:
+            hook.before_run(run)
 
     def after_success(self, run: Run, result: Any) -> None:
-        self._end(run, succeeded=True, result=result)
+        self._emit("after_success", run, result)
 
     def after_failure(self, run: Run, error: str) -> None:
-        self._end(run, succeeded=False, error=error)
-
-    @staticmethod
-    def _write_claim(run: Run) -> None:
-        if (claim := run.extras.get("claim")) is not None:
-            claim.write()
+        self._emit("after_failure", run, error)
 
     def before_retry(self, run: Run, error: str, countdown: float) -> None:
-        self._write_claim(run)  # retries are counted by the claim: make sure it is written
-        self.log.requeue(run.action_id, f"{error} (retrying in {countdown:g} s)")
+        self._emit("before_retry", run, error, countdown)
 
     def after_cancel(self, run: Run) -> None:
-        self._write_claim(run)
-        self.log.cancelled(run.action_id, "cancelled while running")
+        self._emit("after_cancel", run)
+
+    def after_skip(self, run: Run, reason: str) -> None:
+        self._emit("after_skip", run, reason)
+
+    def _emit(self, callback: str, run: Run, *args: Any) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, callback)(run, *args)
+            except Exception:
+                log.exception("hook %s.%s raised on action %s; the other hooks are called regardless",
+                              type(hook).__name__, callback, run.action_id)
+
+
+@dataclass(frozen=True)
+class OrderRule:
+    """In a run's hook list, ``earlier`` must come before ``later``, because ``why``."""
+
+    earlier: type[Hook]
+    later: type[Hook]
+    why: str
+
+
+class HookOrderError(ValueError):
+    """A hook list breaks one of its order rules (or lists a hook twice, or misses one a rule names)."""
+
+
+def check_order(hooks: Sequence[Hook], rules: Iterable[OrderRule]) -> None:
+    """Raise :class:`HookOrderError` unless ``hooks`` holds each hook a rule names once, in the rules'
+    order; the message names every rule broken, so one edit of the list can fix them all."""
+    position: dict[type[Hook], int] = {}
+    for index, hook in enumerate(hooks):
+        if type(hook) in position:
+            raise HookOrderError(f"{type(hook).__name__} is listed twice")
+        position[type(hook)] = index
+    broken = []
+    for rule in rules:
+        missing = ", ".join(cls.__name__ for cls in (rule.earlier, rule.later) if cls not in position)
+        if missing or position[rule.earlier] > position[rule.later]:
+            unlisted = f" ({missing} is not listed)" if missing else ""
+            broken.append(f"{rule.earlier.__name__} must come before {rule.later.__name__}{unlisted}: {rule.why}")
+    if broken:
+        raise HookOrderError("; ".join(broken))
 
 
 class AuthorizationHook(Hook):
@@ -261,7 +185,7 @@ class ProgressHook(Hook):
         action_log = shared_log()
 
         def sink(progress: dict) -> None:
-            claim = run.extras.get("claim")
+            claim = run.claim
             # progress is only stored on an action the log already calls running: before its claim is
             # written, the claim's write (or the run's end) carries it
             if claim is None or not claim.hold_progress(progress):
@@ -271,7 +195,7 @@ class ProgressHook(Hook):
             except Exception:  # the result backend is a nicety here; the log has it
                 log.debug("could not publish progress of %s", run.action_id, exc_info=True)
 
-        run.context._progress_sink = sink
+        run.context.progress_sink = sink
 
 
 class LoggingHook(Hook):
@@ -285,35 +209,3 @@ class LoggingHook(Hook):
 
     def after_skip(self, run: Run, reason: str) -> None:
         log.info("action %s (%s) not run: %s", run.action_id, run.spec.type, reason)
-
-
-class ActionRequest(Request):
-    """The worker's main process's view of one action delivery (``rekku.action.*`` tasks use it): when
-    the pool process running it dies (SIGKILL, the OOM killer, a crash), the run is counted as lost
-    before Celery puts the message back (``task_reject_on_worker_lost``), so the next delivery sees
-    it; at ``REKKU_MAX_ATTEMPTS`` lost runs the action fails and that delivery only acknowledges it.
-    Only this rare path writes: a run that ends normally costs nothing here."""
-
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
-        from billiard.einfo import ExceptionWithTraceback
-        from billiard.exceptions import WorkerLostError
-
-        exc = exc_info.exception
-        if isinstance(exc, ExceptionWithTraceback):
-            exc = exc.exc
-        lost = isinstance(exc, WorkerLostError) or (
-            isinstance(exc, (SystemExit, KeyboardInterrupt))
-            and not (getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)))
-        if lost:
-            limit = get_settings().max_attempts
-            try:
-                count = shared_log().record_lost(self.id, worker_id(self.hostname), limit)
-            except Exception:  # the reconciler and the claim still bound it; never break the worker
-                log.warning("could not count the lost run of action %s", self.id, exc_info=True)
-            else:
-                if count >= limit:
-                    log.error("action %s failed: %s", self.id, lost_error(count, limit))
-                elif count:
-                    log.warning("action %s: its worker process died while running it (%d of %d)",
-                                self.id, count, limit)
-        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

@@ -140,10 +140,11 @@ class MetricsHook(Hook):
     the ingress's /metrics)."""
 
     def before_run(self, run: Run) -> None:
-        run.extras["t0"] = time.perf_counter()
+        run.started_monotonic = time.perf_counter()
 
     def _record(self, run: Run, status: str) -> None:
-        RUN_METRICS.add(run.spec.type, status, time.perf_counter() - run.extras.get("t0", time.perf_counter()))
+        started = run.started_monotonic  # None: a hook before this one skipped or refused the run
+        RUN_METRICS.add(run.spec.type, status, 0.0 if started is None else time.perf_counter() - started)
 
     def after_success(self, run: Run, result: Any) -> None:
         self._record(run, "succeeded")

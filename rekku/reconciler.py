@@ -363,7 +363,7 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
             others.append(d.tag)
     if out.freed:
         # never claimed (a prefetched delivery, or one whose process died before its claim): say it was
-        # delivered, so its next delivery writes its claim before running (rekku.hooks)
+        # delivered, so its next delivery writes its claim before running (rekku.claim)
         with engine.begin() as conn:
             for worker in dead:
                 conn.execute(sa.update(runs).where(runs.c.id.in_(sorted(out.freed)), runs.c.status == QUEUED,

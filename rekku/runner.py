@@ -23,16 +23,44 @@ from sqlalchemy.exc import DBAPIError
 from rekku import context as ctxvars
 from rekku import event_loop
 from rekku.action_log import shared_log
+from rekku.claim import ActionLogHook
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import ActionLogHook, AuthorizationHook, Hook, LoggingHook, ProgressHook, Run, SkipRun
+from rekku.hooks import AuthorizationHook, HookChain, LoggingHook, OrderRule, ProgressHook, Run, SkipRun, check_order
 from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
 
-#: The hooks every action run passes through, in order (rekku.hooks explains the idea).
-HOOKS: list[Hook] = [ActionLogHook(), AuthorizationHook(), ProgressHook(), MetricsHook(), LoggingHook()]
+#: The hooks every action run passes through, in this order (rekku.hooks says what a raise does).
+HOOKS = HookChain([
+    # First. Its before_run reads the action's state and acknowledges (SkipRun) an unknown, finished,
+    # cancelled or poisoned delivery before any other hook does work on it or judges it; it makes
+    # run.claim and the context's attempt_source. Its outcomes write the action log, before any
+    # observer reports the outcome.
+    ActionLogHook(),
+    # After the action log: a delivery that must not run is skipped, not refused. A refusal
+    # (NotAuthorized) fails the action, and the action log's after_failure records that.
+    AuthorizationHook(),
+    # After the action log: its sink hands progress to run.claim while the claim is unwritten.
+    ProgressHook(),
+    # Observers, last. After the deciding hooks, so a skipped or refused delivery starts no clock (it
+    # counts zero seconds) and its outcome is reported after the action log recorded it.
+    MetricsHook(),
+    LoggingHook(),
+])
+
+#: What the order of HOOKS must keep, checked below when this module is imported: a list that breaks
+#: a rule never reaches a worker.
+ORDER_RULES = (
+    OrderRule(ActionLogHook, AuthorizationHook,
+              "an unknown, finished, cancelled or poisoned delivery is acknowledged, not refused"),
+    OrderRule(ActionLogHook, ProgressHook, "the progress sink reads run.claim, made by the action log's before_run"),
+    OrderRule(ActionLogHook, MetricsHook, "an outcome is counted after the action log recorded it"),
+    OrderRule(ActionLogHook, LoggingHook, "an outcome is logged after the action log recorded it"),
+    OrderRule(AuthorizationHook, MetricsHook, "a refused delivery starts no clock: it counts zero seconds"),
+)
+check_order(HOOKS.hooks, ORDER_RULES)
 
 #: Longest wait between retries, in seconds.
 MAX_BACKOFF = 300.0
@@ -72,11 +100,6 @@ def invoke_handler(spec: ActionSpec, payload: dict, ctx: ActionContext) -> Any:
     return outcome
 
 
-def _each(method: str, *args: Any) -> None:
-    for hook in HOOKS:
-        getattr(hook, method)(*args)
-
-
 def shown(status: str, **detail: Any) -> dict:
     """What the task returns, for Celery to show: the outcome, never the handler's result."""
     return {"status": status, **detail}
@@ -98,12 +121,12 @@ def execute(task: Any, spec: ActionSpec, action_id: str, payload: dict, context:
 def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     action_id, payload, ctx = run.action_id, run.payload, run.context
     try:
-        _each("before_run", run)
+        HOOKS.before_run(run)
     except SkipRun as skip:
-        _each("after_skip", run, skip.reason)
+        HOOKS.after_skip(run, skip.reason)
         return shown("skipped", reason=skip.reason)
     except Exception as exc:
-        _each("after_failure", run, _describe(exc))
+        HOOKS.after_failure(run, _describe(exc))
         raise ActionFailed(_describe(exc)) from None
     try:
         try:
@@ -118,12 +141,12 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     except TransientError as exc:
         if ctx.attempt <= spec.max_retries:
             countdown = exc.retry_after if exc.retry_after is not None else min(MAX_BACKOFF, 2.0 ** ctx.attempt)
-            _each("before_retry", run, _describe(exc), countdown)
+            HOOKS.before_retry(run, _describe(exc), countdown)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
         error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
     except (SoftTimeLimitExceeded, TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         if shared_log().cancel_requested(action_id):
-            _each("after_cancel", run)
+            HOOKS.after_cancel(run)
             return shown("cancelled")
         error = f"time limit of {time_limit_of(spec):g} s exceeded"
         if isinstance(exc, TimeoutError) and "did not finish" not in str(exc):
@@ -131,7 +154,7 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
     except Exception as exc:
         error = _describe(exc)
     else:
-        _each("after_success", run, result)
+        HOOKS.after_success(run, result)
         return shown("succeeded")
-    _each("after_failure", run, error)
+    HOOKS.after_failure(run, error)
     raise ActionFailed(error)

@@ -55,7 +55,7 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
         soft_time_limit=limit + SOFT_GRACE, time_limit=limit + HARD_GRACE,
         rate_limit=spec.rate_limit, max_retries=None,
         # the worker's main process counts a run lost with its pool process (poison messages)
-        Request="rekku.hooks:ActionRequest",
+        Request="rekku.claim:ActionRequest",
     )
 
 
