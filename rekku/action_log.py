@@ -336,6 +336,56 @@ class ActionLog:
             rows = c.execute(query.order_by(_runs.c.finished_at.desc()).limit(limit)).all()
         return [run_as_dict(r) for r in rows]
 
+    # ------------------------------------------------------------- recovery (rekku.reconciler)
+    def take_back_lost_runs(self, held: dict[str, list[str]], limit: int) -> tuple[set[str], set[str]]:
+        """running → queued for the actions dead worker incarnations were running (``held``: worker →
+        action ids), each lost run counted; → cancelled where a cancel was asked; → failed at ``limit``
+        lost runs (a poison message: :func:`lost_error`). Returns ``(back in queued, failed)``. Only a row
+        still held by that very worker moves, so a repeat (or a live worker's newer claim) changes nothing."""
+        def work(c: Connection) -> tuple[set[str], set[str]]:
+            now = utcnow()
+            ids = sorted({i for held_ids in held.values() for i in held_ids})
+            for worker, worker_ids in held.items():
+                c.execute(sa.update(_runs)
+                          .where(_runs.c.id.in_(worker_ids), _runs.c.status == RUNNING, _runs.c.worker == worker)
+                          .values(status=QUEUED, lost_runs=_runs.c.lost_runs + 1, updated_at=now,
+                                  error="its worker stopped while running it; re-enqueued"))
+            c.execute(sa.update(_runs).where(_runs.c.id.in_(ids), _runs.c.status == QUEUED,
+                                             _runs.c.cancel_requested.is_(True))
+                      .values(status=CANCELLED, error="cancelled (its worker stopped)", finished_at=now))
+            failed = set()
+            for row in c.execute(sa.select(_runs.c.id, _runs.c.lost_runs)
+                                 .where(_runs.c.id.in_(ids), _runs.c.status == QUEUED, _runs.c.lost_runs >= limit)):
+                c.execute(sa.update(_runs).where(_runs.c.id == row.id, _runs.c.status == QUEUED)
+                          .values(status=FAILED, error=lost_error(row.lost_runs, limit), finished_at=now))
+                failed.add(row.id)
+            queued = {row.id for row in c.execute(sa.select(_runs.c.id).where(_runs.c.id.in_(ids),
+                                                                                _runs.c.status == QUEUED))}
+            return queued, failed
+
+        return self._do(work)
+
+    def mark_taken(self, action_ids: list[str], worker: str) -> None:
+        """Queued actions a dead worker had taken but never claimed (prefetched) are marked as delivered
+        to it, so their next delivery writes its claim before running (rekku.claim)."""
+        self._do(lambda c: c.execute(sa.update(_runs).where(_runs.c.id.in_(action_ids), _runs.c.status == QUEUED,
+                                                            _runs.c.worker.is_(None)).values(worker=worker)))
+
+    def restart_grace(self, action_ids: list[str]) -> None:
+        """Queued actions just re-enqueued get a fresh REKKU_RECONCILE_GRACE before the next look."""
+        now = utcnow()
+        self._do(lambda c: c.execute(sa.update(_runs).where(_runs.c.id.in_(action_ids), _runs.c.status == QUEUED)
+                                     .values(updated_at=now)))
+
+    def move_to_queues(self, moved: dict[str, str]) -> None:
+        """Record the queue each action was routed to anew (action id → queue; a dead node's own queue)."""
+        def work(c: Connection) -> None:
+            for queue in set(moved.values()):
+                c.execute(sa.update(_runs).where(_runs.c.id.in_([i for i, q in moved.items() if q == queue]))
+                          .values(queue=queue))
+
+        self._do(work)
+
     def reset_for_retry(self, action_id: str) -> dict | None:
         """failed → queued (attempts kept, error kept until the next run), for a manual retry; its lost
         runs start again from 0 (REKKU_MAX_ATTEMPTS counts afresh)."""

@@ -47,10 +47,10 @@ import redis
 import sqlalchemy as sa
 
 from rekku import dispatch
-from rekku.action_log import NewRun, lost_error
+from rekku.action_log import NewRun, shared_log
 from rekku.celery_app import app
 from rekku.db import get_engine
-from rekku.models import CANCELLED, FAILED, QUEUED, RUNNING, ActionRun, utcnow
+from rekku.models import QUEUED, RUNNING, ActionRun, utcnow
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -328,46 +328,33 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
         running = conn.execute(sa.select(runs.c.id, runs.c.worker)
                                .where(runs.c.status == RUNNING, runs.c.worker.in_(sorted(dead)))).all()
     if running:
-        now = utcnow()
         ids = [r.id for r in running]
-        with engine.begin() as conn:
-            for worker in {r.worker for r in running}:
-                conn.execute(sa.update(runs)
-                             .where(runs.c.id.in_([r.id for r in running if r.worker == worker]),
-                                    runs.c.status == RUNNING, runs.c.worker == worker)
-                             .values(status=QUEUED, lost_runs=runs.c.lost_runs + 1, updated_at=now,
-                                     error="its worker stopped while running it; re-enqueued"))
-            conn.execute(sa.update(runs).where(runs.c.id.in_(ids), runs.c.status == QUEUED,
-                                               runs.c.cancel_requested.is_(True))
-                         .values(status=CANCELLED, error="cancelled (its worker stopped)", finished_at=now))
-            for r in conn.execute(sa.select(runs.c.id, runs.c.lost_runs)
-                                  .where(runs.c.id.in_(ids), runs.c.status == QUEUED,
-                                         runs.c.lost_runs >= limit)).all():
-                conn.execute(sa.update(runs).where(runs.c.id == r.id, runs.c.status == QUEUED)
-                             .values(status=FAILED, error=lost_error(r.lost_runs, limit), finished_at=now))
-                out.failed.add(r.id)
+        held: dict[str, list[str]] = {}
+        for r in running:
+            held.setdefault(r.worker, []).append(r.id)
+        queued, out.failed = shared_log().take_back_lost_runs(held, limit)
         if out.failed:
             log.error("failed %d actions whose worker process died %d times running them: %s",
                       len(out.failed), limit, ", ".join(sorted(out.failed)))
-        out.requeue |= set(ids) - out.failed
+        out.requeue |= queued
         forget_unacked(client, set(ids))  # their copies, whoever's entry they are in
 
     others = []
+    taken: dict[str, list[str]] = {}
     for d in deliveries:
         if d.owner not in dead:
             continue
         if d.task and d.task.startswith(ACTION_TASK_PREFIX) and d.task_id:
             if _drop(client, d.tag):
                 out.freed.add(d.task_id)
+                taken.setdefault(d.owner, []).append(d.task_id)
         else:
             others.append(d.tag)
     if out.freed:
         # never claimed (a prefetched delivery, or one whose process died before its claim): say it was
         # delivered, so its next delivery writes its claim before running (rekku.claim)
-        with engine.begin() as conn:
-            for worker in dead:
-                conn.execute(sa.update(runs).where(runs.c.id.in_(sorted(out.freed)), runs.c.status == QUEUED,
-                                                   runs.c.worker.is_(None)).values(worker=worker))
+        for worker, ids in taken.items():
+            shared_log().mark_taken(ids, worker)
         out.requeue |= out.freed
     if others:
         with app.connection_for_write() as connection:
@@ -390,10 +377,7 @@ def _enqueue(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
     for batch_id, batch_runs in by_batch.items():
         unsent += dispatch.enqueue(batch_runs, batch_id)
     if rows:
-        runs = ActionRun.__table__
-        with get_engine().begin() as conn:  # so the next pass gives them a fresh grace period
-            conn.execute(sa.update(runs).where(runs.c.id.in_([r.id for r in rows]), runs.c.status == QUEUED)
-                         .values(updated_at=utcnow()))
+        shared_log().restart_grace([r.id for r in rows])
     return unsent
 
 
@@ -502,10 +486,7 @@ def reconcile(settings: Settings | None = None) -> dict[str, int]:
     held = held_by_broker(client, {r.queue for r in rows})
     moved = reroute_stranded(client, rows, held)
     if moved:
-        with engine.begin() as conn:
-            for queue in set(moved.values()):
-                conn.execute(sa.update(runs).where(runs.c.id.in_([i for i, q in moved.items() if q == queue]))
-                             .values(queue=queue))
+        shared_log().move_to_queues(moved)
     lost = [r for r in rows if r.id not in held or r.id in moved]
     unpublished = set(_enqueue(lost, moved))  # once, not per action counted
     outcome.requeued_orphaned = sum(1 for r in lost if r.id in orphaned and r.id not in unpublished)
