@@ -16,9 +16,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from rekku import AIPluginBase, current_action, get_settings, register_plugin
-from rekku.db import session_factory
-from rekku.models import JSONType, UTCDateTime, utcnow
+from rekku.plugin import (
+    AIPluginBase,
+    JSONType,
+    UTCDateTime,
+    current_action,
+    get_settings,
+    register_plugin,
+    session_factory,
+    utcnow,
+)
 
 ACTION = "create_personal_diary_entry"
 #: Most rows read per injection before the character bound is applied.

@@ -22,9 +22,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, PluginError, register_plugin
-from rekku.db import session_factory
-from rekku.models import JSONType, UTCDateTime, utcnow
+from rekku.plugin import (
+    AIPluginBase,
+    JSONType,
+    PluginError,
+    UTCDateTime,
+    register_plugin,
+    send_output,
+    session_factory,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +322,6 @@ class BioPlugin(AIPluginBase):
 def _send_back(result: dict, message: str) -> None:
     """Also send a query's result to the chat that asked, like the other query plugins (best effort)."""
     try:
-        from rekku.interfaces.replies import send_output
-
         send_output(result, message)
     except Exception:
         log.warning("could not send the bios back to the chat", exc_info=True)

@@ -24,14 +24,23 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import PluginError, current_action, get_settings, register_plugin
-from rekku.db import session_factory
-from rekku.interfaces import get_interfaces
-from rekku.interfaces.links import chats_named, is_known_chat_id, looks_like_id, resolve_chat
-from rekku.interfaces.models import ChatForward, ChatLink
-from rekku.interfaces.replies import send_output
-from rekku.models import utcnow
-from rekku.plugin_base import TablePlugin
+from rekku.plugin import (
+    ChatForward,
+    ChatLink,
+    PluginError,
+    TablePlugin,
+    chats_named,
+    current_action,
+    get_interfaces,
+    get_settings,
+    is_known_chat_id,
+    looks_like_id,
+    register_plugin,
+    resolve_chat,
+    send_output,
+    session_factory,
+    utcnow,
+)
 
 ACTIONS = {
     "store_link": ("Remember a chat's (or thread's) link and names", ["chat_id", "link"],

@@ -4,7 +4,7 @@ Useful to check a deployment end to end (``rekku submit`` an echo and ``--wait``
 no-op the benchmarks measure.
 """
 
-from rekku import AIPluginBase, register_plugin
+from rekku.plugin import AIPluginBase, register_plugin
 
 
 class EchoPlugin(AIPluginBase):

@@ -19,25 +19,34 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from rekku import PluginError, current_action, get_settings, register_plugin
-from rekku.db import session_factory
-from rekku.events import (
-    ACTIVE,
-    CANCELLED,
-    CANCELLED_DELIVERY,
-    DONE,
-    PENDING,
-    deliveries,
-    events,
+from rekku.plugin import (
+    EVENT_ACTIVE,
+    EVENT_CANCELLED,
+    EVENT_DELIVERY_CANCELLED,
+    EVENT_DELIVERY_PENDING,
+    EVENT_DONE,
+    PluginError,
+    Rejection,
+    Rule,
+    ScheduleError,
+    TablePlugin,
+    build_rule,
+    current_action,
+    event_deliveries,
+    event_tick,
+    get_interfaces,
+    get_registry,
+    get_settings,
     new_event,
+    register_plugin,
     requester_of,
-    tick,
+    scheduled_events,
+    send_output,
+    session_factory,
+    upcoming,
+    utcnow,
+    validate_one,
 )
-from rekku.interfaces.registry import get_interfaces
-from rekku.interfaces.replies import send_output
-from rekku.models import utcnow
-from rekku.plugin_base import TablePlugin
-from rekku.schedule import Rule, ScheduleError, build_rule, upcoming
 
 _WHEN = ["date", "time", "datetime", "in", "timezone", "repeat", "every", "cron", "until", "count"]
 
@@ -72,7 +81,7 @@ class EventPlugin(TablePlugin):
 
     # ------------------------------------------------------------------ beat
     def periodic_tasks(self) -> dict:
-        return {"tick": {"every": get_settings().event_tick_seconds, "run": tick, "pool": "default"}}
+        return {"tick": {"every": get_settings().event_tick_seconds, "run": event_tick, "pool": "default"}}
 
     # ------------------------------------------------------------------ validation
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
@@ -148,7 +157,8 @@ class EventPlugin(TablePlugin):
         sessions = session_factory()
         if action_id:
             with sessions() as s:
-                earlier = s.execute(sa.select(events).where(events.c.action_id == action_id)).one_or_none()
+                earlier = s.execute(sa.select(scheduled_events)
+                                    .where(scheduled_events.c.action_id == action_id)).one_or_none()
             if earlier is not None:
                 return _describe(earlier)
         # created_by is the model's label (upstream's field); who the actions run as is the verified
@@ -158,20 +168,23 @@ class EventPlugin(TablePlugin):
                         created_by=str(created_by) if created_by else None, actions=payload.get("actions"),
                         action_id=action_id, requester=requester_of(ctx) if ctx is not None else None)
         with sessions.begin() as s:
-            event_id = s.execute(sa.insert(events).values(**row)).inserted_primary_key[0]
+            event_id = s.execute(sa.insert(scheduled_events).values(**row)).inserted_primary_key[0]
         return _describe({**row, "id": event_id})
 
     def _cancel(self, event_id: int) -> dict:
         now = utcnow()
         with session_factory().begin() as s:
             # an occurrence claimed ahead of its due time (the dispatcher's look-ahead) is still cancellable
-            ahead = s.execute(sa.update(deliveries).where(deliveries.c.event_id == event_id,
-                                                          deliveries.c.status == PENDING, deliveries.c.occurrence > now)
-                              .values(status=CANCELLED_DELIVERY, updated_at=now)).rowcount
-            states = [ACTIVE, DONE] if ahead else [ACTIVE]
-            done = s.execute(sa.update(events).where(events.c.id == event_id, events.c.status.in_(states))
-                             .values(status=CANCELLED, updated_at=now)).rowcount
-            status = s.scalar(sa.select(events.c.status).where(events.c.id == event_id))
+            ahead = s.execute(sa.update(event_deliveries)
+                              .where(event_deliveries.c.event_id == event_id,
+                                     event_deliveries.c.status == EVENT_DELIVERY_PENDING,
+                                     event_deliveries.c.occurrence > now)
+                              .values(status=EVENT_DELIVERY_CANCELLED, updated_at=now)).rowcount
+            states = [EVENT_ACTIVE, EVENT_DONE] if ahead else [EVENT_ACTIVE]
+            done = s.execute(sa.update(scheduled_events)
+                             .where(scheduled_events.c.id == event_id, scheduled_events.c.status.in_(states))
+                             .values(status=EVENT_CANCELLED, updated_at=now)).rowcount
+            status = s.scalar(sa.select(scheduled_events.c.status).where(scheduled_events.c.id == event_id))
         if status is None:
             raise PluginError(f"No event with id {event_id}")
         return {"id": event_id, "cancelled": bool(done), "status": status}
@@ -180,18 +193,19 @@ class EventPlugin(TablePlugin):
         ctx = current_action()
         # a one-off event whose occurrence the dispatcher claimed ahead of its due time is 'done' in the
         # table but still waiting for the user: it is listed as active until it is due
-        waiting = sa.exists().where(deliveries.c.event_id == events.c.id, deliveries.c.status == PENDING,
-                                    deliveries.c.occurrence > utcnow())
-        query = (sa.select(events, sa.case((sa.and_(events.c.status == DONE, waiting), True), else_=False)
-                           .label("claimed_ahead"))
-                 .order_by(events.c.next_run, events.c.id).limit(int(payload.get("limit", 50))))
+        waiting = sa.exists().where(event_deliveries.c.event_id == scheduled_events.c.id,
+                                    event_deliveries.c.status == EVENT_DELIVERY_PENDING,
+                                    event_deliveries.c.occurrence > utcnow())
+        claimed_ahead = sa.and_(scheduled_events.c.status == EVENT_DONE, waiting)
+        query = (sa.select(scheduled_events, sa.case((claimed_ahead, True), else_=False).label("claimed_ahead"))
+                 .order_by(scheduled_events.c.next_run, scheduled_events.c.id).limit(int(payload.get("limit", 50))))
         chat_id = payload.get("chat_id") or (ctx.chat_id if ctx else None)
         if chat_id:
-            query = query.where(events.c.chat_id == str(chat_id))
+            query = query.where(scheduled_events.c.chat_id == str(chat_id))
         if payload.get("interface"):
-            query = query.where(events.c.interface == str(payload["interface"]))
+            query = query.where(scheduled_events.c.interface == str(payload["interface"]))
         if not payload.get("include_finished"):
-            query = query.where(sa.or_(events.c.status == ACTIVE, sa.and_(events.c.status == DONE, waiting)))
+            query = query.where(sa.or_(scheduled_events.c.status == EVENT_ACTIVE, claimed_ahead))
         with session_factory()() as s:
             rows = s.execute(query).all()
         result = {"events": [_describe(r) for r in rows]}
@@ -203,7 +217,7 @@ def _describe(row: Any) -> dict:
     """An event as actions return it: local and UTC times of the next occurrence, and the next few."""
     data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
     if data.pop("claimed_ahead", False):
-        data["status"] = ACTIVE  # its occurrence is claimed but not due yet (see _list)
+        data["status"] = EVENT_ACTIVE  # its occurrence is claimed but not due yet (see _list)
     rule = Rule.from_dict(data["rule"])
     next_run = data.get("next_run")
     out = {"id": data["id"], "description": data["description"], "status": data["status"],
@@ -214,7 +228,7 @@ def _describe(row: Any) -> dict:
     if data.get("requester"):  # who the scheduled actions run as (verified), next to the model's label
         out["requested_by"] = {k: v for k, v in data["requester"].items()
                                if k in ("interface", "user_id", "username")}
-    if next_run is not None and data["status"] == ACTIVE:
+    if next_run is not None and data["status"] == EVENT_ACTIVE:
         out["next_run"] = next_run.isoformat()
         out["next_run_local"] = next_run.astimezone(rule.zone).isoformat()
         out["upcoming_local"] = [t.astimezone(rule.zone).isoformat()
@@ -234,8 +248,6 @@ def _actions_shape_errors(actions: Any) -> list[str]:
             isinstance(a, dict) and isinstance(a.get("type"), str) and isinstance(a.get("payload", {}), dict)
             for a in actions):
         return ["Field 'actions' must be a list of {type, payload} objects for action 'event'"]
-    from rekku.registry import get_registry
-
     nested = sorted({a["type"] for a in actions} & NESTED_REFUSED)
     if nested:
         return [f"Field 'actions' cannot hold {nested} for action 'event': a scheduled action cannot schedule "
@@ -256,9 +268,6 @@ def scheduled_actions_refusal(actions: list, requester: dict[str, str]) -> str |
     """Why ``requester`` may not schedule ``actions``, or None: each one is validated exactly as the
     ingress would validate it in a request of theirs (rekku.validation.validate_one), so a trainer-only
     action in a non-trainer's event is refused with the usual wording, naming its place in 'actions'."""
-    from rekku.registry import get_registry
-    from rekku.validation import Rejection, validate_one
-
     registry, settings = get_registry(), get_settings()
     problems = []
     for index, raw in enumerate(actions):

@@ -12,11 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import current_action, register_plugin
-from rekku.db import session_factory
-from rekku.interfaces.replies import send_output
-from rekku.models import UTCDateTime, utcnow
-from rekku.plugin_base import TablePlugin
+from rekku.plugin import TablePlugin, UTCDateTime, current_action, register_plugin, send_output, session_factory, utcnow
 
 metadata = sa.MetaData()
 message_map = sa.Table(

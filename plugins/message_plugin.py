@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from rekku import AIPluginBase, PluginError, current_action, register_plugin
-from rekku.interfaces import get_interfaces
-from rekku.interfaces.delivery import deliver
-from rekku.interfaces.links import Chat, looks_like_id, resolve_chat
+from rekku.plugin import (
+    AIPluginBase,
+    Chat,
+    PluginError,
+    current_action,
+    deliver,
+    get_interfaces,
+    looks_like_id,
+    register_plugin,
+    resolve_chat,
+)
 
 _ID_FIELDS = ("target", "thread_id", "reply_to_message_id")
 #: What ``audio`` takes, for the prompt (the rule itself is rekku.artifacts.classify_file_ref).

@@ -16,11 +16,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import current_action, register_plugin
-from rekku.db import session_factory
-from rekku.interfaces.replies import send_output
-from rekku.models import JSONType, UTCDateTime, utcnow
-from rekku.plugin_base import TablePlugin
+from rekku.plugin import (
+    JSONType,
+    TablePlugin,
+    UTCDateTime,
+    current_action,
+    register_plugin,
+    send_output,
+    session_factory,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 

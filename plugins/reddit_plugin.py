@@ -20,12 +20,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku import AIPluginBase, PluginError, current_action, register_plugin
-from rekku.db import session_factory
-from rekku.errors import TransientError
-from rekku.interfaces.models import SENDING, SENT, Delivery
-from rekku.models import utcnow
-from rekku.settings import Settings, get_settings
+from rekku.plugin import (
+    DELIVERY_SENDING,
+    DELIVERY_SENT,
+    AIPluginBase,
+    Delivery,
+    PluginError,
+    Settings,
+    TransientError,
+    current_action,
+    get_settings,
+    register_plugin,
+    session_factory,
+    utcnow,
+)
 
 #: A subreddit name as Reddit allows it (3-21 characters; a few old ones have 2).
 SUBREDDIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
@@ -174,7 +182,7 @@ def _once(action_id: str, key: str, name: str, post: Any) -> dict:
     where = (Delivery.action_id == action_id, Delivery.part_key == key)
     with sessions.begin() as s:
         row = s.execute(sa.select(Delivery.status, Delivery.remote_id).where(*where)).first()
-    if row is not None and row.status == SENT:
+    if row is not None and row.status == DELIVERY_SENT:
         return {"already_posted": True, "id": row.remote_id, "subreddit": name}
     if row is not None:
         return {"uncertain": True, "subreddit": name,
@@ -183,7 +191,7 @@ def _once(action_id: str, key: str, name: str, post: Any) -> dict:
     try:
         with sessions.begin() as s:
             s.execute(sa.insert(Delivery).values(action_id=action_id, part_key=key, interface="reddit",
-                                                 chat_id=name, status=SENDING, created_at=now, updated_at=now))
+                                                 chat_id=name, status=DELIVERY_SENDING, created_at=now, updated_at=now))
     except IntegrityError:
         return {"uncertain": True, "subreddit": name, "note": "another delivery of this action is posting"}
     try:
@@ -204,7 +212,7 @@ def _once(action_id: str, key: str, name: str, post: Any) -> dict:
         _forget(sessions, where)
         raise
     with sessions.begin() as s:
-        s.execute(sa.update(Delivery).where(*where).values(status=SENT, remote_id=str(result.get("id")),
+        s.execute(sa.update(Delivery).where(*where).values(status=DELIVERY_SENT, remote_id=str(result.get("id")),
                                                             updated_at=utcnow()))
     return result
 

@@ -15,9 +15,18 @@ import re
 import time
 from typing import Any
 
-from rekku import AIPluginBase, PluginError, current_action, register_plugin
-from rekku.artifacts import artifact_size, keep, url_of
-from rekku.settings import get_settings
+from rekku.plugin import (
+    AIPluginBase,
+    PluginError,
+    artifact_size,
+    artifact_url,
+    current_action,
+    default_ingress,
+    get_interfaces,
+    get_settings,
+    keep_artifact,
+    register_plugin,
+)
 
 #: Longest message the site takes in one generation.
 MAX_MESSAGE = 3000
@@ -98,7 +107,7 @@ class SeleniumElevenLabs(AIPluginBase):
             speech = {"bytes": existing, "credits": None, "credits_remaining": None, "reused": True}
         else:
             speech = self.speak(payload["message"], name)
-        result = {"audio": name, "audio_url": url_of(name), **speech}
+        result = {"audio": name, "audio_url": artifact_url(name), **speech}
         result["deliveries"] = send_audio(action_id, name, payload["destinations"])
         if speech.get("credits"):
             result["credits_reported_to"] = report_credits(action_id, speech["credits"])
@@ -145,7 +154,7 @@ class SeleniumElevenLabs(AIPluginBase):
             mp3 = browser.wait_for_download(".mp3", settings.elevenlabs_download_timeout)
             if mp3 is None:
                 raise PageError(f"the .mp3 download did not finish within {settings.elevenlabs_download_timeout:g} s")
-            kept = keep(mp3, name, settings)
+            kept = keep_artifact(mp3, name, settings)
             credits = None
             for element in d.find_elements(By.XPATH, self.CREDITS):
                 credits = element.text.strip() or credits
@@ -209,8 +218,6 @@ def send_audio(action_id: str, name: str, destinations: list[dict]) -> list[dict
     (rekku.artifacts.classify_file_ref): Telegram's io worker uploads the artifact's bytes (the
     directory is shared with the io workers), the webhook and the outbox pass on its API URL
     (``/v1/artifacts/{name}``), which clients fetch with the token."""
-    from rekku.ingest import default_ingress
-
     ctx = current_action()
     actions = []
     for dest in destinations:
@@ -238,9 +245,6 @@ def send_audio(action_id: str, name: str, destinations: list[dict]) -> list[dict
 
 def report_credits(action_id: str, credits: str) -> list[str]:
     """Tell every trainer on an available interface how many credits are left (once per action)."""
-    from rekku.ingest import default_ingress
-    from rekku.interfaces import get_interfaces
-
     interfaces = get_interfaces()
     trainers = sorted((i, u) for i, u in get_settings().trainer_ids if interfaces.get(i) is not None)
     if not trainers:

@@ -27,8 +27,16 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_shutdown
 
-from rekku import AIPluginBase, current_action, get_settings, register_plugin
-from rekku.errors import NotAuthorized, ValidationError
+from rekku.plugin import (
+    ActionLog,
+    AIPluginBase,
+    NotAuthorized,
+    ValidationError,
+    current_action,
+    get_settings,
+    register_plugin,
+    shared_log,
+)
 from workers.terminal_host import KILL_GRACE, HostError, Limits, run_once
 from workers.terminal_node import TerminalNode
 from workers.terminal_registry import SessionRegistry
@@ -230,8 +238,6 @@ def _earlier_in_batch(ctx: Any, session: str) -> list[str]:
     """Ids of the actions of ``session`` before this one in its batch (the batch's order is the order given)."""
     if not getattr(ctx, "batch_id", None):
         return []
-    from rekku.action_log import shared_log
-
     earlier = []
     for run in shared_log().batch(ctx.batch_id) or []:  # by position
         if run["id"] == ctx.action_id:
@@ -243,8 +249,6 @@ def _earlier_in_batch(ctx: Any, session: str) -> list[str]:
 
 def _finished_in_log(action_ids: list[str]) -> set[str]:
     """Which of ``action_ids`` the action log says are final (ran elsewhere, refused, cancelled)."""
-    from rekku.action_log import ActionLog, shared_log
-
     log_ = shared_log()
     done = set()
     for action_id in action_ids:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from rekku import AIPluginBase, get_settings, register_plugin
-from rekku.settings import location_of
+from rekku.plugin import AIPluginBase, get_settings, location_of, register_plugin
 
 
 def _zone(name: str) -> ZoneInfo:

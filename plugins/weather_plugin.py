@@ -19,8 +19,7 @@ from urllib.parse import quote
 import redis
 import requests
 
-from rekku import AIPluginBase, get_settings, register_plugin
-from rekku.models import utcnow
+from rekku.plugin import AIPluginBase, get_settings, register_plugin, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from rekku.registry import discover
 from rekku.settings import Settings
 
 PLUGIN = '''
-from rekku import AIPluginBase, register_plugin
+from rekku.plugin import AIPluginBase, register_plugin
 
 class P(AIPluginBase):
     pool = "{pool}"
@@ -82,7 +82,7 @@ def test_an_action_type_claimed_twice_is_an_error_not_an_override(tmp_path: Path
 
 def test_a_plugin_that_forgets_to_register_is_registered_by_class_name(tmp_path: Path) -> None:
     _write(tmp_path, "quiet.py", """
-        from rekku import AIPluginBase
+        from rekku import AIPluginBase  # the package root's names still work, as before rekku.plugin
         class Quiet(AIPluginBase):
             @staticmethod
             def get_supported_action_types():

@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from rekku import AIPluginBase, get_settings, register_plugin
+from rekku.plugin import AIPluginBase, get_settings, register_plugin
 
 #: The Redis list the handler pushes its start time onto (the bench reads it with BLPOP).
 STAMP_KEY = "bench:stamps:ours"

@@ -6,8 +6,7 @@ import os
 
 import sqlalchemy as sa
 
-from rekku import AIPluginBase, current_action, register_plugin
-from rekku.db import get_engine
+from rekku.plugin import AIPluginBase, current_action, get_engine, register_plugin
 
 #: One row per handler invocation; tests create it (``TABLE.create(engine)``) before starting workers.
 TABLE = sa.Table("tk_invocations", sa.MetaData(), sa.Column("action_id", sa.String(36)), sa.Column("pid", sa.Integer))

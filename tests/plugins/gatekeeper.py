@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rekku import AIPluginBase, get_settings, register_plugin
+from rekku.plugin import AIPluginBase, get_settings, register_plugin
 
 
 def _journal(name: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from rekku import AIPluginBase, register_plugin
+from rekku.plugin import AIPluginBase, register_plugin
 
 
 def _text(message: dict | None) -> str:

@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from rekku import AIPluginBase, TransientError, current_action, get_settings, register_plugin
+from rekku.plugin import AIPluginBase, TransientError, current_action, get_settings, register_plugin
 
 
 def _journal(name: str) -> Path:
