@@ -19,8 +19,8 @@ from celery.worker.request import Request
 from rekku.action_log import ActionLog, lost_error, shared_log
 from rekku.hooks import Hook, Run, SkipRun
 from rekku.models import FINAL_STATES, utcnow
-from rekku.reconciler import worker_id
 from rekku.settings import get_settings
+from rekku.worker_identity import worker_id
 
 log = logging.getLogger("rekku.run")
 
@@ -139,7 +139,7 @@ class ActionLogHook(Hook):
     times fails instead of running again (counted in ``lost_runs`` where the loss is seen; checked
     here too, so no delivery of it runs once the bound is reached).
 
-    The claim records the worker as ``pool@node#incarnation`` (rekku.reconciler): a node restarted
+    The claim records the worker as ``pool@node#incarnation`` (rekku.worker_identity): a node restarted
     under the same name tells its predecessor's runs from its own.
     """
 

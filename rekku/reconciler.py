@@ -37,7 +37,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,21 +88,6 @@ def broker_client(settings: Settings) -> redis.Redis:
 
 
 # ----------------------------------------------------------------------------- incarnations
-_incarnation: str | None = None
-
-
-def start_incarnation() -> str:
-    """A new identity for this start of the worker process (its pool children inherit it)."""
-    global _incarnation
-    _incarnation = uuid.uuid4().hex[:12]
-    return _incarnation
-
-
-def worker_id(hostname: str) -> str:
-    """What the action log records as an action's worker: ``pool@node#incarnation`` in a worker."""
-    return f"{hostname}#{_incarnation}" if _incarnation else hostname
-
-
 def tag_deliveries(owner: str) -> None:
     """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
     (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries

@@ -73,3 +73,32 @@ def test_a_plugin_importing_a_core_module_breaks_the_contract() -> None:
     assert kept()
     assert not kept(("plugins.echo", "rekku.db"))
     assert not kept(("plugins.echo", "rekku"))
+
+
+#: The no-cycles contract's name in pyproject.toml.
+CYCLE_RULE = "No import cycles among the modules of rekku, rekku.interfaces, workers, or the plugins"
+
+
+def test_a_cycle_between_core_modules_breaks_the_contract() -> None:
+    """The no-cycles contract is not vacuous: the cycle the Celery app used to close (it registered the
+    tasks, so it imported the ingress's modules, which publish through dispatch, which imports the app)
+    breaks it if it comes back, and so does one between two interface modules."""
+    from importlinter.contracts.acyclic_siblings import AcyclicSiblingsContract
+
+    config = read_configuration(str(ROOT / "pyproject.toml"))
+    options = next(c for c in config["contracts_options"] if c["name"] == CYCLE_RULE)
+    contract_options = {k: v for k, v in options.items() if k not in ("name", "type", "id")}
+    roots = config["session_options"]["root_packages"]
+
+    def kept(*extra: tuple[str, str]) -> bool:
+        graph = grimp.build_graph(*roots, cache_dir=None, exclude_type_checking_imports=True)
+        for importer, imported in extra:
+            graph.add_import(importer=importer, imported=imported, line_number=1,
+                             line_contents=f"from {imported} import something")
+        contract = AcyclicSiblingsContract(name=CYCLE_RULE, session_options=config["session_options"],
+                                           contract_options=contract_options)
+        return contract.check(graph, verbose=False).kept
+
+    assert kept()
+    assert not kept(("rekku.celery_app", "rekku.ingest"))
+    assert not kept(("rekku.interfaces.base", "rekku.interfaces.telegram"))

@@ -27,10 +27,10 @@ from rekku.reconciler import (
     broker_client,
     heartbeat_forever,
     recover_predecessors,
-    start_incarnation,
     tag_deliveries,
 )
 from rekku.settings import get_settings
+from rekku.worker_identity import start_incarnation
 
 log = logging.getLogger(__name__)
 

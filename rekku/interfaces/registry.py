@@ -12,6 +12,7 @@ import logging
 import pkgutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rekku.interfaces.base import Interface
 from rekku.settings import Settings, get_settings
@@ -57,9 +58,9 @@ class InterfaceRegistry:
 
 
 def _import_interface_modules() -> None:
-    import rekku.interfaces as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    """Import every interface module of this package (each registers its class), found by path: the
+    package's __init__ imports this module, so this module does not import the package back."""
+    for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
         if info.name not in _NOT_INTERFACES and not info.name.startswith("_"):
             importlib.import_module(f"rekku.interfaces.{info.name}")
 
