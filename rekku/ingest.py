@@ -92,6 +92,18 @@ class Ingress:
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
+    def submit_follow_up(self, actions: list[dict], context: dict, idempotency_key: str,
+                         marks: dict[str, str]) -> Answer:
+        """Make actions on behalf of a running one (a query's output sent back to its chat) through the
+        same path as every request: validated, authorized, routed, logged, published. The model did
+        not write them, so they neither count nor reset the chat's corrections and are no sign of the
+        chat's activity (``on_request``); a plugin's refusal (``check_request``: a blocked user) still
+        applies. ``marks`` are context entries only Rekku sets (``reply_to_action``), kept on the runs
+        after the context is normalized, so no caller can forge them."""
+        answer = self._submit({"actions": actions}, context, idempotency_key, client=False, follow_up=marks)
+        count_submission(answer.accepted, answer.rejected, self.registry)
+        return answer
+
     def submit_from_client(self, body: Any, context: dict | None = None,
                            idempotency_key: str | None = None) -> Answer:
         """Accept a request from outside (HTTP, ``rekku.ingest``): the key may not take a prefix Rekku
@@ -105,7 +117,10 @@ class Ingress:
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
-    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None, *, client: bool) -> Answer:
+    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None, *, client: bool,
+                follow_up: dict[str, str] | None = None) -> Answer:
+        """The one path that creates actions (callers: submit, submit_from_client, submit_follow_up).
+        ``follow_up``: the marks of actions a running action makes (see :meth:`submit_follow_up`)."""
         limit = self.settings.max_body_bytes  # HTTP bodies are cut at it; rekku.ingest messages are not
         text = isinstance(body, (str, bytes))
         bound = ("size" if len(body) > limit else None) if text else over_limit(body, limit, MAX_PAYLOAD_DEPTH + 3)
@@ -133,23 +148,25 @@ class Ingress:
         refusal = self._refusal(ctx)
         if refusal:
             return Answer(None, [], [{"index": None, "type": None, "errors": [refusal]}], None, status=403)
-        self._observe(ctx)
+        if follow_up is None:
+            self._observe(ctx)
         accepted, rejected = validate_actions(parsed.actions, self.registry, ctx, self.settings)
         rejected = [Rejection(None, None, parsed.errors)] + rejected if parsed.errors else rejected
         if not parsed.actions and not parsed.errors:
             if parsed.ignored_system_message:
                 rejected = [Rejection(None, None, ["A system_message is never executed; no actions to run"])]
             else:  # {"actions": []} (or []): the prompt's way to stay silent, a valid reply with nothing to do
-                if self.corrections is not None:
+                if self.corrections is not None and follow_up is None:
                     self.corrections.reset(ctx)
                 return Answer(None, [], [], None, status=202)
-        correction = self._correction(rejected, body, ctx)
+        correction = self._correction(rejected, body, ctx) if follow_up is None else None
         if not accepted:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
         batch_id = str(uuid.uuid4())
         runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, self.queue_for(a.spec, a.payload, ctx), a.payload,
-                       {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {})})
+                       {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {}),
+                        **(follow_up or {})})
                 for a in accepted]
         answer = Answer(batch_id,
                         [{"index": r.position, "id": r.id, "type": r.type, "queue": r.queue} for r in runs],

@@ -1,11 +1,12 @@
 """Query results sent back to the chat that asked, as upstream's ``system_message`` of type ``output``.
 
-The reply is an action of its own (``message_<interface>`` on the io pool, in the action log, with
-retries), enqueued under the idempotency key ``output:<action id>``: a query re-run after a
-redelivery never sends its output twice, and the query itself never waits on a platform.
+The reply is an action of its own (``message_<interface>``, in the action log, with retries), made
+through the ingress's one path for actions (rekku.ingest ``submit_follow_up``: validated, authorized,
+routed to its plugin's pool, logged, published) under the idempotency key ``output:<action id>``: a
+query re-run after a redelivery never sends its output twice, and the query itself never waits on a
+platform.
 
-Like every action made from another action, the reply runs with the query's verified context (the
-chat and user the token holder named) and is authorized when it is made, as the ingress would; it
+The reply runs with the query's verified context (the chat and user the token holder named); it
 names no ``target``, so the message goes to exactly the context's chat and is never resolved by name
 (a chat id that is not a number could otherwise be matched against a chat name someone else stored).
 """
@@ -14,17 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Any
 
 from rekku import dispatch
 from rekku.action_log import NewRun, shared_log
 from rekku.context import current_action
-from rekku.errors import TransientError
+from rekku.errors import ServiceUnavailable, TooLarge, TransientError
+from rekku.ingest import default_ingress
 from rekku.interfaces.registry import get_interfaces
-from rekku.registry import get_registry
 from rekku.settings import get_settings
-from rekku.validation import authorize_again
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +46,26 @@ def send_output(result: Any, message: str) -> str | None:
         log.info("output of %s not sent back: interface %s is unavailable", ctx.action_id, interface)
         return None
     key = f"output:{ctx.action_id}"
-    action_log = shared_log()
-    earlier = action_log.find_batch_response(key)
+    earlier = shared_log().find_batch_response(key)
     if earlier is not None:
         return _again(earlier)
-    batch_id, reply_id = str(uuid.uuid4()), str(uuid.uuid4())
     # no "target": the message plugin then sends to the context's own chat and thread, never by name
     payload = {"text": output_message(ctx.action_type, ctx.action_id, result, message)}
     context = {k: v for k, v in {"interface": interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id,
                                  "user_id": ctx.user_id, "username": ctx.username}.items() if v}
-    denied = authorize_again(f"message_{interface}", payload, context, get_settings(), get_registry())
-    if denied:
-        log.warning("output of %s not sent back: %s", ctx.action_id, denied)
+    try:
+        answer = default_ingress().submit_follow_up([{"type": f"message_{interface}", "payload": payload}],
+                                                    context, key, marks={"reply_to_action": ctx.action_id})
+    except ServiceUnavailable as exc:  # its run was marked failed and the key released: the query retries
+        raise TransientError(f"could not enqueue the output reply: {exc}") from exc
+    except TooLarge as exc:
+        log.warning("output of %s not sent back: %s", ctx.action_id, exc)
         return None
-    run = NewRun(reply_id, 0, f"message_{interface}", "io", payload, {**context, "reply_to_action": ctx.action_id})
-    answer = {"batch_id": batch_id, "accepted": [{"index": 0, "id": reply_id, "type": run.type, "queue": "io"}],
-              "rejected": [], "correction": None}
-    earlier = action_log.record_batch(batch_id, key, [run], answer)
-    if earlier is not None:
-        return _again(earlier)
-    _enqueue(run, batch_id)
-    return reply_id
+    if not answer.accepted:
+        reasons = "; ".join(e for r in answer.rejected for e in r.get("errors", []))
+        log.warning("output of %s not sent back: %s", ctx.action_id, reasons)
+        return None
+    return answer.accepted[0]["id"]
 
 
 def _again(answer: dict) -> str:
