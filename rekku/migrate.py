@@ -1,11 +1,16 @@
 """Run Alembic migrations programmatically (``rekku migrate`` and start-up), and report their state.
 
-The action log is revision ``0001`` and its own later revisions (``0002``, …); each plugin's tables
-are a branch of their own on top of it (``down_revision = "0001"``, ``branch_labels = ("<plugin>",)``),
-so plugins add tables without ordering their migrations against each other; ``upgrade`` goes to every head."""
+The action log is revision ``0001`` and its own later revisions (``0002``, …) in
+``rekku/migrations/versions/``. Each plugin package keeps its tables' revisions in its own
+``migrations/`` folder (``plugins/<name>/migrations/``), a branch of its own on top of ``0001``
+(``down_revision = "0001"``, ``branch_labels = ("<plugin>",)``), so plugins add tables without ordering
+their migrations against each other; ``upgrade`` goes to every head. Alembic reads all those folders
+(``version_locations``, from rekku.registry.migration_dirs), enabled plugins or not. Moving a revision
+file between folders changes nothing in a database: revisions are known by id."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -14,6 +19,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from rekku.db import get_engine
+from rekku.registry import migration_dirs
+from rekku.settings import get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -21,6 +28,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 def _config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    locations = [MIGRATIONS_DIR / "versions", *migration_dirs(get_settings())]
+    cfg.set_main_option("path_separator", "os")  # paths may hold spaces, never os.pathsep
+    cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations).replace("%", "%%"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -2,7 +2,9 @@
 
 Plugins call :func:`register_plugin` from their constructor, as the seed shows; discovery imports
 every candidate module, builds its ``PLUGIN_CLASS`` with no arguments and records what failed
-(import error, constructor error, clashing action type) without stopping the others.
+(import error, constructor error, clashing action type) without stopping the others. A candidate is
+a ``.py`` file or a package (a folder with ``__init__.py``, loaded whole; its ``migrations/`` folder
+holds its Alembic revisions, see :func:`migration_dirs` and rekku.migrate).
 
 Order, and who wins a clash: the directories of ``REKKU_PLUGIN_PATH`` first (in their order), then the
 bundled ``plugins/``, then the ``rekku.plugins`` entry points. The first plugin to take a plugin name
@@ -40,6 +42,8 @@ BUILTIN_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 ENTRY_POINT_GROUP = "rekku.plugins"
 #: Folders of the bundled plugins that are loaded only when named in REKKU_PLUGIN_PATH.
 OPT_IN_DIRS = frozenset({"examples"})
+#: A plugin package's folder of Alembic revisions (a branch of its own on the action log's ``0001``).
+MIGRATIONS_DIR_NAME = "migrations"
 #: The rule applied to clashes, as error lines state it.
 CLASH_RULE = "REKKU_PLUGIN_PATH wins over bundled plugins, an earlier directory over a later one"
 
@@ -136,17 +140,52 @@ def install_core_aliases() -> None:
 
 
 def _candidate_files(root: Path) -> list[Path]:
+    """The plugin modules under ``root``: every ``.py`` file, and every package (a folder with an
+    ``__init__.py``), which is one plugin loaded whole: its other files (its tables, its runtime, its
+    ``migrations/``) are its own to import. Names starting with ``_`` or ``.`` are skipped."""
     if not root.is_dir():
         return []
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part.startswith("_") or part.startswith(".") for part in rel.parts):
+    found: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(("_", ".")):
+                continue
+            if root == BUILTIN_PLUGIN_DIR and path.relative_to(root).parts[0] in OPT_IN_DIRS:
+                continue  # opt-in: REKKU_PLUGIN_PATH=plugins/examples
+            if path.is_dir():
+                if (path / "__init__.py").is_file():
+                    found.append(path)
+                else:
+                    walk(path)
+            elif path.suffix == ".py":
+                found.append(path)
+
+    walk(root)
+    return sorted(found)
+
+
+def plugin_roots(settings: Settings, *, builtin: bool = True) -> list[Path]:
+    """The plugin directories, in the order discovery reads them (the user's first, then the bundled)."""
+    roots = [_resolve(root) for root in settings.plugin_dirs()] + ([BUILTIN_PLUGIN_DIR] if builtin else [])
+    return list(dict.fromkeys(roots))  # a directory named twice is read once
+
+
+def migration_dirs(settings: Settings) -> list[Path]:
+    """Every plugin package's ``migrations/`` folder (its Alembic revisions), on the plugin directories
+    and in the entry points' packages, whether the plugin is enabled or not: a database that already
+    has a plugin's revisions must find them to be upgraded at all."""
+    dirs = [path / MIGRATIONS_DIR_NAME for root in plugin_roots(settings) for path in _candidate_files(root)
+            if path.is_dir() and (path / MIGRATIONS_DIR_NAME).is_dir()]
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            spec = importlib.util.find_spec(ep.module)
+        except (ImportError, ValueError):
             continue
-        if root == BUILTIN_PLUGIN_DIR and rel.parts[0] in OPT_IN_DIRS:
-            continue  # opt-in: REKKU_PLUGIN_PATH=plugins/examples
-        files.append(path)
-    return files
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(location) / MIGRATIONS_DIR_NAME).is_dir():
+                dirs.append(Path(location) / MIGRATIONS_DIR_NAME)
+    return list(dict.fromkeys(dirs))
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -162,7 +201,11 @@ def _load_file(registry: Registry, root: Path, path: Path) -> None:
     try:
         module = sys.modules.get(name)
         if module is None:
-            spec = importlib.util.spec_from_file_location(name, path)
+            if path.is_dir():  # a package: its __init__, with its folder to import its own modules from
+                spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                              submodule_search_locations=[str(path)])
+            else:
+                spec = importlib.util.spec_from_file_location(name, path)
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -220,9 +263,7 @@ def discover(settings: Settings | None = None, *, builtin: bool = True) -> Regis
         _active = registry
         try:
             # the user's directories first: the first to take a name keeps it (see the module's doc)
-            roots = [_resolve(root) for root in settings.plugin_dirs()] + ([BUILTIN_PLUGIN_DIR] if builtin else [])
-            roots = list(dict.fromkeys(roots))  # a directory named twice is loaded once
-            for root in roots:
+            for root in plugin_roots(settings, builtin=builtin):
                 if not root.is_dir():
                     registry.errors.append(f"{root}: plugin directory does not exist")
                     continue

@@ -13,7 +13,7 @@ Create Date: 2026-12-02
 import sqlalchemy as sa
 from alembic import op
 
-from rekku.models import JSONType
+from rekku.plugin import JSONType
 
 revision = "event_0002"
 down_revision = "event_0001"

@@ -9,7 +9,7 @@ Create Date: 2026-11-29
 import sqlalchemy as sa
 from alembic import op
 
-from rekku.models import JSONType, UTCDateTime
+from rekku.plugin import JSONType, UTCDateTime
 
 revision = "bio_manager_0001"
 down_revision = "0001"

@@ -7,7 +7,7 @@ Create Date: 2026-12-01
 import sqlalchemy as sa
 from alembic import op
 
-from rekku.models import JSONType, UTCDateTime
+from rekku.plugin import JSONType, UTCDateTime
 
 revision = "recent_chats_0001"
 down_revision = "0001"
