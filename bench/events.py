@@ -60,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def insert_events(url: str, total: int, due: int, due_at: datetime) -> None:
-    from rekku.events import events, new_event
+    from plugins.event.engine import events, new_event
     from rekku.schedule import Rule
 
     engine = sa.create_engine(url)
@@ -82,7 +82,7 @@ def insert_events(url: str, total: int, due: int, due_at: datetime) -> None:
 
 
 def measure(url: str, due: int, due_at: datetime, timeout: float) -> dict:
-    from rekku.events import DELIVERED, deliveries, events, message_id
+    from plugins.event.engine import DELIVERED, deliveries, events, message_id
     from rekku.interfaces.models import OutboxMessage
 
     engine = sa.create_engine(url)

@@ -7,8 +7,8 @@ explained in docs/plugins.md, "The plugin API".
 
 Nothing is defined here: each name is re-exported from the core module that owns it, and the comment
 beside it says why a plugin needs it. A few are renamed where the core's own name is too generic to
-read well in a plugin (``events`` → ``scheduled_events``, ``keep`` → ``keep_artifact``, ...); they are
-the same objects. The seed's ``core.ai_plugin_base`` / ``core.core_initializer`` import paths keep
+read well in a plugin (``keep`` → ``keep_artifact``, ``app`` → ``celery_app``, ...); they are the
+same objects. The seed's ``core.ai_plugin_base`` / ``core.core_initializer`` import paths keep
 working beside this module (see :func:`rekku.registry.install_core_aliases`).
 """
 
@@ -18,20 +18,12 @@ from rekku.action_log import ActionLog, shared_log
 from rekku.artifacts import artifact_size
 from rekku.artifacts import keep as keep_artifact
 from rekku.artifacts import url_of as artifact_url
-from rekku.context import ActionContext, current_action
+from rekku.celery_app import app as celery_app
+from rekku.context import ActionContext, current_action, normalize_context
 from rekku.db import get_engine, session_factory
 from rekku.errors import NotAuthorized, PluginError, RekkuError, TransientError, ValidationError
-from rekku.events import ACTIVE as EVENT_ACTIVE
-from rekku.events import CANCELLED as EVENT_CANCELLED
-from rekku.events import CANCELLED_DELIVERY as EVENT_DELIVERY_CANCELLED
-from rekku.events import DONE as EVENT_DONE
-from rekku.events import PENDING as EVENT_DELIVERY_PENDING
-from rekku.events import deliveries as event_deliveries
-from rekku.events import events as scheduled_events
-from rekku.events import new_event, requester_of
-from rekku.events import tick as event_tick
 from rekku.ingest import default_ingress
-from rekku.interfaces.delivery import deliver
+from rekku.interfaces.delivery import deliver, deliver_to_outbox_at_once
 from rekku.interfaces.links import Chat, chats_named, is_known_chat_id, looks_like_id, resolve_chat
 from rekku.interfaces.models import SENDING as DELIVERY_SENDING
 from rekku.interfaces.models import SENT as DELIVERY_SENT
@@ -41,7 +33,7 @@ from rekku.interfaces.replies import send_output
 from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.registry import core_initializer, get_registry, register_plugin
-from rekku.schedule import Rule, ScheduleError, build_rule, upcoming
+from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence, upcoming
 from rekku.settings import Settings, get_settings, location_of
 from rekku.validation import Rejection, validate_one
 
@@ -54,6 +46,7 @@ __all__ = [
     # --- the action being run
     "current_action",     # inside a handler: the action's context (chat, user, attempt, report_progress)
     "ActionContext",      # the type current_action() returns, for annotations
+    "normalize_context",  # a request context as the ingress keeps it (known keys, as strings)
     # --- errors a handler raises
     "RekkuError",         # the base of them all, to catch the core's errors
     "PluginError",        # the action fails with this message; the worker goes on
@@ -73,6 +66,7 @@ __all__ = [
     # --- chats and replies
     "send_output",        # send a query's result back to the chat the request came from
     "deliver",            # send a message to a chat (and to the chats linked to it), exactly once
+    "deliver_to_outbox_at_once",  # many one-part outbox messages in the caller's transaction, exactly once
     "get_interfaces",     # the configured interfaces (telegram, discord, webhook, outbox...) by name
     "Chat",               # an (interface, chat, thread) destination, as deliver() takes it
     "resolve_chat",       # a chat given by id or by name -> (interface, chat_id)
@@ -91,22 +85,14 @@ __all__ = [
     "Rejection",          # what validate_one returns for a refused action
     "shared_log",         # the process's action log (another action's state, a batch's order)
     "ActionLog",          # its type; ActionLog.is_final(status) says whether a run is over
-    # --- scheduled events (the event plugin's tables, kept and delivered by the core)
-    "scheduled_events",   # table scheduled_events: one row per event
-    "event_deliveries",   # table event_deliveries: one row per occurrence to deliver
-    "new_event",          # the scheduled_events row of a new event
-    "requester_of",       # the verified requester an event keeps, from a request context
-    "event_tick",         # what beat runs every EVENT_TICK_SECONDS: claim due occurrences, deliver them
-    "EVENT_ACTIVE",       # scheduled_events.status: waiting for its next occurrence
-    "EVENT_DONE",         # scheduled_events.status: the series is over
-    "EVENT_CANCELLED",    # scheduled_events.status: cancelled
-    "EVENT_DELIVERY_PENDING",    # event_deliveries.status: still to be delivered
-    "EVENT_DELIVERY_CANCELLED",  # event_deliveries.status: cancelled before it was due
     # --- time rules (pure functions, no database)
     "Rule",               # when an event happens: a local start in a zone and how it repeats
     "ScheduleError",      # an invalid time or recurrence; the message says what to fix
     "build_rule",         # an event payload -> its Rule and first occurrence
     "upcoming",           # the next occurrences of a Rule, for listings
+    "next_occurrence",    # a Rule's first occurrence after a moment
+    # --- Celery
+    "celery_app",         # Rekku's Celery app, to publish a plugin's own tasks by name (send_task)
     # --- artifacts (files the API serves, e.g. audio)
     "keep_artifact",      # move a made file into the artifact directory under a name
     "artifact_url",       # the artifact's URL path on the ingress (GET /v1/artifacts/{name})

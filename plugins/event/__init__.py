@@ -6,7 +6,7 @@ or local to the zone), ``in`` ("in 10 minutes"), ``timezone`` (IANA, default ``T
 ``yearly`` / ``every N minutes|hours`` / ``cron``, ``until``, ``count``, a delivery ``target``
 {interface, chat_id, thread_id} (default: the chat the request came from) and ``actions`` to run
 when it is due. Past times are refused. The time math is :mod:`rekku.schedule` (pure), delivery is
-:mod:`rekku.events` (beat → dispatcher → one delivery per occurrence, exactly once).
+:mod:`.engine` (its tables, beat → dispatcher → one delivery per occurrence, exactly once).
 
 Upstream's bugs fixed: delivery is not hard-wired to Telegram; an occurrence is marked delivered
 only when it was; recurrences keep local wall-clock time (no UTC drift); ``always`` (which re-fired
@@ -20,11 +20,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from rekku.plugin import (
-    EVENT_ACTIVE,
-    EVENT_CANCELLED,
-    EVENT_DELIVERY_CANCELLED,
-    EVENT_DELIVERY_PENDING,
-    EVENT_DONE,
     PluginError,
     Rejection,
     Rule,
@@ -32,21 +27,26 @@ from rekku.plugin import (
     TablePlugin,
     build_rule,
     current_action,
-    event_deliveries,
-    event_tick,
     get_interfaces,
     get_registry,
     get_settings,
-    new_event,
     register_plugin,
-    requester_of,
-    scheduled_events,
     send_output,
     session_factory,
     upcoming,
     utcnow,
     validate_one,
 )
+
+from .engine import ACTIVE as EVENT_ACTIVE
+from .engine import CANCELLED as EVENT_CANCELLED
+from .engine import CANCELLED_DELIVERY as EVENT_DELIVERY_CANCELLED
+from .engine import DONE as EVENT_DONE
+from .engine import PENDING as EVENT_DELIVERY_PENDING
+from .engine import deliveries as event_deliveries
+from .engine import events as scheduled_events
+from .engine import new_event, requester_of
+from .engine import tick as event_tick
 
 _WHEN = ["date", "time", "datetime", "in", "timezone", "repeat", "every", "cron", "until", "count"]
 

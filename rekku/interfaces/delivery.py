@@ -28,6 +28,7 @@ from rekku.errors import PluginError, TransientError
 from rekku.interfaces.base import DeliveryUncertain, Interface, Outgoing, split_text
 from rekku.interfaces.links import Chat, forwards_from
 from rekku.interfaces.models import SENDING, SENT, Delivery
+from rekku.interfaces.outbox import store_many
 from rekku.interfaces.registry import get_interfaces
 from rekku.models import utcnow
 
@@ -147,6 +148,37 @@ def _forward(target: Chat, action_id: str, text: str | None, audio: str | None) 
     except PluginError as exc:
         return {"interface": target.interface, "chat_id": target.chat_id, "error": str(exc)}
     return _summary(report)
+
+
+def deliver_to_outbox_at_once(connection: sa.Connection,
+                              messages: list[tuple[str, Chat, str]]) -> list[dict[str, Any]]:
+    """Deliver single-part text messages to the outbox in the caller's transaction, all or none: each
+    ``(action id, chat, text)`` is stored with its delivery record, as :func:`_send_part` stores one,
+    so it is exactly once, but in one statement per table instead of one transaction per part (a
+    burst of event reminders). Returns each message's summary, as :func:`deliver` reports a destination
+    (without forwards). Raises LookupError when a part was already recorded and ValueError when a text
+    needs more than one part or the outbox is not available: nothing is written, and the caller
+    delivers one by one, which tells a sent part from one to send."""
+    outbox = get_interfaces().get("outbox")
+    if outbox is None or not outbox.stored:
+        raise ValueError("the outbox is not available")
+    if any(chat.interface != "outbox" or len(split_text(text, outbox.max_text)) != 1 for _, chat, text in messages):
+        raise ValueError("a message that is not one part of text for the outbox")
+    records = Delivery.__table__
+    taken = connection.scalar(sa.select(sa.func.count()).select_from(records)
+                              .where(records.c.action_id.in_([action_id for action_id, _, _ in messages])))
+    if taken:
+        raise LookupError(f"{taken} parts already recorded")
+    now = utcnow()
+    ids = store_many(connection, [
+        {"chat_id": chat.chat_id, "thread_id": chat.thread_id or "", "text": text, "audio_url": None,
+         "reply_to": None, "action_id": action_id, "created_at": now} for action_id, chat, text in messages])
+    connection.execute(sa.insert(records), [
+        {"action_id": action_id, "part_key": _part_key(chat, 0), "interface": "outbox", "chat_id": chat.chat_id,
+         "status": SENT, "remote_id": str(mid), "created_at": now, "updated_at": now}
+        for (action_id, chat, _), mid in zip(messages, ids, strict=True)])
+    return [_summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1, sent=[mid]))
+            for (_, chat, _), mid in zip(messages, ids, strict=True)]
 
 
 def _summary(report: Report) -> dict[str, Any]:

@@ -44,6 +44,17 @@ class Outbox(Interface):
         return {"message_id": result.inserted_primary_key[0]}
 
 
+def store_many(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert outbox messages (``outbox_messages`` rows) in the caller's transaction, under the order
+    lock, in one statement where the database can return the ids in order; returns their ids in order."""
+    table = OutboxMessage.__table__
+    hold_order(connection)
+    if connection.dialect.insert_executemany_returning_sort_by_parameter_order:
+        return list(connection.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                                       rows).all())
+    return [connection.execute(sa.insert(table).values(**row)).inserted_primary_key[0] for row in rows]
+
+
 def hold_order(connection: sa.Connection | Any) -> None:
     """Lock the outbox order until this transaction ends; call it right before inserting outbox
     messages (a Connection or a Session). On SQLite the FOR UPDATE renders as a plain read."""

@@ -37,11 +37,24 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from celery import shared_task
 
-from rekku.celery_app import app
-from rekku.db import get_engine, session_factory
-from rekku.models import JSONType, UTCDateTime, utcnow
-from rekku.schedule import Rule, next_occurrence
-from rekku.settings import get_settings
+from rekku.plugin import (
+    Chat,
+    ChatForward,
+    JSONType,
+    Rule,
+    UTCDateTime,
+    default_ingress,
+    deliver,
+    deliver_to_outbox_at_once,
+    get_engine,
+    get_interfaces,
+    get_settings,
+    next_occurrence,
+    normalize_context,
+    session_factory,
+    utcnow,
+)
+from rekku.plugin import celery_app as app
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +149,6 @@ NO_REQUESTER = ("not run: this event was created before its requester was record
 def requester_of(context: Any) -> dict[str, str]:
     """The verified requester an event keeps, from a request context (a dict or an ActionContext):
     only what the API token holder said, never anything from a payload."""
-    from rekku.context import normalize_context
 
     fields = context if isinstance(context, dict) else vars(context)
     return {k: v for k, v in normalize_context(fields).items() if k in REQUESTER_KEYS}
@@ -370,7 +382,6 @@ def run_scheduled_actions(event: Any, occurrence: datetime) -> dict[str, Any]:
     they are validated and authorized again as the person who asked (a trainer demoted since is
     refused now). A row without a recorded requester runs nothing: running its actions with its
     target chat or its ``created_by`` would let the payload choose who they run as."""
-    from rekku.ingest import default_ingress
 
     requester = getattr(event, "requester", None)
     if not isinstance(requester, dict):  # NULL: a row from before event_0002 ({} is a request with no context)
@@ -385,9 +396,6 @@ def run_scheduled_actions(event: Any, occurrence: datetime) -> dict[str, Any]:
 def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
     """Send one occurrence of ``event`` (a scheduled_events row): reminder, system message, scheduled
     actions. Idempotent (deterministic message ids and idempotency key); raises on failure."""
-    from rekku.interfaces.delivery import deliver
-    from rekku.interfaces.links import Chat
-    from rekku.interfaces.registry import get_interfaces
 
     event_id = event.id
     target = Chat(event.interface, event.chat_id, event.thread_id or None)
@@ -442,8 +450,6 @@ def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -
     """The occurrences of a chunk that :func:`_deliver_to_outbox` may write in one transaction: target the
     outbox, system message to the outbox too (no webhook), no scheduled actions, and a chat with no
     cross-platform forwards (those take the per-occurrence path, which honours them)."""
-    from rekku.interfaces.models import ChatForward
-    from rekku.interfaces.registry import get_interfaces
 
     interfaces = get_interfaces()
     outbox = interfaces.get("outbox")
@@ -463,51 +469,23 @@ def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -
 
 def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> int:
     """Deliver these outbox occurrences in ONE transaction: the outbox messages (reminder and system
-    message), their ``interface_deliveries`` records and the occurrences marked delivered commit
-    together, so it is exactly once like the per-occurrence path. Raises (nothing written) if any part
-    was already recorded or anything fails; the caller then takes the per-occurrence path."""
-    from rekku.interfaces.base import split_text
-    from rekku.interfaces.delivery import Report, _part_key, _summary
-    from rekku.interfaces.links import Chat
-    from rekku.interfaces.models import SENT, Delivery, OutboxMessage
-    from rekku.interfaces.outbox import hold_order
-    from rekku.interfaces.registry import get_interfaces
+    message) with their delivery records (rekku.interfaces.delivery.deliver_to_outbox_at_once, the
+    same writer as any delivery) and the occurrences marked delivered commit together, so it is
+    exactly once like the per-occurrence path. Raises (nothing written) if any part was already
+    recorded or anything fails; the caller then takes the per-occurrence path."""
 
-    limit = get_interfaces().get("outbox").max_text
-    messages: list[dict[str, Any]] = []  # outbox rows, in order
-    keys: list[tuple[int, str, Chat]] = []  # (row index, part, chat) of each message
+    messages: list[tuple[str, Chat, str]] = []
+    parts: list[tuple[int, str]] = []  # (row index, part) of each message
     for n, (row, at) in enumerate(rows):
         event = found[row.event_id]
-        thread = event.thread_id or None
+        chat = Chat("outbox", event.chat_id, event.thread_id or None)
         for part, text in (("reminder", reminder_text(event.description)), ("system", system_message(event, at))):
-            if len(split_text(text, limit)) != 1:
-                raise ValueError("a message of more than one part")
-            now = utcnow()
-            messages.append({"chat_id": event.chat_id, "thread_id": event.thread_id or "", "text": text,
-                             "audio_url": None, "reply_to": None, "action_id": message_id(row.event_id, at, part),
-                             "created_at": now})
-            keys.append((n, part, Chat("outbox", event.chat_id, thread)))
-    table = OutboxMessage.__table__
-    engine = get_engine()
-    with engine.begin() as conn:
-        taken = conn.scalar(sa.select(sa.func.count()).select_from(Delivery.__table__)
-                            .where(Delivery.__table__.c.action_id.in_([m["action_id"] for m in messages])))
-        if taken:
-            raise LookupError(f"{taken} parts already recorded")
-        hold_order(conn)  # ids in commit order for pollers (rekku/interfaces/outbox.py)
-        if engine.dialect.insert_executemany_returning_sort_by_parameter_order:
-            ids = list(conn.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
-                                    messages).all())
-        else:
-            ids = [conn.execute(sa.insert(table).values(**m)).inserted_primary_key[0] for m in messages]
-        now = utcnow()
-        conn.execute(sa.insert(Delivery.__table__), [
-            {"action_id": m["action_id"], "part_key": _part_key(chat, 0), "interface": "outbox",
-             "chat_id": chat.chat_id, "status": SENT, "remote_id": str(mid), "created_at": now, "updated_at": now}
-            for m, mid, (_, _, chat) in zip(messages, ids, keys, strict=True)])
+            messages.append((message_id(row.event_id, at, part), chat, text))
+            parts.append((n, part))
+    with get_engine().begin() as conn:
+        summaries = deliver_to_outbox_at_once(conn, messages)
         results: list[dict[str, Any]] = [{} for _ in rows]
-        for mid, (n, part, chat) in zip(ids, keys, strict=True):
-            summary = _summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1, sent=[mid]))
+        for (n, part), summary in zip(parts, summaries, strict=True):
             if part == "reminder":
                 results[n]["reminder"] = {**summary, "forwarded": []}
             else:
