@@ -35,6 +35,7 @@ from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.registry import core_initializer, get_registry, register_plugin
 from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence, upcoming
 from rekku.settings import Settings, get_settings, location_of
+from rekku.supervisor import die_with_parent
 from rekku.validation import Rejection, validate_one
 
 __all__ = [
@@ -91,8 +92,9 @@ __all__ = [
     "build_rule",         # an event payload -> its Rule and first occurrence
     "upcoming",           # the next occurrences of a Rule, for listings
     "next_occurrence",    # a Rule's first occurrence after a moment
-    # --- Celery
+    # --- Celery and processes
     "celery_app",         # Rekku's Celery app, to publish a plugin's own tasks by name (send_task)
+    "die_with_parent",    # preexec_fn of a child process (a browser) that must not outlive its worker
     # --- artifacts (files the API serves, e.g. audio)
     "keep_artifact",      # move a made file into the artifact directory under a name
     "artifact_url",       # the artifact's URL path on the ingress (GET /v1/artifacts/{name})

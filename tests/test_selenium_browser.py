@@ -1,4 +1,4 @@
-"""The selenium pool's browser per process (workers/browser.py), with real headless Chromium."""
+"""The selenium pool's browser per process (plugins/selenium_elevenlabs/browser.py), with real headless Chromium."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from plugins.selenium_elevenlabs.browser import BrowserHolder, PageError, _kill_tree
 from rekku.settings import Settings
-from workers.browser import BrowserHolder, PageError, _kill_tree
 
 
 def _holder(tmp_path: Path, **options: object) -> BrowserHolder:

@@ -14,11 +14,11 @@ import pytest
 import redis
 
 from plugins.terminal import _programs, policy_errors
+from plugins.terminal.host import Limits, SessionHost, Shell, run_once
+from plugins.terminal.output import Capture, Framer
+from plugins.terminal.sessions import SessionRegistry
 from rekku.settings import Settings
 from tests.support import REDIS_HOST, REDIS_PORT, claim_redis_db, release_redis_db
-from workers.terminal_host import Limits, SessionHost, Shell, run_once
-from workers.terminal_output import Capture, Framer
-from workers.terminal_registry import SessionRegistry
 
 LIMITS = Limits(max_output=4096)
 

@@ -44,7 +44,7 @@ POOLS: dict[str, PoolSpec] = {
     "io": PoolSpec("io", "threads", concurrency=16, prefetch=1),
     "selenium": PoolSpec("selenium", "prefork", concurrency=1, prefetch=1, max_tasks_per_child=None),
     # Threads, not prefork: a node's persistent shells must all live in ONE process (the session host
-    # of workers/terminal_host.py) that every task of the node reaches; commands are subprocesses.
+    # of plugins/terminal/host.py) that every task of the node reaches; commands are subprocesses.
     "terminal": PoolSpec("terminal", "threads", concurrency=4, prefetch=1, node_queue=True),
 }
 

@@ -2,7 +2,7 @@
 keep a persistent session on the node that holds its shell.
 
 A command for session S reaching node N (after the ingress claimed S for N, see
-workers/terminal_registry.py):
+plugins/terminal/sessions.py):
 
 - S is held by another node that is alive (a race, or a stale route): refused with a clear error,
   never run here with missing state;
@@ -27,8 +27,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from workers.terminal_host import HostError, Limits, Outcome, SessionHost, run_once
-from workers.terminal_registry import SessionRegistry
+from .host import HostError, Limits, Outcome, SessionHost, run_once
+from .sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Reading a command's output: every pipe drained at once, at most a cap kept, markers found.
 
-Used by workers/terminal_host.py. Never more than ``cap`` bytes per stream are held in memory, so
+Used by plugins/terminal/host.py. Never more than ``cap`` bytes per stream are held in memory, so
 10 MB of output costs the same as 64 KiB; decoding replaces invalid UTF-8 instead of dropping it.
 """
 

@@ -35,8 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rekku.errors import PluginError
-from rekku.settings import Settings, get_settings
+from rekku.plugin import PluginError, Settings, die_with_parent, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,6 @@ def sweep_orphans() -> int:
 
 
 def _start_watchdog() -> subprocess.Popen:
-    from rekku.supervisor import die_with_parent
 
     return subprocess.Popen(["/bin/sh", "-c", WATCHDOG], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, process_group=0, preexec_fn=die_with_parent)

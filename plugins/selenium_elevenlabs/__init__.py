@@ -1,6 +1,6 @@
 """selenium_elevenlabs: ``speech_selenium_elevenlabs`` — speak a message through the text-to-speech site.
 
-Runs on the selenium pool with the process's browser (workers/browser.py): open the page, log in if
+Runs on the selenium pool with the process's browser (plugins/selenium_elevenlabs/browser.py): open the page, log in if
 asked, fill the editor, generate, download the .mp3, read the remaining credits (docs/plugins.md §3; the
 selectors are class attributes). The audio is kept as an artifact (``REKKU_ARTIFACT_DIR``) and sent to
 every destination as an ``audio_<interface>`` action on the io pool, under the idempotency key
@@ -121,7 +121,7 @@ class SeleniumElevenLabs(AIPluginBase):
         from selenium.webdriver.support import expected_conditions as ec
         from selenium.webdriver.support.ui import WebDriverWait
 
-        from workers.browser import PageError, browser_session
+        from .browser import PageError, browser_session
 
         settings = get_settings()
         step = _progress
@@ -166,7 +166,7 @@ class SeleniumElevenLabs(AIPluginBase):
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
-        from workers.browser import PageError
+        from .browser import PageError
 
         try:
             email = WebDriverWait(d, 15).until(lambda drv: drv.find_element(By.CSS_SELECTOR, self.EMAIL))

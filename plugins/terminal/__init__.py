@@ -12,8 +12,8 @@ in the worker. It is still not a sandbox: the boundary is TERMINAL_RUN_AS (an un
 with the TERMINAL_RLIMIT_* limits or a container. TERMINAL_DENY alone is advisory.
 
 This module shapes actions: schemas, validation, routing at the ingress, results. The processes
-live in workers/terminal_host.py, the node's run-time rules in workers/terminal_node.py and the
-session → node registry in workers/terminal_registry.py.
+live in plugins/terminal/host.py, the node's run-time rules in plugins/terminal/node.py and the
+session → node registry in plugins/terminal/sessions.py.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from rekku.plugin import (
     register_plugin,
     shared_log,
 )
-from workers.terminal_host import KILL_GRACE, HostError, Limits, run_once
-from workers.terminal_node import TerminalNode
-from workers.terminal_registry import SessionRegistry
+
+from .host import KILL_GRACE, HostError, Limits, run_once
+from .node import TerminalNode
+from .sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 It lives in the terminal worker's one process (the pool runs Celery's threads pool, see
 workers/pools.py), so every persistent shell of a node is reachable from every task thread. Nothing
 here knows Celery or Redis: ``plugins/terminal.py`` shapes actions and results, and
-``workers/terminal_registry.py`` tells nodes apart.
+``plugins/terminal/sessions.py`` tells nodes apart.
 
 - A one-off command runs as ``bash -c`` in its own process group, with a clean environment, stdin
   from /dev/null and its output read through a selector (never more than the cap kept in memory).
@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rekku.errors import PluginError
-from workers.terminal_output import Capture, Framer, Pump
+from rekku.plugin import PluginError
+
+from .output import Capture, Framer, Pump
 
 #: The shell commands run in.
 BASH = shutil.which("bash") or "/bin/bash"
