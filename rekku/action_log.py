@@ -140,11 +140,18 @@ _STATE = sa.select(_runs.c.status, _runs.c.cancel_requested, _runs.c.lost_runs, 
 _UNFINISHED = _runs.c.status.in_((QUEUED, RUNNING))
 # A run lost with its pool process, seen by the worker's main process: counted; one that died before its
 # claim was written is counted as an attempt too, and marked as delivered (its redelivery claims first).
-_LOST = (sa.update(_runs).where(_id, _UNFINISHED)
-         .values(lost_runs=_runs.c.lost_runs + 1,
-                 attempts=sa.case((_runs.c.status == QUEUED, _runs.c.attempts + 1), else_=_runs.c.attempts),
-                 worker=sa.case((_runs.c.status == QUEUED, sa.bindparam("worker")), else_=_runs.c.worker),
-                 updated_at=sa.bindparam("now")))
+# The run goes back to queued at once (Celery puts its message back): a later recovery of the node must
+# not count the same loss again, and the API must not say "running" while it waits. Only this worker's
+# run is touched (another may have claimed it since). ordered_values: MariaDB evaluates SET left to
+# right, so status changes last, after the CASEs have read the old one.
+_LOST = (sa.update(_runs)
+         .where(_id, _UNFINISHED, (_runs.c.status == QUEUED) | (_runs.c.worker == sa.bindparam("worker")))
+         .ordered_values(
+             (_runs.c.lost_runs, _runs.c.lost_runs + 1),
+             (_runs.c.attempts, sa.case((_runs.c.status == QUEUED, _runs.c.attempts + 1), else_=_runs.c.attempts)),
+             (_runs.c.worker, sa.bindparam("worker")),
+             (_runs.c.updated_at, sa.bindparam("now")),
+             (_runs.c.status, QUEUED)))
 _LOST_RUNS = sa.select(_runs.c.lost_runs).where(_id, _UNFINISHED)
 _FAIL_UNFINISHED = (sa.update(_runs).where(_id, _UNFINISHED)
                     .values(status=FAILED, error=sa.bindparam("error"), finished_at=sa.bindparam("now"),

@@ -119,10 +119,18 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
                 workers=workers, log_level=settings.log_level.lower(), access_log=False)
 
 
+def _node_name(value: str | None) -> str | None:
+    """'#' separates a node from its incarnation in the action log and '@' a pool from its node."""
+    if value is not None and (not value or set(value) & {"#", "@"} or value != value.strip()):
+        raise click.BadParameter("a node name must be non-empty, without '#', '@' or surrounding spaces")
+    return value
+
+
 @main.command()
 @click.option("--pool", type=click.Choice(list(POOLS)), required=True)
 @click.option("--concurrency", "-c", type=int, default=None, help="processes/threads (default: the pool's)")
-@click.option("--node", default=None, help="node name (default: host name)")
+@click.option("--node", default=None, callback=lambda _ctx, _param, value: _node_name(value),
+              help="node name (default: host name)")
 def worker(pool: str, concurrency: int | None, node: str | None) -> None:
     """A Celery worker serving one pool's queue."""
     from workers.pools import worker_argv

@@ -37,7 +37,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -66,6 +67,11 @@ OWNER_PROPERTY = "rekku_owner"
 #: When the reconciler first saw this Redis (no expiry): right after a Redis restart every heartbeat is
 #: missing for a moment, which says nothing about the workers; dead ones are named only a TTL later.
 SINCE_KEY = "rekku:reconciler:since"
+#: Held while a pass recovers or re-enqueues anything (the reconciler's, or a starting worker's): two at
+#: once would both read a dead node's running action before either moved it, and publish it twice.
+LOCK_KEY = "rekku:reconciler:lock"
+#: Seconds the lock lives if its holder dies mid-pass; a starting worker waits at most this for it.
+LOCK_SECONDS = 120
 #: Kombu's priority sub-queues are ``<queue>\x06\x16<priority>`` for these priorities.
 PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 #: Most actions re-enqueued per run (the next run takes the rest).
@@ -373,7 +379,7 @@ def _gone(client: redis.Redis, worker: str, ttl: float) -> bool:
     last = client.pttl(key)
     if last == -2:
         return True
-    deadline = time.monotonic() + beat_interval(ttl) * 1.5
+    deadline = time.monotonic() + MAX_BEAT_INTERVAL * 1.5  # the longest any worker waits between beats
     while time.monotonic() < deadline:
         time.sleep(0.1)
         now = client.pttl(key)
@@ -407,16 +413,39 @@ def recover_predecessors(hostname: str, incarnation: str, settings: Settings | N
     dead = {w for w in sorted(candidates) if w == hostname or _gone(client, w, ttl)}
     if not dead:
         return 0
-    recovered = recover_dead(client, dead, deliveries, settings)
-    with get_engine().connect() as conn:
-        rows = conn.execute(sa.select(runs).where(runs.c.id.in_(sorted(recovered.requeue)), runs.c.status == QUEUED,
-                                                  runs.c.cancel_requested.is_(False))).all()
-    held = _queued_ids(client, {r.queue for r in rows}) | _ids_in(list(client.hvals(UNACKED_KEY)))
-    rows = [r for r in rows if r.id not in held]
-    unsent = _enqueue(rows)
+    with one_at_a_time(client, wait=True) as held_lock:
+        if not held_lock:
+            log.warning("could not recover %s's earlier runs now: a reconciler pass holds the lock; the "
+                        "reconciler recovers them", hostname)
+            return 0
+        recovered = recover_dead(client, dead, unacked(client), settings)  # the unacked set as it is now
+        with get_engine().connect() as conn:
+            rows = conn.execute(sa.select(runs).where(runs.c.id.in_(sorted(recovered.requeue)),
+                                                      runs.c.status == QUEUED,
+                                                      runs.c.cancel_requested.is_(False))).all()
+        held = _queued_ids(client, {r.queue for r in rows}) | _ids_in(list(client.hvals(UNACKED_KEY)))
+        rows = [r for r in rows if r.id not in held]
+        unsent = _enqueue(rows)
     log.warning("recovered %d actions from earlier starts of %s (%s); %d failed as poison messages",
                 len(rows) - len(unsent), hostname, ", ".join(sorted(dead)), len(recovered.failed))
     return len(rows) - len(unsent)
+
+
+@contextmanager
+def one_at_a_time(client: redis.Redis, *, wait: bool) -> Iterator[bool]:
+    """Hold :data:`LOCK_KEY` for the block; yields False (and holds nothing) when another holder has it
+    and ``wait`` is off, or it stayed taken for :data:`LOCK_SECONDS`."""
+    lock = client.lock(LOCK_KEY, timeout=LOCK_SECONDS, blocking=wait, blocking_timeout=LOCK_SECONDS)
+    if not lock.acquire():
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:  # it expired (a pass longer than LOCK_SECONDS): nothing to free
+            log.warning("the reconciler's lock expired before its pass ended")
 
 
 # ----------------------------------------------------------------------------- the reconciler
@@ -440,9 +469,17 @@ def _heartbeats_trusted(client: redis.Redis, ttl: float) -> bool:
 
 
 def reconcile(settings: Settings | None = None) -> dict[str, int]:
-    """One pass; returns how many actions were re-enqueued, by reason."""
+    """One pass; returns how many actions were re-enqueued, by reason. A pass that finds another one
+    (a second beat, a slow pass, a starting worker's recovery) under way does nothing: that one does it."""
     settings = settings or get_settings()
     client = broker_client(settings)
+    with one_at_a_time(client, wait=False) as held_lock:
+        if not held_lock:
+            return Outcome().as_dict()
+        return _pass(settings, client)
+
+
+def _pass(settings: Settings, client: redis.Redis) -> dict[str, int]:
     runs = ActionRun.__table__
     cutoff = utcnow() - timedelta(seconds=settings.reconcile_grace)
     outcome = Outcome()

@@ -42,6 +42,8 @@ class NodeIdentity(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
+        if "#" in parent.hostname:  # it separates the node from the incarnation (rekku.worker_identity)
+            raise ValueError(f"worker name {parent.hostname!r}: a node name may not contain '#'")
         self.settings = settings = get_settings()
         self.hostname = parent.hostname
         self.incarnation = start_incarnation()
