@@ -24,8 +24,10 @@ from rekku.action_log import shared_log
 from rekku.auth import require_token
 from rekku.cancel import request_stop
 from rekku.celery_app import app as celery
+from rekku.db import get_engine
 from rekku.errors import Conflict, NotFound, RekkuError
 from rekku.ingest import capabilities, default_ingress
+from rekku.interfaces import get_interfaces
 from rekku.models import CANCELLED, FINAL_STATES, RUNNING
 from rekku.parsing import decode_json
 from rekku.registry import get_registry
@@ -241,7 +243,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/capabilities", response_model=CapabilitiesResponse, dependencies=auth, responses=_ERRORS)
     def get_capabilities() -> Any:
         """Every action this deployment can run, with its schema, instructions and queue."""
-        from rekku.interfaces import get_interfaces
 
         registry = get_registry()
         return {"actions": capabilities(registry), "interfaces": get_interfaces().describe(), "errors": registry.errors,
@@ -313,7 +314,6 @@ def extra_routers() -> list[Any]:
 
 def readiness() -> dict[str, str]:
     """``{"broker": "ok"|error, "database": "ok"|error}``."""
-    from rekku.db import get_engine
 
     checks: dict[str, str] = {}
     try:

@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from rekku.celery_app import app
+from rekku.embedded_redis import without_password
+from rekku.migrate import state
+from rekku.registry import get_registry
 from rekku.settings import Settings
 
 #: Where Debian puts the browser and its driver (the selenium pool uses these paths).
@@ -75,7 +78,6 @@ def _reachable(url: str) -> Exception | None:
 def _broker(settings: Settings) -> Check:
     """Says which broker URL it checked (without its password) and why that one: never a silent
     fall-back to local Redis."""
-    from rekku.embedded_redis import without_password
 
     url, source = _broker_source(settings)
     shown = without_password(url)
@@ -97,8 +99,6 @@ def _broker(settings: Settings) -> Check:
 
 
 def _database(settings: Settings) -> Check:
-    from rekku.embedded_redis import without_password
-    from rekku.migrate import state
 
     url = settings.resolved_database_url()
     shown = without_password(url)
@@ -143,7 +143,6 @@ def _browser() -> Check:
 
 
 def _plugins() -> list[Check]:
-    from rekku.registry import get_registry
 
     registry = get_registry()
     checks = [Check("plugins", "ok", f"{len(registry.plugins)} plugins, {len(registry.actions)} actions")]

@@ -42,7 +42,9 @@ from rekku.action_log import shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
 from rekku.plugin_base import ActionSpec
+from rekku.registry import get_registry
 from rekku.settings import get_settings
+from rekku.validation import authorization_error
 
 if TYPE_CHECKING:
     from rekku.claim import DeferredClaim
@@ -170,8 +172,6 @@ class AuthorizationHook(Hook):
     """Re-checks trainer-only and restricted actions in the worker: the ingress is not the only door."""
 
     def before_run(self, run: Run) -> None:
-        from rekku.registry import get_registry
-        from rekku.validation import authorization_error
 
         denied = authorization_error(run.spec, vars(run.context), get_settings(), run.payload, get_registry())
         if denied:

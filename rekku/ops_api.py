@@ -7,11 +7,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel
 
+from rekku import dispatch
 from rekku.action_log import NewRun, shared_log
 from rekku.auth import require_token
+from rekku.context import normalize_context
 from rekku.errors import Conflict, NotFound, ServiceUnavailable
+from rekku.metrics import render
 from rekku.models import FAILED
+from rekku.registry import get_registry
 from rekku.schemas import ActionState, ErrorResponse
+from rekku.settings import get_settings
+from rekku.validation import authorize_again
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["operations"],
                    responses={401: {"model": ErrorResponse}})
@@ -37,17 +43,12 @@ def retry_action(action_id: str) -> Any:
     The retry is authorized again, as a new request with the action's recorded context would be (a
     trainer demoted since, or a payload a plugin now refuses, gets a 409 and the action stays failed):
     the token holder may ask for a retry, but not for more than that context may run."""
-    from rekku import dispatch
 
     log = shared_log()
     current = log.get(action_id)
     if current is None:
         raise NotFound(f"no action {action_id}")
     if current["status"] == FAILED:
-        from rekku.context import normalize_context
-        from rekku.registry import get_registry
-        from rekku.settings import get_settings
-        from rekku.validation import authorize_again
 
         denied = authorize_again(current["type"], current.get("payload") or {},
                                  normalize_context(current.get("context")), get_settings(), get_registry())
@@ -71,6 +72,5 @@ def metrics() -> Response:
     durations by type, reconciler re-enqueues."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    from rekku.metrics import render
 
     return Response(render(), media_type=CONTENT_TYPE_LATEST)

@@ -47,10 +47,12 @@ import redis
 import sqlalchemy as sa
 
 from rekku import dispatch
-from rekku.action_log import NewRun, shared_log
+from rekku.action_log import NewRun, run_as_dict, shared_log
 from rekku.celery_app import app
 from rekku.db import get_engine
+from rekku.ingest import default_ingress
 from rekku.models import QUEUED, RUNNING, ActionRun, utcnow
+from rekku.registry import get_registry
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -265,8 +267,6 @@ def reroute_stranded(client: redis.Redis, rows: list[Any], held: set[str]) -> di
     which answers that the session was lost) and their messages leave the dead node's queue and
     unacknowledged set. Returns action id → new queue, for the ones to enqueue there. One the plugin
     still routes to the dead node (its session registry has not noticed yet) waits for a later pass."""
-    from rekku.ingest import default_ingress
-    from rekku.registry import get_registry
 
     dead = {r.queue for r in rows if (worker := node_of(r.queue)) and not client.exists(HEARTBEAT_PREFIX + worker)}
     if not dead:
@@ -523,7 +523,6 @@ def _pass(settings: Settings, client: redis.Redis) -> dict[str, int]:
 
 def stuck(settings: Settings | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Actions not finished and not touched for longer than the grace: what `rekku status --stuck` shows."""
-    from rekku.action_log import run_as_dict
 
     settings = settings or get_settings()
     runs = ActionRun.__table__

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from rekku.db import session_factory
 from rekku.errors import PluginError
 from rekku.interfaces.models import ChatForward, ChatLink
+from rekku.models import ActionRun, chat_key
 
 #: Chat ids as platforms write them: numbers (Telegram's may be negative) and @channel names.
 _ID = re.compile(r"^-?\d+$")
@@ -81,7 +82,6 @@ def _heard_from(session: Any, chat_id: str) -> str | None:
     """The interface ("" if none was given) of a request that came from chat ``chat_id``, or None if
     none did. Chat ids in the action log come from request contexts (the token holder's word), so a
     chat id found there is a real chat, and a name equal to it must not take its messages."""
-    from rekku.models import ActionRun, chat_key
 
     context = session.scalar(sa.select(ActionRun.context).where(ActionRun.chat_id == chat_key(chat_id)).limit(1))
     if not isinstance(context, dict) or str(context.get("chat_id")) != chat_id:  # MariaDB compares without case
