@@ -125,28 +125,52 @@ def _own_ports() -> set[str]:
     return ports
 
 
-def claim_redis_db() -> int:
-    """A Redis db number no other test run holds (a lease key in db 0) and no process is connected to
-    (a worker left over from an interrupted run, still consuming a db whose lease expired, would take
-    this run's messages), flushed for us."""
-    lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
+#: How long :func:`claim_redis_db` waits for a db when every one is taken (by other test runs on this
+#: machine, or this run's other xdist workers); inside pytest-timeout's 300 s for the test that waits.
+CLAIM_WAIT = 180.0
+#: Deletes a lease only if it is still the one we took (an expired lease may be someone else's now).
+_RELEASE = """if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"""
+
+
+def _lease_value() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _try_claim(lease: redis.Redis) -> int | None:
     for number in TEST_DBS:
         key = f"rekku-test-lease:{number}"
-        if not lease.set(key, os.getpid(), nx=True, ex=3600):
+        # SET NX is atomic: of several processes (xdist workers, other runs) asking at the same moment,
+        # one gets the lease and the others move on to the next number
+        if not lease.set(key, _lease_value(), nx=True, ex=3600):
             continue
         mine = _own_ports()
         if any(str(client.get("db")) == str(number) and client.get("cmd") in CONSUMING
                and client.get("addr", "").rpartition(":")[2] not in mine for client in lease.client_list()):
-            lease.delete(key)  # someone's leftover workers consume from it: not ours to flush
+            lease.eval(_RELEASE, 1, key, _lease_value())  # someone's leftover workers consume from it: not ours
             continue
         redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
         return number
-    raise RuntimeError("every test Redis db is leased or in use; stale leases expire within an hour")
+    return None
+
+
+def claim_redis_db(wait: float = CLAIM_WAIT) -> int:
+    """A Redis db number no other test run or xdist worker holds (a lease key in db 0) and no process is
+    connected to (a worker left over from an interrupted run, still consuming a db whose lease expired,
+    would take this run's messages), flushed for us. When all are taken, waits up to ``wait`` seconds
+    for one to be released."""
+    lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
+    deadline = time.monotonic() + wait
+    while (number := _try_claim(lease)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"every test Redis db was leased or in use for {wait:g} s; stale leases expire "
+                               "within an hour")
+        time.sleep(1.0)
+    return number
 
 
 def release_redis_db(number: int) -> None:
     redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
-    redis.Redis(REDIS_HOST, REDIS_PORT, db=0).delete(f"rekku-test-lease:{number}")
+    redis.Redis(REDIS_HOST, REDIS_PORT, db=0).eval(_RELEASE, 1, f"rekku-test-lease:{number}", _lease_value())
 
 
 def create_mariadb() -> tuple[str, str]:
