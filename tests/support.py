@@ -226,6 +226,14 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
         time.sleep(interval)
 
 
+def gone(pid: int) -> bool:
+    """The process ``pid`` no longer runs (it may linger as a zombie until whoever inherited it reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL it."""
     if proc.poll() is None:
