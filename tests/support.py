@@ -7,7 +7,9 @@ real broker and database, each test run on its own Redis db number and database.
 from __future__ import annotations
 
 import atexit
+import base64
 import functools
+import json
 import os
 import shutil
 import signal
@@ -226,6 +228,15 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
         time.sleep(interval)
 
 
+def twice(predicate: Any, gap: float = 0.2) -> Any:
+    """``predicate``, true now and again ``gap`` seconds later. For "nothing in flight" on the broker: a
+    message a worker has just popped from its queue is in neither the queue nor the unacked set for an
+    instant, never for ``gap``."""
+    def check() -> Any:
+        return predicate() and (time.sleep(gap) or predicate())
+    return check
+
+
 def gone(pid: int) -> bool:
     """The process ``pid`` no longer runs (it may linger as a zombie until whoever inherited it reaps it)."""
     try:
@@ -370,3 +381,43 @@ class Stack:
     def journal(self, action_id: str) -> list[str]:
         path = self.home / "testkit" / f"{action_id}.log"
         return path.read_text().split("\n")[:-1] if path.exists() else []
+
+    # ------------------------------------------------------------------ evidence
+    def worker_logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in sorted((self.home / "logs").glob("worker-*.log")))
+
+    def tasks_succeeded(self, task_name: str) -> int:
+        """How many runs of the task ``task_name`` the workers have logged as succeeded (Celery's own line)."""
+        return sum(1 for line in self.worker_logs().splitlines()
+                   if f"Task {task_name}[" in line and "] succeeded in " in line)
+
+    def broker_messages(self) -> list[dict[str, Any]]:
+        """Every task message on this stack's broker db that is not finished: waiting in a queue, or
+        delivered to a worker and not yet acknowledged (running, prefetched, or held until its ETA; the
+        actions acknowledge late, after their run). Each as {"task", "id", "kwargs", "tag"} ("tag": the
+        unacked delivery tag, None while queued; "kwargs": None when the body is not plain JSON)."""
+        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db)
+        raw: list[tuple[str | None, bytes]] = []
+        for key in client.scan_iter(_type="list"):
+            raw += [(None, item) for item in client.lrange(key, 0, -1)]
+        for tag, value in client.hgetall("unacked").items():
+            raw.append((tag.decode(), json.dumps(json.loads(value)[0]).encode()))
+        found = []
+        for tag, item in raw:
+            try:
+                message = json.loads(item)
+                headers = message["headers"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a list of something else
+            try:
+                kwargs = json.loads(base64.b64decode(message["body"]))[1]
+            except (ValueError, KeyError, TypeError, IndexError):
+                kwargs = None
+            found.append({"task": headers.get("task"), "id": headers.get("id"), "kwargs": kwargs, "tag": tag})
+        return found
+
+    def consumed(self, *task_ids: str) -> bool:
+        """No message with one of these task ids is queued or unacknowledged: every delivery of them
+        was taken by a worker and acknowledged (after its run: the actions acknowledge late)."""
+        wanted = set(task_ids)
+        return not any(m["id"] in wanted for m in self.broker_messages())
