@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -50,11 +51,15 @@ def in_flight(stack: Stack, event_ids: list[int], ignore: frozenset[str] = froze
 
 
 def settle(stack: Stack, event_ids: list[int], ignore: frozenset[str] = frozenset()) -> None:
-    """Positive evidence that nothing more can arrive for these events: no tick and none of their
-    deliveries in flight; then two more ticks run from start to end (enqueued after that, they saw
-    the occurrences as they are now, and enqueued whatever they would); then nothing in flight again."""
+    """Positive evidence that nothing more can arrive for these events, whose deliveries are all final
+    now: once their recovery lease has run out (a tick after that would enqueue any of them again if
+    recovery took final ones), no tick and none of their deliveries in flight; then two more ticks run
+    from start to end (enqueued after that, they saw the occurrences as they are now, and enqueued
+    whatever they would); then nothing in flight again."""
+    lease_over = time.monotonic() + float(stack.extra_env["REKKU_EVENT_REDELIVER_SECONDS"])
     idle = twice(lambda: not in_flight(stack, event_ids, ignore))
-    wait_until(idle, timeout=60, what="no tick and none of these deliveries in flight")
+    wait_until(lambda: time.monotonic() > lease_over and idle(), timeout=60,
+               what="the recovery lease over, and no tick and none of these deliveries in flight")
     ticks = stack.tasks_succeeded(TICK)
     wait_until(lambda: stack.tasks_succeeded(TICK) >= ticks + 2, timeout=30, what="two more ticks")
     wait_until(idle, timeout=60, what="no tick and none of these deliveries in flight, after two more ticks")
