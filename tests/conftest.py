@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +42,103 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("\n".join(problems), returncode=3)
 
 
+# ----------------------------------------------------------------------------- shared stacks, and xdist
+#: The session's shared stacks: the fixture that asks for each, and its key in :class:`SharedStacks`
+#: (``stack`` is parametrized: "standard:sqlite" and "standard:mariadb").
+SHARED = {"chat_stack": "chat", "memory_stack": "memory", "plugin_stack": "plugins", "event_stack": "events"}
+#: Test files that share a stack of their own and run on one xdist worker, one after the other (with
+#: ``-n N --dist loadgroup``; other files are each a group of their own): that stack starts once in
+#: the run, not once per worker.
+XDIST_GROUPS = {
+    "chat-and-events": ("test_chat_plugins", "test_interfaces", "test_trust_files", "test_trust_identity",
+                        "test_event_delivery"),
+    "memory": ("test_bio", "test_diary", "test_prompt", "test_weather"),
+    "plugins": ("test_reddit", "test_selenium"),
+}
+
+
+def xdist_group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    module = Path(path).stem
+    return next((name for name, modules in XDIST_GROUPS.items() if module in modules), path)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup``: whole groups of files (:data:`XDIST_GROUPS`, else one file) to one worker, in
+    collection order. xdist's own loadgroup reads the group from a suffix it appends to each node id,
+    which pytest 9.2 no longer lets it do (pytest-dev/pytest-xdist#1386): every test went anywhere."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+def _shared_keys(item: pytest.Item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    keys = {SHARED[name] for name in names if name in SHARED}
+    if "stack" in names:
+        kind = getattr(item, "callspec", None) and item.callspec.params.get("stack")
+        keys |= {f"standard:{kind}"} if kind else {"standard:sqlite", "standard:mariadb"}
+    return keys
+
+
+class SharedStacks:
+    """The shared stacks of this process: each started when a test first asks for it, and stopped
+    after the last test that needs it (in collection order, the order tests run in, serially or on an
+    xdist worker with --dist loadfile or loadgroup) instead of at the end of the session. A run holds
+    fewer Redis test dbs at once that way (13 for every run on the machine), and fewer processes.
+    A stack asked for again after it stopped starts again."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, tuple[Stack, ExitStack]] = {}
+        self.last_user: dict[str, str] = {}
+
+    def get(self, key: str, start: Callable[[], AbstractContextManager[Stack]]) -> Stack:
+        if key not in self.running:
+            exits = ExitStack()
+            self.running[key] = (exits.enter_context(start()), exits)
+        return self.running[key][0]
+
+    def stop(self, key: str) -> None:
+        _, exits = self.running.pop(key, (None, None))
+        if exits is not None:
+            exits.close()
+
+    def close(self) -> None:
+        for key in reversed(list(self.running)):
+            self.stop(key)
+
+
+#: This process's shared stacks (each xdist worker has its own).
+SHARED_STACKS = SharedStacks()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        for key in _shared_keys(item):
+            SHARED_STACKS.last_user[key] = item.nodeid
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)  # the test's own fixtures first (a module's may still use a stack)
+    finally:
+        for key, nodeid in list(SHARED_STACKS.last_user.items()):
+            if nodeid == item.nodeid:
+                SHARED_STACKS.stop(key)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    SHARED_STACKS.close()
+
+
 @pytest.fixture(scope="session")
 def tmp_home() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="rekku-test-"))
@@ -74,19 +171,32 @@ def running_stack(name: str, home: Path, database: str, extra_env: dict[str, str
             drop_mariadb(db_name)
 
 
+@pytest.fixture(scope="session")
+def shared_stacks(tmp_home: Path) -> Iterator[SharedStacks]:
+    """This process's :class:`SharedStacks`; the ones still running stop with the session, before its
+    temporary home goes."""
+    try:
+        yield SHARED_STACKS
+    finally:
+        SHARED_STACKS.close()
+
+
 def _home(tmp_home: Path, name: str) -> Path:
-    home = tmp_home / name
+    home, n = tmp_home / name, 1
+    while home.exists():  # a shared stack started again
+        n += 1
+        home = tmp_home / f"{name}-{n}"
     home.mkdir()
     return home
 
 
-@pytest.fixture(scope="session", params=["sqlite", "mariadb"])
-def stack(request: pytest.FixtureRequest, tmp_home: Path) -> Iterator[Stack]:
-    """An ingress and a default-pool worker, on SQLite and again on MariaDB."""
+@pytest.fixture(scope="module", params=["sqlite", "mariadb"])
+def stack(request: pytest.FixtureRequest, tmp_home: Path, shared_stacks: SharedStacks) -> Stack:
+    """An ingress and a default-pool worker, on SQLite and again on MariaDB (shared: see SharedStacks)."""
     kind = request.param
-    with running_stack(kind, _home(tmp_home, kind), kind, {"TRAINER_IDS": "telegram_bot:42,webhook:7000"},
-                       [("default", 2, f"{kind}-main")]) as running:
-        yield running
+    return shared_stacks.get(f"standard:{kind}", lambda: running_stack(
+        kind, _home(tmp_home, kind), kind, {"TRAINER_IDS": "telegram_bot:42,webhook:7000"},
+        [("default", 2, f"{kind}-main")]))
 
 
 # ----------------------------------------------------------------------------- interfaces (issue 3)
@@ -110,16 +220,16 @@ def fakes() -> Iterator[dict]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def chat_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
-    """MariaDB, an ingress, a default and an io worker, with every interface configured against the fakes."""
+@pytest.fixture(scope="module")
+def chat_stack(tmp_home: Path, fakes: dict, shared_stacks: SharedStacks) -> Stack:
+    """MariaDB, an ingress, a default and an io worker, with every interface configured against the fakes
+    (shared: see SharedStacks)."""
     env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
            "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
            "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook", "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET,
            "REKKU_INTERFACE_TIMEOUT": "5"}
-    with running_stack("chat", _home(tmp_home, "chat"), "mariadb", env,
-                       [("default", 2, "chat-main"), ("io", 4, "chat-io")]) as stack:
-        yield stack
+    return shared_stacks.get("chat", lambda: running_stack(
+        "chat", _home(tmp_home, "chat"), "mariadb", env, [("default", 2, "chat-main"), ("io", 4, "chat-io")]))
 
 
 @pytest.fixture
@@ -141,17 +251,31 @@ def wttr() -> Iterator[object]:
     fake.stop()
 
 
-@pytest.fixture(scope="session")
-def memory_stack(tmp_home: Path, wttr: object) -> Iterator[Stack]:
+@contextmanager
+def _with_beats(stack_cm: AbstractContextManager[Stack], *beats: str) -> Iterator[Stack]:
+    """``stack_cm``'s stack, with a beat process per name in ``beats`` (each in its own REKKU_HOME below
+    the stack's when there are several, as two beats need their own schedule files)."""
+    with stack_cm as stack:
+        for name in beats:
+            if len(beats) == 1:
+                stack.spawn("beat", log_name=name)
+            else:
+                (stack.home / name).mkdir()
+                stack.spawn("beat", log_name=name, REKKU_HOME=str(stack.home / name))
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def memory_stack(tmp_home: Path, wttr: object, shared_stacks: SharedStacks) -> Stack:
     """MariaDB, an ingress, a default and an io worker and beat; weather from the fake wttr.in
-    (refreshed every 1.2 s), a 1 s injection timeout, and the misbehaving test injectors switched on."""
+    (refreshed every 1.2 s), a 1 s injection timeout, and the misbehaving test injectors switched on
+    (shared: see SharedStacks)."""
     env = {"TRAINER_IDS": "telegram_bot:42", "WEATHER_URL": wttr.url, "WEATHER_FETCH_TIME": "0.02",
            "PROMPT_LOCATION": "Rome", "TZ": "Europe/Rome", "REKKU_INJECTION_TIMEOUT": "1",
            "REKKU_TEST_SLOW_INJECTION": "1", "REKKU_TEST_FAILING_INJECTION": "1"}
-    with running_stack("memory", _home(tmp_home, "memory"), "mariadb", env,
-                       [("default", 2, "memory-main"), ("io", 2, "memory-io")]) as stack:
-        stack.spawn("beat", log_name="beat")
-        yield stack
+    return shared_stacks.get("memory", lambda: _with_beats(running_stack(
+        "memory", _home(tmp_home, "memory"), "mariadb", env, [("default", 2, "memory-main"), ("io", 2, "memory-io")]),
+        "beat"))
 
 
 # ----------------------------------------------------------------------------- selenium and reddit (issue 7)
@@ -180,11 +304,16 @@ def fake_reddit() -> Iterator[object]:
     fake.stop()
 
 
-@pytest.fixture(scope="session")
-def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: object) -> Iterator[Stack]:
+@pytest.fixture(scope="module")
+def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: object,
+                 shared_stacks: SharedStacks) -> Stack:
     """SQLite, an ingress, a default, an io and a selenium worker (one browser), against the fake
-    text-to-speech site, fake Telegram and fake Reddit; short browser timeouts."""
-    home = _home(tmp_home, "plugins")
+    text-to-speech site, fake Telegram and fake Reddit; short browser timeouts (shared: see SharedStacks)."""
+    return shared_stacks.get("plugins", lambda: _plugin_stack(_home(tmp_home, "plugins"), fakes, tts_site,
+                                                              fake_reddit))
+
+
+def _plugin_stack(home: Path, fakes: dict, tts_site: object, fake_reddit: object) -> AbstractContextManager[Stack]:
     env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
            "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_INTERFACE_TIMEOUT": "5",
            "ELEVENLABS_URL": tts_site.url, "ELEVENLABS_EMAIL": tts_site.email, "ELEVENLABS_PASSWORD": tts_site.password,
@@ -194,24 +323,20 @@ def plugin_stack(tmp_home: Path, fakes: dict, tts_site: object, fake_reddit: obj
            "REDDIT_CLIENT_ID": REDDIT_ACCOUNT["client_id"], "REDDIT_CLIENT_SECRET": REDDIT_ACCOUNT["secret"],
            "REDDIT_USERNAME": REDDIT_ACCOUNT["username"], "REDDIT_PASSWORD": REDDIT_ACCOUNT["password"],
            "REDDIT_URL": fake_reddit.url, "REDDIT_OAUTH_URL": fake_reddit.url, "REDDIT_RATE_LIMIT": "600/m"}
-    with running_stack("plugins", home, "sqlite", env, [("default", 1, "plugins-main"), ("io", 4, "plugins-io"),
-                                                        ("selenium", 1, "plugins-browser")]) as stack:
-        yield stack
+    return running_stack("plugins", home, "sqlite", env, [("default", 1, "plugins-main"), ("io", 4, "plugins-io"),
+                                                          ("selenium", 1, "plugins-browser")])
 
 
 # ----------------------------------------------------------------------------- events (issue 5)
-@pytest.fixture(scope="session")
-def event_stack(tmp_home: Path, fakes: dict) -> Iterator[Stack]:
+@pytest.fixture(scope="module")
+def event_stack(tmp_home: Path, fakes: dict, shared_stacks: SharedStacks) -> Stack:
     """MariaDB, an ingress, a default worker, two io workers and two beat processes ticking every second;
-    Telegram and the webhook against the fakes; a lost delivery is enqueued again after 4 s."""
-    home = _home(tmp_home, "events")
+    Telegram and the webhook against the fakes; a lost delivery is enqueued again after 4 s (shared: see
+    SharedStacks)."""
     env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN, "TZ": "Europe/Rome",
            "TELEGRAM_API_URL": fakes["telegram"].url, "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook",
            "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET, "REKKU_INTERFACE_TIMEOUT": "5",
            "EVENT_TICK_SECONDS": "1", "REKKU_EVENT_REDELIVER_SECONDS": "4"}
-    with running_stack("events", home, "mariadb", env, [("default", 2, "events-main"), ("io", 4, "events-io1"),
-                                                        ("io", 4, "events-io2")]) as stack:
-        for name in ("beat1", "beat2"):  # two beats at once, each with its own schedule file
-            (home / name).mkdir()
-            stack.spawn("beat", log_name=name, REKKU_HOME=str(home / name))
-        yield stack
+    return shared_stacks.get("events", lambda: _with_beats(running_stack(
+        "events", _home(tmp_home, "events"), "mariadb", env,
+        [("default", 2, "events-main"), ("io", 4, "events-io1"), ("io", 4, "events-io2")]), "beat1", "beat2"))

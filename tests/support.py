@@ -6,11 +6,17 @@ real broker and database, each test run on its own Redis db number and database.
 
 from __future__ import annotations
 
+import atexit
+import base64
+import functools
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +34,63 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 MARIADB = dict(host="127.0.0.1", port=3306, user="root", password="")
 #: Redis db numbers the tests may take (14 and 15 are left to the benchmarks and people).
 TEST_DBS = range(1, 14)
+
+
+# ----------------------------------------------------------------------------- the children's environment
+#: A directory of this test process for the junk below: an empty HOME, and nothing else.
+_JUNK = Path(tempfile.mkdtemp(prefix="rekku-test-junk-"))
+atexit.register(shutil.rmtree, _JUNK, ignore_errors=True)
+#: Names a user's shell, a platform or another program sets for itself, none of them Rekku's (its own are
+#: REKKU_*, TELEGRAM_BOT_TOKEN … : every Settings name), each with a junk value in every process this
+#: suite starts: a child that read one fails loudly (an address it cannot bind, a broker and database
+#: that refuse connections, a token nobody sends, a level logging does not know, an app that does not
+#: exist), instead of working because the caller's shell happened to hold a usable value.
+SHELL_JUNK = {
+    "HOME": str(_JUNK / "home"),
+    "PORT": "junk-port", "HOST": "203.0.113.7",
+    "DATABASE_URL": "mysql+mysqldb://junk:junk@127.0.0.1:9/junk",
+    "BROKER_URL": "redis://127.0.0.1:9/0", "REDIS_URL": "redis://127.0.0.1:9/0",
+    "RESULT_BACKEND": "redis://127.0.0.1:9/0", "APP": "junk_app_from_the_shell",
+    "CONFIG_MODULE": "junk_config_from_the_shell", "LOADER": "junk_loader_from_the_shell",
+    "API_TOKEN": "junk-api-token-from-the-shell", "LOG_LEVEL": "JUNK-LEVEL",
+    "WEBHOOK_URL": "http://127.0.0.1:9/junk-hook",
+}
+#: Dropped from the children's environment: where a caller's shell points programs at its own files (they
+#: follow the junk HOME instead), and Celery's own broker and backend variables, which Celery prefers to
+#: Rekku's settings (a known defect, test_first_day_cli.py::test_celery_s_own_variables_do_not_redirect_
+#: rekku: as junk they would fail every stack; move them to SHELL_JUNK once it is fixed).
+SHELL_DROPPED = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+                 "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+(_JUNK / "home").mkdir()
+
+
+@functools.cache
+def rekku_variables() -> frozenset[str]:
+    """Every environment variable Rekku reads (each Settings field's names), upper case."""
+    from pydantic import AliasChoices
+
+    from rekku.settings import Settings
+
+    names = set()
+    for spec in Settings.model_fields.values():
+        alias = spec.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        names.update(str(choice).upper() for choice in choices)
+    return frozenset(names)
+
+
+def child_env(**more: str) -> dict[str, str]:
+    """The environment of a process this suite starts (``rekku`` or any other): the caller's, without
+    anything that configures Rekku (every Settings name, and REKKU_*, DB_*, TRAINER*, FLOWER*), with
+    :data:`SHELL_JUNK` over the generic names, then ``more``. Nothing the caller's shell holds can
+    make a child work that would not work on a machine without it."""
+    ours = rekku_variables()
+    env = {k: v for k, v in os.environ.items()
+           if k.upper() not in ours and k not in SHELL_DROPPED
+           and not k.upper().startswith(("REKKU_", "DB_", "TRAINER", "FLOWER"))}
+    env.update(SHELL_JUNK)
+    env.update(more)
+    return env
 
 
 def free_port() -> int:
@@ -64,28 +127,52 @@ def _own_ports() -> set[str]:
     return ports
 
 
-def claim_redis_db() -> int:
-    """A Redis db number no other test run holds (a lease key in db 0) and no process is connected to
-    (a worker left over from an interrupted run, still consuming a db whose lease expired, would take
-    this run's messages), flushed for us."""
-    lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
+#: How long :func:`claim_redis_db` waits for a db when every one is taken (by other test runs on this
+#: machine, or this run's other xdist workers); inside pytest-timeout's 300 s for the test that waits.
+CLAIM_WAIT = 180.0
+#: Deletes a lease only if it is still the one we took (an expired lease may be someone else's now).
+_RELEASE = """if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"""
+
+
+def _lease_value() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _try_claim(lease: redis.Redis) -> int | None:
     for number in TEST_DBS:
         key = f"rekku-test-lease:{number}"
-        if not lease.set(key, os.getpid(), nx=True, ex=3600):
+        # SET NX is atomic: of several processes (xdist workers, other runs) asking at the same moment,
+        # one gets the lease and the others move on to the next number
+        if not lease.set(key, _lease_value(), nx=True, ex=3600):
             continue
         mine = _own_ports()
         if any(str(client.get("db")) == str(number) and client.get("cmd") in CONSUMING
                and client.get("addr", "").rpartition(":")[2] not in mine for client in lease.client_list()):
-            lease.delete(key)  # someone's leftover workers consume from it: not ours to flush
+            lease.eval(_RELEASE, 1, key, _lease_value())  # someone's leftover workers consume from it: not ours
             continue
         redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
         return number
-    raise RuntimeError("every test Redis db is leased or in use; stale leases expire within an hour")
+    return None
+
+
+def claim_redis_db(wait: float = CLAIM_WAIT) -> int:
+    """A Redis db number no other test run or xdist worker holds (a lease key in db 0) and no process is
+    connected to (a worker left over from an interrupted run, still consuming a db whose lease expired,
+    would take this run's messages), flushed for us. When all are taken, waits up to ``wait`` seconds
+    for one to be released."""
+    lease = redis.Redis(REDIS_HOST, REDIS_PORT, db=0)
+    deadline = time.monotonic() + wait
+    while (number := _try_claim(lease)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"every test Redis db was leased or in use for {wait:g} s; stale leases expire "
+                               "within an hour")
+        time.sleep(1.0)
+    return number
 
 
 def release_redis_db(number: int) -> None:
     redis.Redis(REDIS_HOST, REDIS_PORT, db=number).flushdb()
-    redis.Redis(REDIS_HOST, REDIS_PORT, db=0).delete(f"rekku-test-lease:{number}")
+    redis.Redis(REDIS_HOST, REDIS_PORT, db=0).eval(_RELEASE, 1, f"rekku-test-lease:{number}", _lease_value())
 
 
 def create_mariadb() -> tuple[str, str]:
@@ -141,6 +228,23 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
         time.sleep(interval)
 
 
+def twice(predicate: Any, gap: float = 0.2) -> Any:
+    """``predicate``, true now and again ``gap`` seconds later. For "nothing in flight" on the broker: a
+    message a worker has just popped from its queue is in neither the queue nor the unacked set for an
+    instant, never for ``gap``."""
+    def check() -> Any:
+        return predicate() and (time.sleep(gap) or predicate())
+    return check
+
+
+def gone(pid: int) -> bool:
+    """The process ``pid`` no longer runs (it may linger as a zombie until whoever inherited it reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL it."""
     if proc.poll() is None:
@@ -188,13 +292,10 @@ class Stack:
         return {"Authorization": f"Bearer {self.token}"}
 
     def env(self, **more: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "TRAINER", "FLOWER"))}
-        env.update(REKKU_HOME=str(self.home), REKKU_BROKER_URL=self.broker_url,
-                   REKKU_DATABASE_URL=self.database_url, REKKU_API_TOKEN=self.token,
-                   REKKU_PLUGIN_PATH=str(TEST_PLUGINS), REKKU_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-        env.update(self.extra_env)
-        env.update(more)
-        return env
+        own = {"REKKU_HOME": str(self.home), "REKKU_BROKER_URL": self.broker_url,
+               "REKKU_DATABASE_URL": self.database_url, "REKKU_API_TOKEN": self.token,
+               "REKKU_PLUGIN_PATH": str(TEST_PLUGINS), "REKKU_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+        return child_env(**(own | self.extra_env | more))
 
     def spawn(self, *args: str, log_name: str, **env: str) -> subprocess.Popen:
         logs = self.home / "logs"
@@ -280,3 +381,43 @@ class Stack:
     def journal(self, action_id: str) -> list[str]:
         path = self.home / "testkit" / f"{action_id}.log"
         return path.read_text().split("\n")[:-1] if path.exists() else []
+
+    # ------------------------------------------------------------------ evidence
+    def worker_logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in sorted((self.home / "logs").glob("worker-*.log")))
+
+    def tasks_succeeded(self, task_name: str) -> int:
+        """How many runs of the task ``task_name`` the workers have logged as succeeded (Celery's own line)."""
+        return sum(1 for line in self.worker_logs().splitlines()
+                   if f"Task {task_name}[" in line and "] succeeded in " in line)
+
+    def broker_messages(self) -> list[dict[str, Any]]:
+        """Every task message on this stack's broker db that is not finished: waiting in a queue, or
+        delivered to a worker and not yet acknowledged (running, prefetched, or held until its ETA; the
+        actions acknowledge late, after their run). Each as {"task", "id", "kwargs", "tag"} ("tag": the
+        unacked delivery tag, None while queued; "kwargs": None when the body is not plain JSON)."""
+        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db)
+        raw: list[tuple[str | None, bytes]] = []
+        for key in client.scan_iter(_type="list"):
+            raw += [(None, item) for item in client.lrange(key, 0, -1)]
+        for tag, value in client.hgetall("unacked").items():
+            raw.append((tag.decode(), json.dumps(json.loads(value)[0]).encode()))
+        found = []
+        for tag, item in raw:
+            try:
+                message = json.loads(item)
+                headers = message["headers"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a list of something else
+            try:
+                kwargs = json.loads(base64.b64decode(message["body"]))[1]
+            except (ValueError, KeyError, TypeError, IndexError):
+                kwargs = None
+            found.append({"task": headers.get("task"), "id": headers.get("id"), "kwargs": kwargs, "tag": tag})
+        return found
+
+    def consumed(self, *task_ids: str) -> bool:
+        """No message with one of these task ids is queued or unacknowledged: every delivery of them
+        was taken by a worker and acknowledged (after its run: the actions acknowledge late)."""
+        wanted = set(task_ids)
+        return not any(m["id"] in wanted for m in self.broker_messages())

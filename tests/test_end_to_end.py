@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TRAINER, running_stack
-from tests.support import TEST_PLUGINS, Stack, wait_until
+from tests.support import TEST_PLUGINS, Stack, twice, wait_until
 
 
 def test_echo_result_is_readable_over_http(stack: Stack) -> None:
@@ -216,7 +216,7 @@ def test_redelivered_finished_action_is_not_run_again(stack: Stack) -> None:
     app.send_task("rekku.action.tk_sleep", kwargs={"action_id": run["id"], "payload": {"seconds": 0}, "context": {}},
                   task_id=run["id"], queue="default")
     app.close()
-    time.sleep(2)
+    wait_until(twice(lambda: stack.consumed(run["id"])), what="the redelivery to be consumed")
     again = stack.get(f"/v1/actions/{run['id']}").json()
     assert again["attempts"] == 1 and again["finished_at"] == run["finished_at"]
     assert len(stack.journal(run["id"])) == 2  # one start, one done

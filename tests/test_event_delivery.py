@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 
 from rekku.db import make_engine
-from tests.support import Stack, stop_process, wait_until
+from tests.support import Stack, stop_process, twice, wait_until
 
 
 def _chat() -> str:
@@ -34,6 +34,35 @@ def delivery_rows(stack: Stack, event_ids: list[int]) -> list[dict]:
     finally:
         engine.dispose()
     return [{**r, "result": json.loads(r["result"]) if isinstance(r["result"], str) else r["result"]} for r in rows]
+
+
+#: Beat's event tick (it claims due occurrences and enqueues their deliveries, and enqueues lost ones
+#: again) and the delivery task.
+TICK, DELIVER = "rekku.periodic.event.tick", "rekku.event.deliver"
+
+
+def in_flight(stack: Stack, event_ids: list[int], ignore: frozenset[str] = frozenset()) -> list[dict]:
+    """Event ticks, and deliveries of these events, waiting in a queue or held by a worker (but the
+    unacked messages tagged in ``ignore``: a killed worker's, which wait for the visibility timeout)."""
+    wanted = {int(i) for i in event_ids}
+    return [m for m in stack.broker_messages() if m["tag"] not in ignore and (
+        m["task"] == TICK or (m["task"] == DELIVER
+                              and any(int(item[0]) in wanted for item in (m["kwargs"] or {}).get("items", []))))]
+
+
+def settle(stack: Stack, event_ids: list[int], ignore: frozenset[str] = frozenset()) -> None:
+    """Positive evidence that nothing more can arrive for these events, whose deliveries are all final
+    now: once their recovery lease has run out (a tick after that would enqueue any of them again if
+    recovery took final ones), no tick and none of their deliveries in flight; then two more ticks run
+    from start to end (enqueued after that, they saw the occurrences as they are now, and enqueued
+    whatever they would); then nothing in flight again."""
+    lease_over = time.monotonic() + float(stack.extra_env["REKKU_EVENT_REDELIVER_SECONDS"])
+    idle = twice(lambda: not in_flight(stack, event_ids, ignore))
+    wait_until(lambda: time.monotonic() > lease_over and idle(), timeout=60,
+               what="the recovery lease over, and no tick and none of these deliveries in flight")
+    ticks = stack.tasks_succeeded(TICK)
+    wait_until(lambda: stack.tasks_succeeded(TICK) >= ticks + 2, timeout=30, what="two more ticks")
+    wait_until(idle, timeout=60, what="no tick and none of these deliveries in flight, after two more ticks")
 
 
 def create(stack: Stack, payload: dict, context: dict) -> dict:
@@ -64,14 +93,16 @@ def test_two_beats_and_two_workers_deliver_every_occurrence_exactly_once(event_s
     expected = sorted([f"⏰ Reminder: tea {i}" for i in range(12)] + ["⏰ Reminder: with actions", "scheduled hi"])
     wait_until(lambda: len([t for t in outbox(event_stack, chat) if not t.startswith("{")]) >= 14, timeout=30,
                what="13 reminders and the scheduled action in the outbox")
-    time.sleep(3)  # several more ticks of both beats: nothing else may arrive
+    ids = [e["id"] for e in created]
+    wait_until(lambda: {r["status"] for r in delivery_rows(event_stack, ids)} == {"delivered"}, timeout=30,
+               what="every occurrence delivered")
+    settle(event_stack, ids)  # whatever either beat or worker would still send has been sent
     assert sorted(t for t in outbox(event_stack, chat) if not t.startswith("{")) == expected
     # claimed up to two ticks ahead, published with the due time as ETA: never delivered before it
     due = {f"⏰ Reminder: {e['description']}": datetime.fromisoformat(e["next_run"]) for e in created}
     for message in event_stack.get("/v1/outbox", params={"chat_id": chat, "limit": 500}).json()["messages"]:
         if message["text"] in due:
             assert datetime.fromisoformat(message["created_at"]).replace(tzinfo=timezone.utc) >= due[message["text"]]
-    ids = [e["id"] for e in created]
     rows = delivery_rows(event_stack, ids)
     assert sorted(r["event_id"] for r in rows) == sorted(ids)
     assert {r["status"] for r in rows} == {"delivered"} and {r["attempts"] for r in rows} == {1}
@@ -109,13 +140,15 @@ def test_a_worker_killed_during_delivery_still_delivers_once(event_stack: Stack,
     for proc in [p for p in event_stack.processes if getattr(p, "node", "").startswith("io@") and p.poll() is None]:
         os.killpg(proc.pid, signal.SIGKILL)  # the worker holding the send dies, and its twin with it
         stop_process(proc)
+    # what the dead workers held stays unacknowledged until the visibility timeout (an hour)
+    dead = frozenset(m["tag"] for m in event_stack.broker_messages() if m["tag"] is not None)
     tg.release.set()
     event_stack.start_worker("io", concurrency=4, node=f"events-io-{uuid.uuid4().hex[:4]}")
     row = wait_until(lambda: (r := delivery_rows(event_stack, [event["id"]])) and r[0]["status"] == "delivered"
                      and r[0], timeout=30, what="the lost delivery to be enqueued again and finished")
     assert len(tg.sends(chat)) == 1
     assert row["attempts"] == 2 and row["result"]["reminder"]["uncertain"] == [0]
-    time.sleep(2)
+    settle(event_stack, [event["id"]], ignore=dead)  # a second redelivery (both beats recover) has run too
     assert len(tg.sends(chat)) == 1
     event_stack.start_worker("io", concurrency=4, node=f"events-io-{uuid.uuid4().hex[:4]}")
 

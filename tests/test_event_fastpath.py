@@ -4,10 +4,10 @@ that meets an earlier delivery, take the one-by-one path. Same results, never a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +16,7 @@ from plugins.event import engine as ev
 from rekku.db import get_engine
 from rekku.interfaces.models import ChatForward, Delivery, OutboxMessage
 from rekku.settings import get_settings
-from tests.support import wait_until
+from tests.support import child_env, wait_until
 from tests.test_event_dispatch import add_event, event_db, run_clock  # noqa: F401 - event_db is a fixture
 
 
@@ -77,7 +77,8 @@ def _waiting_on_outbox_order() -> set[int]:
 
 
 @pytest.mark.parametrize("event_db", ["mariadb"], indirect=True)
-def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_forever(event_db: str) -> None:  # noqa: F811
+def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_forever(event_db: str,  # noqa: F811
+                                                                                   tmp_path: Path) -> None:
     """A worker SIGKILLed inside the outbox chunk's transaction (held there by a lock on the outbox
     order) has still used an attempt; after MAX_ATTEMPTS such deaths recovery leaves the occurrences
     failed with a reason instead of re-enqueuing them."""
@@ -90,7 +91,8 @@ def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_foreve
         with get_engine().connect() as holder, holder.begin():
             holder.execute(sa.text("SELECT id FROM outbox_order FOR UPDATE"))
             earlier = _waiting_on_outbox_order()  # a killed worker's connection may linger a moment
-            worker = subprocess.Popen([sys.executable, "-c", script, json.dumps(items)], env=dict(os.environ))
+            worker = subprocess.Popen([sys.executable, "-c", script, json.dumps(items)],
+                                      env=child_env(REKKU_DATABASE_URL=event_db, REKKU_HOME=str(tmp_path / "home")))
             try:
                 wait_until(lambda: _waiting_on_outbox_order() - earlier or worker.poll() is not None, timeout=60,
                            what="the delivery to wait inside its outbox transaction")

@@ -23,7 +23,7 @@ import pytest
 from celery import Celery
 
 from tests.conftest import TRAINER, running_stack
-from tests.support import REDIS_HOST, REDIS_PORT, ROOT, Stack, wait_until
+from tests.support import REDIS_HOST, REDIS_PORT, ROOT, Stack, child_env, wait_until
 
 SQLITE = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 EXAMPLES = "plugins/examples"
@@ -209,9 +209,8 @@ def test_a_sigkilled_selenium_worker_leaves_no_browser_behind(browser_stack: Sta
 
 # ----------------------------------------------------------------------------- 6. plugins
 def _rekku(*args: str, home: Path, plugin_path: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "TRAINER"))}
-    env.update(REKKU_HOME=str(home), REKKU_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/15",
-               REKKU_DATABASE_URL=f"sqlite:///{home / 'rekku.db'}", COLUMNS="400")
+    env = child_env(REKKU_HOME=str(home), REKKU_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/15",
+                    REKKU_DATABASE_URL=f"sqlite:///{home / 'rekku.db'}", COLUMNS="400")
     if plugin_path is not None:
         env["REKKU_PLUGIN_PATH"] = plugin_path
     return subprocess.run([sys.executable, "-m", "rekku", *args], capture_output=True, text=True, env=env,

@@ -7,13 +7,12 @@ import hmac
 import json
 import os
 import signal
-import time
 import uuid
 
 import pytest
 
 from tests.conftest import TELEGRAM_TOKEN, WEBHOOK_SECRET
-from tests.support import Stack, stop_process, wait_until
+from tests.support import Stack, stop_process, twice, wait_until
 
 TG = {"interface": "telegram_bot"}
 
@@ -170,7 +169,7 @@ def test_redelivered_send_task_is_not_sent_again(chat_stack: Stack, tg) -> None:
     run = chat_stack.run("message_telegram_bot", {"text": "once", "target": chat})
     assert run["status"] == "succeeded"
     _redeliver(chat_stack, run)
-    time.sleep(2)
+    wait_until(twice(lambda: chat_stack.consumed(run["id"])), what="the redelivery to be consumed")
     assert len(tg.sends(chat)) == 1
     assert chat_stack.get(f"/v1/actions/{run['id']}").json()["attempts"] == 1
 

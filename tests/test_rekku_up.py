@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 import sqlalchemy as sa
 
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, child_env, free_port, wait_until
 
 
 def _processes_using(home: Path) -> list[str]:
@@ -34,9 +34,8 @@ def _processes_using(home: Path) -> list[str]:
 def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port, flower_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "FLOWER", "TRAINER"))}
-    env.update(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1",
-               REKKU_PLUGIN_PATH=str(ROOT / "tests" / "plugins"))
+    env = child_env(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1",
+                    REKKU_PLUGIN_PATH=str(ROOT / "tests" / "plugins"))
     out = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rekku", "up"], env=env, cwd=str(ROOT), stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

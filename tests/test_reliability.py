@@ -21,6 +21,7 @@ from tests.support import (
     drop_mariadb,
     release_redis_db,
     stop_process,
+    twice,
     wait_until,
 )
 
@@ -229,11 +230,13 @@ def test_pool_processes_killed_during_1000_mixed_actions_every_action_ends_final
     from celery import Celery
 
     before = len(invoked)
+    counting = [a["id"] for a in runs if a["type"] == "tk_count"]
     app = Celery(broker=stack.broker_url)
-    for a in runs:
-        if a["type"] == "tk_count":
-            app.send_task("rekku.action.tk_count", kwargs={"action_id": a["id"], "payload": {}, "context": {}},
-                          task_id=a["id"], queue="default")
+    for action_id in counting:
+        app.send_task("rekku.action.tk_count", kwargs={"action_id": action_id, "payload": {}, "context": {}},
+                      task_id=action_id, queue="default")
     app.close()
-    time.sleep(3)
+    # every one of those deliveries taken by the worker and acknowledged (after its run) before counting
+    wait_until(twice(lambda: stack.consumed(*counting)), timeout=120, interval=0.5,
+               what=f"the {len(counting)} deliveries to be consumed")
     assert len(_invocations(stack)) == before

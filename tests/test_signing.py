@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from kombu import Connection
 
 from tests.conftest import running_stack
-from tests.support import Stack, wait_until
+from tests.support import Stack, twice, wait_until
 
 
 def make_identity(folder: Path, name: str) -> tuple[Path, Path]:
@@ -100,7 +100,7 @@ def test_an_unsigned_json_message_is_refused_and_logged(signed: Stack) -> None:
     _publish(signed, body, "application/json", action_id)
     wait_until(lambda: "untrusted content" in _worker_log(signed) or "ContentDisallowed" in _worker_log(signed),
                timeout=20, what="the refusal of the unsigned message in the log")
-    time.sleep(0.5)
+    wait_until(twice(lambda: signed.consumed(action_id)), what="the refused message to be dropped, not requeued")
     assert signed.journal(action_id) == []
     assert signed.run("echo")["status"] == "succeeded"
 
@@ -119,7 +119,7 @@ def test_a_message_signed_by_a_key_not_in_the_store_is_refused(signed: Stack, tm
              "application/data", action_id)
     wait_until(lambda: _worker_log(signed).count("Unknown certificate") > before, timeout=20,
                what="the refusal of the rogue signature in the log")
-    time.sleep(0.5)
+    wait_until(twice(lambda: signed.consumed(action_id)), what="the refused message to be dropped, not requeued")
     assert signed.journal(action_id) == []
     assert signed.run("echo")["status"] == "succeeded"
 
@@ -178,15 +178,17 @@ def test_a_captured_signed_ingest_pushed_again_runs_once(signed: Stack) -> None:
     client = redis.Redis.from_url(signed.broker_url)
     raw = wait_until(lambda: client.lrange("captured", 0, -1), timeout=10, what="the captured message")[0]
     client.delete("captured")
+    pushed = []
     for _ in range(3):  # the original and two replays, each under a task id of the attacker's choosing
         message = json.loads(raw)
         message["headers"]["id"] = message["properties"]["correlation_id"] = str(uuid.uuid4())
+        pushed.append(message["headers"]["id"])
         message["properties"]["delivery_tag"] = str(uuid.uuid4())
         message["properties"]["delivery_info"] = {"exchange": "", "routing_key": "default"}
         client.lpush("default", json.dumps(message))
     wait_until(lambda: _runs_with(signed, marker) >= 1, timeout=20, what="the signed request's action")
-    wait_until(lambda: client.llen("default") == 0, timeout=20, what="the replays to be consumed")
-    time.sleep(2)
+    # every one of the three taken and acknowledged (after its run: the ingest acknowledges late)
+    wait_until(twice(lambda: signed.consumed(*pushed)), timeout=20, what="the replays to be consumed")
     assert _runs_with(signed, marker) == 1
 
 
@@ -209,6 +211,6 @@ def test_signed_messages_without_an_envelope_or_past_their_expiry_are_refused(si
                                                     "context": {}}, {}]), "application/data", action_id)
         wait_until(lambda r=refusal, b=before: _worker_log(signed).count(r) > b, timeout=20,
                    what=f"the refusal ({refusal}) in the log")
-        time.sleep(0.5)
+        wait_until(twice(lambda a=action_id: signed.consumed(a)), what="the refused message to be dropped")
         assert signed.journal(action_id) == []
     assert signed.run("echo")["status"] == "succeeded"

@@ -28,7 +28,7 @@ from celery import Celery
 
 from rekku.action_log import ActionLog, NewRun
 from tests.conftest import TELEGRAM_TOKEN, TRAINER, running_stack
-from tests.support import ROOT, Stack, free_port, wait_until
+from tests.support import ROOT, Stack, child_env, free_port, wait_until
 
 
 # ----------------------------------------------------------------------------- `rekku up`, seen by other users
@@ -41,9 +41,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     home.mkdir()
     home.chmod(0o755)
     port, flower_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "FLOWER", "TRAINER"))}
-    env.update(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1",
-               REKKU_PLUGIN_PATH=str(ROOT / "tests" / "plugins"))
+    env = child_env(REKKU_HOME=str(home), REKKU_PORT=str(port), FLOWER_PORT=str(flower_port), PYTHONUNBUFFERED="1",
+                    REKKU_PLUGIN_PATH=str(ROOT / "tests" / "plugins"))
     printed = base / "up.log"
     with open(printed, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "rekku", "up"], env=env, cwd=str(ROOT), stdout=out,
