@@ -13,11 +13,24 @@ may import it at the top: it depends on nothing of Rekku but the settings.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from celery import Celery
 
 from rekku.settings import get_settings
+
+#: Variables Celery prefers to its own configuration (celery.app.utils.Settings reads the first four
+#: before broker_url/result_backend; CELERY_LOADER picks the loader). A shell that sets them for some
+#: other Celery app would silently move Rekku to that broker; only Rekku's documented names configure
+#: it (REKKU_BROKER_URL), so its processes drop them, and say so.
+CELERY_ENV_OVERRIDES = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
+                        "CELERY_RESULT_BACKEND", "CELERY_LOADER")
+for _name in CELERY_ENV_OVERRIDES:
+    if os.environ.pop(_name, None) is not None:
+        logging.getLogger(__name__).warning("%s is set in the environment and ignored: Rekku's broker and "
+                                            "result backend come from REKKU_BROKER_URL", _name)
 
 #: Modules Celery imports in worker and beat processes: the tasks, bootsteps and signal handlers.
 WORKER_MODULES = ("workers.tasks",)

@@ -54,13 +54,12 @@ SHELL_JUNK = {
     "CONFIG_MODULE": "junk_config_from_the_shell", "LOADER": "junk_loader_from_the_shell",
     "API_TOKEN": "junk-api-token-from-the-shell", "LOG_LEVEL": "JUNK-LEVEL",
     "WEBHOOK_URL": "http://127.0.0.1:9/junk-hook",
+    # Celery's own, which it prefers to its configuration: Rekku drops them (rekku/celery_app.py)
+    "CELERY_BROKER_URL": "redis://127.0.0.1:9/0", "CELERY_RESULT_BACKEND": "redis://127.0.0.1:9/0",
 }
 #: Dropped from the children's environment: where a caller's shell points programs at its own files (they
-#: follow the junk HOME instead), and Celery's own broker and backend variables, which Celery prefers to
-#: Rekku's settings (a known defect, test_first_day_cli.py::test_celery_s_own_variables_do_not_redirect_
-#: rekku: as junk they would fail every stack; move them to SHELL_JUNK once it is fixed).
-SHELL_DROPPED = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
-                 "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+#: follow the junk HOME instead).
+SHELL_DROPPED = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR")
 (_JUNK / "home").mkdir()
 
 

@@ -153,20 +153,20 @@ def test_ingress_listens_on_rekku_port_with_the_token_in_cwd_rekku(day: dict[str
         release_redis_db(db)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: Celery takes CELERY_BROKER_URL and CELERY_RESULT_BACKEND "
-                   "from the environment before its configuration, so a shell that sets them (for another Celery "
-                   "app) moves Rekku's ingress and workers to that broker; its ingress's /readyz then hangs")
 def test_celery_s_own_variables_do_not_redirect_rekku(day: dict[str, Path]) -> None:
-    """Found by the suite's junk environment (tests/support.py SHELL_JUNK): Rekku's Celery app must use
-    REKKU_BROKER_URL for broker and result backend whatever Celery's own variables say."""
+    """Found by the suite's junk environment (tests/support.py SHELL_JUNK): Celery takes CELERY_BROKER_URL
+    and CELERY_RESULT_BACKEND from the environment before its configuration, so a shell that set them
+    (for another Celery app) moved Rekku's ingress and workers to that broker. Rekku's Celery app uses
+    REKKU_BROKER_URL for broker and result backend whatever Celery's own variables say, and says so."""
     ours = "redis://127.0.0.1:6379/13"
     env = clean_env(day["home"], REKKU_BROKER_URL=ours, CELERY_BROKER_URL="redis://127.0.0.1:9/0",
-                    CELERY_RESULT_BACKEND="redis://127.0.0.1:9/0")
+                    CELERY_RESULT_BACKEND="redis://127.0.0.1:9/0", CELERY_BROKER_WRITE_URL="redis://127.0.0.1:9/0")
     done = subprocess.run([sys.executable, "-c", "from rekku.celery_app import app; "
                            "print(app.conf.broker_url); print(app.conf.result_backend)"],
                           cwd=str(day["work"]), env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [ours, ours]
+    assert "CELERY_BROKER_URL is set in the environment and ignored" in done.stderr
 
 
 @pytest.mark.slow
