@@ -340,3 +340,27 @@ def event_stack(tmp_home: Path, fakes: dict, shared_stacks: SharedStacks) -> Sta
     return shared_stacks.get("events", lambda: _with_beats(running_stack(
         "events", _home(tmp_home, "events"), "mariadb", env,
         [("default", 2, "events-main"), ("io", 4, "events-io1"), ("io", 4, "events-io2")]), "beat1", "beat2"))
+
+
+#: The real default grace (an hour's visibility timeout stays too): recovery must not rely on them.
+RESTART_ENV = {"TRAINER_IDS": "telegram_bot:42", "REKKU_RECONCILE_GRACE": "60"}
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """``make(**env)``: MariaDB and an ingress with ``env`` on their own Redis db, no workers yet
+    (tests that kill and restart workers start their own); all removed afterwards."""
+    made: list[tuple[Stack, str]] = []
+
+    def make(**env: str) -> Stack:
+        db_name, url = create_mariadb()
+        stack = Stack("restart", tmp_path, url, claim_redis_db(), extra_env={**RESTART_ENV, **env})
+        made.append((stack, db_name))
+        stack.start_ingress()
+        return stack
+
+    yield make
+    for stack, db_name in made:
+        stack.stop()
+        release_redis_db(stack.redis_db)
+        drop_mariadb(db_name)

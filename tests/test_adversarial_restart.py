@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,34 +25,9 @@ from tests.support import (
     REDIS_PORT,
     ROOT,
     Stack,
-    claim_redis_db,
-    create_mariadb,
-    drop_mariadb,
-    release_redis_db,
     stop_process,
     wait_until,
 )
-
-BASE_ENV = {"TRAINER_IDS": "telegram_bot:42", "REKKU_RECONCILE_GRACE": "60"}
-
-
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator:
-    """MariaDB and an ingress with ``env``; no workers yet."""
-    made: list[tuple[Stack, str]] = []
-
-    def make(**env: str) -> Stack:
-        db_name, url = create_mariadb()
-        stack = Stack("adv", tmp_path, url, claim_redis_db(), extra_env={**BASE_ENV, **env})
-        made.append((stack, db_name))
-        stack.start_ingress()
-        return stack
-
-    yield make
-    for stack, db_name in made:
-        stack.stop()
-        release_redis_db(stack.redis_db)
-        drop_mariadb(db_name)
 
 
 # ----------------------------------------------------------------------------- helpers
