@@ -147,7 +147,9 @@ def test_a_worker_killed_during_delivery_still_delivers_once(event_stack: Stack,
     row = wait_until(lambda: (r := delivery_rows(event_stack, [event["id"]])) and r[0]["status"] == "delivered"
                      and r[0], timeout=30, what="the lost delivery to be enqueued again and finished")
     assert len(tg.sends(chat)) == 1
-    assert row["attempts"] == 2 and row["result"]["reminder"]["uncertain"] == [0]
+    # at least the killed attempt and the one that finished; both beats recover the lost delivery, so a
+    # third attempt may count itself before the row is marked (it finds the part 'sending' and sends nothing)
+    assert row["attempts"] >= 2 and row["result"]["reminder"]["uncertain"] == [0]
     settle(event_stack, [event["id"]], ignore=dead)  # a second redelivery (both beats recover) has run too
     assert len(tg.sends(chat)) == 1
     event_stack.start_worker("io", concurrency=4, node=f"events-io-{uuid.uuid4().hex[:4]}")
