@@ -72,7 +72,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     REKKU_ARTIFACT_DIR=/artifacts
 
 # Fail the build, not the first deployment, when a compiled extra or the browser is missing.
-RUN python -c "import MySQLdb, selenium, praw, rekku.cli, workers.pools" \
+RUN python -c "import MySQLdb, selenium, praw, rekku.cli, rekku.pools" \
  && rekku --help > /dev/null \
  && test -x /usr/bin/chromium \
  && chromedriver --version

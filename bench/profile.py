@@ -25,7 +25,7 @@ from pathlib import Path
 #: A frame in py-spy's raw output: ``function (path/to/file.py:123)``.
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]+?):\d+\)$")
 #: The Rekku function each process's work hangs from: shares are relative to samples under it.
-ROOTS = {"ingress": "rekku/ingest.py:Ingress.submit", "worker": "rekku/runner.py:execute"}
+ROOTS = {"ingress": "rekku/ingest.py:Ingress.submit", "worker": "workers/runner.py:execute"}
 
 
 def find_py_spy(explicit: str | None) -> str:

@@ -166,7 +166,7 @@ class Stack:
     def bare_worker_argv(self) -> list[str]:
         """Rekku's own worker arguments for the pool, with only the app, queue and node name swapped."""
         from bench.bare_app import QUEUE
-        from workers.pools import worker_argv
+        from rekku.pools import worker_argv
 
         argv = worker_argv(POOL, self.concurrency, self.node, "INFO")
         swap = {"-A": "bench.bare_app", "-Q": QUEUE, "-n": self.bare_node}

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from rekku.pools import POOLS
 from rekku.settings import get_settings
-from workers.pools import POOLS
 
 console = Console()
 FINAL = ("succeeded", "failed", "cancelled")
@@ -133,7 +133,7 @@ def _node_name(value: str | None) -> str | None:
               help="node name (default: host name)")
 def worker(pool: str, concurrency: int | None, node: str | None) -> None:
     """A Celery worker serving one pool's queue."""
-    from workers.pools import worker_argv
+    from rekku.pools import worker_argv
 
     settings = get_settings()
     argv = worker_argv(pool, concurrency or settings.worker_concurrency, node, settings.log_level)

@@ -116,7 +116,7 @@ def _database(settings: Settings) -> Check:
 
 
 def _workers() -> list[Check]:
-    from workers.pools import POOLS
+    from rekku.pools import POOLS
 
     try:
         replies = app.control.inspect(timeout=1.5).active_queues() or {}

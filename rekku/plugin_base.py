@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The worker pools (queues) an action may run on; see workers/pools.py.
+#: The worker pools (queues) an action may run on; see rekku/pools.py.
 POOLS = ("default", "io", "selenium", "terminal")
 
 #: Upstream's pseudo action type for plugins that only contribute prompt context.
@@ -65,7 +65,7 @@ class AIPluginBase:
     #                                          chat); checked at the ingress and again in the worker
     #   check_request(context) -> str | None   refuse a whole request (e.g. the user is blocked)
     #   on_request(context) -> None            observe every request that was accepted (e.g. chat activity)
-    #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (rekku.periodic)
+    #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (workers.periodic)
     #   get_static_injection(message=None, context_memory=None) -> dict  prompt context
 
     def unavailable_reason(self) -> str | None:

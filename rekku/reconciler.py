@@ -19,7 +19,7 @@ action log's ``worker`` column says ``pool@node#incarnation`` and each incarnati
 (``rekku:worker:pool@node#incarnation``, a TTL of ``REKKU_WORKER_HEARTBEAT_TTL``) besides the node's
 (``rekku:worker:pool@node``, holding the newest incarnation). A node restarted under the same name
 (systemd, compose, Kubernetes) therefore does not keep its dead predecessor "alive": it recovers the
-predecessor's running and unacknowledged actions as soon as it starts (:func:`recover_predecessors`),
+predecessor's running and unacknowledged actions as soon as it starts (workers/recovery.py),
 and a node that never returns is recovered once its key expires, by the next reconciler pass: within
 the TTL plus ``REKKU_RECONCILE_SECONDS`` of its death.
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -80,76 +79,9 @@ PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 BATCH = 5000
 #: Action tasks' names start with this.
 ACTION_TASK_PREFIX = "rekku.action."
-#: Longest time between two heartbeats of a worker (a third of the TTL when that is shorter): a node
-#: restarted under the same name watches its predecessor's key this long (times 1.5) to tell a dead
-#: predecessor from a live process wrongly sharing its name.
-MAX_BEAT_INTERVAL = 2.0
-
-
-def beat_interval(ttl: float) -> float:
-    return min(ttl / 3, MAX_BEAT_INTERVAL)
-
-
 def broker_client(settings: Settings) -> redis.Redis:
     """A client of the broker's Redis (heartbeats, queues and kombu's unacknowledged set)."""
     return redis.Redis.from_url(settings.resolved_broker_url(), socket_timeout=10)
-
-
-# ----------------------------------------------------------------------------- incarnations
-def tag_deliveries(owner: str) -> None:
-    """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
-    (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries
-    a dead worker held can be told from a live one's at once rather than after the visibility timeout."""
-    from kombu.transport import redis as kombu_redis
-
-    base = getattr(kombu_redis.Channel.QoS, "rekku_base", kombu_redis.Channel.QoS)
-
-    class OwnedQoS(base):  # type: ignore[misc, valid-type]
-        rekku_base = base
-
-        def append(self, message: Any, delivery_tag: Any) -> None:
-            raw = message._raw
-            try:
-                message._raw = {**raw, "properties": {**raw["properties"], OWNER_PROPERTY: owner}}
-            except (TypeError, KeyError):
-                return super().append(message, delivery_tag)
-            try:
-                super().append(message, delivery_tag)
-            finally:
-                message._raw = raw
-
-    kombu_redis.Channel.QoS = OwnedQoS
-
-
-# ----------------------------------------------------------------------------- worker heartbeat
-def beat(client: redis.Redis, hostname: str, incarnation: str | None, ttl: int) -> None:
-    """One heartbeat: the node's key (holding the incarnation) and the incarnation's own key."""
-    pipe = client.pipeline(transaction=False)
-    pipe.set(HEARTBEAT_PREFIX + hostname, incarnation or "1", ex=ttl)
-    if incarnation:
-        pipe.set(f"{HEARTBEAT_PREFIX}{hostname}#{incarnation}", "1", ex=ttl)
-    pipe.execute()
-
-
-def heartbeat_forever(hostname: str, stop: threading.Event, settings: Settings | None = None,
-                      incarnation: str | None = None) -> None:
-    """Refresh the worker's heartbeat (every :func:`beat_interval`) until ``stop`` is set (a daemon thread)."""
-    settings = settings or get_settings()
-    ttl = max(3, int(settings.worker_heartbeat_ttl))
-    client = broker_client(settings)
-    while not stop.is_set():
-        try:
-            beat(client, hostname, incarnation, ttl)
-        except redis.RedisError:
-            log.warning("could not refresh the worker heartbeat", exc_info=True)
-        stop.wait(beat_interval(ttl))
-    try:
-        if incarnation:
-            client.delete(f"{HEARTBEAT_PREFIX}{hostname}#{incarnation}")
-        if client.get(HEARTBEAT_PREFIX + hostname) in (None, (incarnation or "1").encode()):
-            client.delete(HEARTBEAT_PREFIX + hostname)  # not a successor's
-    except redis.RedisError:
-        pass
 
 
 # ----------------------------------------------------------------------------- what the broker holds
@@ -174,7 +106,7 @@ def _message(raw: bytes) -> dict | None:
         return None
 
 
-def _ids_in(payloads: list[bytes]) -> set[str]:
+def ids_in(payloads: list[bytes]) -> set[str]:
     ids = set()
     for raw in payloads:
         try:
@@ -202,7 +134,7 @@ def forget_unacked(client: redis.Redis, ids: set[str]) -> set[str]:
     the visibility timeout (possibly while the re-enqueued copy runs); returns the ids dropped."""
     dropped: set[str] = set()
     for tag, raw in client.hgetall(UNACKED_KEY).items():
-        if found := _ids_in([raw]) & ids:
+        if found := ids_in([raw]) & ids:
             if _drop(client, tag):
                 dropped |= found
     return dropped
@@ -221,22 +153,22 @@ def take_from_queue(client: redis.Redis, queue: str, ids: set[str]) -> set[str]:
     taken: set[str] = set()
     for step in PRIORITY_STEPS:
         for raw in client.lrange(queue + step, 0, -1):
-            if (found := _ids_in([raw]) & ids) and client.lrem(queue + step, 1, raw):
+            if (found := ids_in([raw]) & ids) and client.lrem(queue + step, 1, raw):
                 taken |= found
     return taken
 
 
-def _queued_ids(client: redis.Redis, queues: set[str]) -> set[str]:
+def queued_ids(client: redis.Redis, queues: set[str]) -> set[str]:
     held: set[str] = set()
     for queue in queues:
         for step in PRIORITY_STEPS:
-            held |= _ids_in(client.lrange(queue + step, 0, -1))
+            held |= ids_in(client.lrange(queue + step, 0, -1))
     return held
 
 
 def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
     """Task ids waiting in ``queues`` or delivered to a worker and not yet acknowledged."""
-    return _ids_in(list(client.hvals(UNACKED_KEY))) | _queued_ids(client, queues)
+    return ids_in(list(client.hvals(UNACKED_KEY))) | queued_ids(client, queues)
 
 
 def _alive(client: redis.Redis, workers: Iterable[str]) -> set[str]:
@@ -254,7 +186,7 @@ def _alive(client: redis.Redis, workers: Iterable[str]) -> set[str]:
 def node_of(queue: str) -> str | None:
     """The worker whose own queue this is (``terminal.<node>`` → ``terminal@<node>``), or None for a
     pool's shared queue."""
-    from workers.pools import POOLS
+    from rekku.pools import POOLS
 
     pool, dot, node = queue.partition(".")
     spec = POOLS.get(pool)
@@ -342,7 +274,7 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
             others.append(d.tag)
     if out.freed:
         # never claimed (a prefetched delivery, or one whose process died before its claim): say it was
-        # delivered, so its next delivery writes its claim before running (rekku.claim)
+        # delivered, so its next delivery writes its claim before running (workers.claim)
         for worker, ids in taken.items():
             shared_log().mark_taken(ids, worker)
         out.requeue |= out.freed
@@ -355,7 +287,7 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
     return out
 
 
-def _enqueue(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
+def enqueue_rows(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
     """Re-enqueue ``rows`` (action log rows) through the one dispatch path; returns the unsent ids."""
     moved = moved or {}
     by_batch: dict[str, list[NewRun]] = {}
@@ -369,66 +301,6 @@ def _enqueue(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
     if rows:
         shared_log().restart_grace([r.id for r in rows])
     return unsent
-
-
-def _gone(client: redis.Redis, worker: str, ttl: float) -> bool:
-    """Whether the incarnation ``worker`` (of this node's name) is dead. Its key outlives it by up to a
-    TTL, so one still there is watched for a heartbeat period and a half: a live one refreshes it (another
-    process runs under the same name: nothing of its is touched), a dead one does not."""
-    key = HEARTBEAT_PREFIX + worker
-    last = client.pttl(key)
-    if last == -2:
-        return True
-    deadline = time.monotonic() + MAX_BEAT_INTERVAL * 1.5  # the longest any worker waits between beats
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = client.pttl(key)
-        if now == -2:
-            return True
-        if now > last:
-            log.error("worker %s is alive and uses this node's name: two workers must not share a name "
-                      "(its actions are left to it)", worker)
-            return False
-        last = now
-    client.delete(key)
-    return True
-
-
-def recover_predecessors(hostname: str, incarnation: str, settings: Settings | None = None) -> int:
-    """Run by a worker as it starts: recover what earlier incarnations of the same node name (a process
-    killed with its whole group, then restarted under the same name) left ``running`` or unacknowledged,
-    at once instead of after their heartbeat expires. Returns how many actions were re-enqueued."""
-    settings = settings or get_settings()
-    client = broker_client(settings)
-    runs = ActionRun.__table__
-    me, prefix = f"{hostname}#{incarnation}", hostname + "#"
-    deliveries = unacked(client)
-    with get_engine().connect() as conn:
-        workers = {w for (w,) in conn.execute(sa.select(runs.c.worker).where(runs.c.status == RUNNING).distinct())}
-    candidates = {w for w in workers if w and (w == hostname or w.startswith(prefix))}
-    candidates |= {d.owner for d in deliveries if d.owner and d.owner.startswith(prefix)}
-    candidates.discard(me)
-    ttl = max(3, int(settings.worker_heartbeat_ttl))
-    # ``hostname`` alone: a run recorded before incarnations existed, by an earlier start of this node
-    dead = {w for w in sorted(candidates) if w == hostname or _gone(client, w, ttl)}
-    if not dead:
-        return 0
-    with one_at_a_time(client, wait=True) as held_lock:
-        if not held_lock:
-            log.warning("could not recover %s's earlier runs now: a reconciler pass holds the lock; the "
-                        "reconciler recovers them", hostname)
-            return 0
-        recovered = recover_dead(client, dead, unacked(client), settings)  # the unacked set as it is now
-        with get_engine().connect() as conn:
-            rows = conn.execute(sa.select(runs).where(runs.c.id.in_(sorted(recovered.requeue)),
-                                                      runs.c.status == QUEUED,
-                                                      runs.c.cancel_requested.is_(False))).all()
-        held = _queued_ids(client, {r.queue for r in rows}) | _ids_in(list(client.hvals(UNACKED_KEY)))
-        rows = [r for r in rows if r.id not in held]
-        unsent = _enqueue(rows)
-    log.warning("recovered %d actions from earlier starts of %s (%s); %d failed as poison messages",
-                len(rows) - len(unsent), hostname, ", ".join(sorted(dead)), len(recovered.failed))
-    return len(rows) - len(unsent)
 
 
 @contextmanager
@@ -509,7 +381,7 @@ def _pass(settings: Settings, client: redis.Redis) -> dict[str, int]:
     if moved:
         shared_log().move_to_queues(moved)
     lost = [r for r in rows if r.id not in held or r.id in moved]
-    unpublished = set(_enqueue(lost, moved))  # once, not per action counted
+    unpublished = set(enqueue_rows(lost, moved))  # once, not per action counted
     outcome.requeued_orphaned = sum(1 for r in lost if r.id in orphaned and r.id not in unpublished)
     outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in unpublished and i not in orphaned)
     outcome.requeued_lost = sum(1 for r in lost if r.id not in orphaned and r.id not in unpublished

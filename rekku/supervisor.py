@@ -21,8 +21,8 @@ from rich.panel import Panel
 
 from rekku.embedded_redis import EmbeddedRedis, without_password
 from rekku.migrate import upgrade
+from rekku.pools import POOLS
 from rekku.settings import Settings
-from workers.pools import POOLS
 
 #: Seconds children get to stop after SIGTERM before they are killed.
 STOP_TIMEOUT = 20.0

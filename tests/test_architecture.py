@@ -90,3 +90,14 @@ def test_a_cycle_between_core_modules_breaks_the_contract() -> None:
     assert _kept(CYCLE_RULE, AcyclicSiblingsContract)
     assert not _kept(CYCLE_RULE, AcyclicSiblingsContract, ("rekku.celery_app", "rekku.ingest"))
     assert not _kept(CYCLE_RULE, AcyclicSiblingsContract, ("rekku.interfaces.base", "rekku.interfaces.telegram"))
+
+
+#: The layering contract's name in pyproject.toml.
+LAYER_RULE = "The core never imports the worker side"
+
+
+def test_a_core_module_importing_the_worker_side_breaks_the_contract() -> None:
+    """The layering contract is not vacuous: the edge the CLI used to have (it read the pool definitions
+    from the workers package) breaks it if it comes back."""
+    assert _kept(LAYER_RULE, ForbiddenContract)
+    assert not _kept(LAYER_RULE, ForbiddenContract, ("rekku.cli", "workers.runner"))

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from celery.exceptions import Retry
 
-import rekku.claim
-import rekku.hooks
-from rekku import runner
+import workers.claim
+import workers.hooks
 from rekku.action_log import RunState
-from rekku.claim import ActionLogHook
 from rekku.errors import NotAuthorized, TransientError
-from rekku.hooks import Hook, HookChain, HookOrderError, OrderRule, ProgressHook, Run, SkipRun, check_order
-from rekku.metrics import RUN_METRICS, MetricsHook
 from rekku.plugin_base import ActionSpec
+from workers import runner
+from workers.claim import ActionLogHook
+from workers.hooks import Hook, HookChain, HookOrderError, OrderRule, ProgressHook, Run, SkipRun, check_order
+from workers.run_metrics import RUN_METRICS, MetricsHook
 
 SPEC = ActionSpec(type="unit_echo", plugin="unit")
 
@@ -223,8 +223,8 @@ class Witness(Hook):
 
 def test_the_state_the_before_hooks_write_is_typed_and_reaches_the_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
     memory = MemoryLog()
-    monkeypatch.setattr(rekku.claim, "shared_log", lambda: memory)
-    monkeypatch.setattr(rekku.hooks, "shared_log", lambda: memory)
+    monkeypatch.setattr(workers.claim, "shared_log", lambda: memory)
+    monkeypatch.setattr(workers.hooks, "shared_log", lambda: memory)
     timed: list[tuple[str, str, float]] = []
     monkeypatch.setattr(RUN_METRICS, "add", lambda kind, status, elapsed: timed.append((kind, status, elapsed)))
 
@@ -238,7 +238,7 @@ def test_the_state_the_before_hooks_write_is_typed_and_reaches_the_outcome(monke
         "status": "succeeded"}
     run = witness.run
     assert run is not None and not hasattr(run, "extras")
-    assert isinstance(run.claim, rekku.claim.DeferredClaim)  # made by the action log's before_run ...
+    assert isinstance(run.claim, workers.claim.DeferredClaim)  # made by the action log's before_run ...
     assert run.claim.progress == {"step": "halfway", "n": 1}  # ... held the progress reported before it was written
     assert run.context.progress_sink is not None and run.context.attempt_source is not None
     assert memory.claimed and memory.finished == {  # asking the attempt wrote the claim; the end used the claim

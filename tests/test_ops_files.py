@@ -1,7 +1,7 @@
 """The deployment files agree with the code they deploy.
 
 docker-compose.yml, the Dockerfile, .dockerignore and .env.example name CLI commands, options, pools
-and environment variables that live in rekku/cli.py, workers/pools.py and rekku/settings.py; a rename
+and environment variables that live in rekku/cli.py, rekku/pools.py and rekku/settings.py; a rename
 on one side must fail here, not at `docker compose up`. Static checks only: nothing is built or started.
 """
 
@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from rekku.cli import main as rekku_cli
+from rekku.pools import POOLS
 from rekku.settings import Settings
-from workers.pools import POOLS
 
 ROOT = Path(__file__).resolve().parent.parent
 

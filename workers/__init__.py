@@ -1,5 +1,3 @@
-"""Worker pool definitions: which queue, which Celery pool, how many at once, what each process holds."""
-
-from workers.pools import POOLS, PoolSpec, worker_argv
-
-__all__ = ["POOLS", "PoolSpec", "worker_argv"]
+"""What a worker (or beat) process runs: the tasks it registers, the runner and its hooks, the event
+loop, the bootsteps of a node's lifetime. The core (``rekku``) never imports this package; it publishes
+by task name (docs/architecture.md)."""

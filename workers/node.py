@@ -22,15 +22,11 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from rekku.reconciler import (
-    beat,
-    broker_client,
-    heartbeat_forever,
-    recover_predecessors,
-    tag_deliveries,
-)
+from rekku.reconciler import broker_client
 from rekku.settings import get_settings
 from rekku.worker_identity import start_incarnation
+from workers.heartbeat import beat, heartbeat_forever, tag_deliveries
+from workers.recovery import recover_predecessors
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """What a worker (and beat) process registers on Rekku's Celery app: imported by Celery there alone.
 
 * one task per action type, ``rekku.action.<type>``, routed to its pool's queue, which runs the
-  handler through the runner and its hooks (rekku.runner);
+  handler through the runner and its hooks (workers.runner);
 * ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
-* plugins' periodic tasks and the beat schedule (rekku.periodic);
+* plugins' periodic tasks and the beat schedule (workers.periodic);
 * the worker's bootsteps (workers.node, workers.timer_sweep), its cancel command and its signal
   handlers (log format, metrics flush).
 
@@ -18,18 +18,19 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
 
-from rekku import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku.celery_app import app
 from rekku.ingest import default_ingress
 from rekku.logs import install as install_log_format
-from rekku.metrics import RUN_METRICS, count_reconciled
-from rekku.periodic import register_periodic_tasks
+from rekku.metrics import count_reconciled
 from rekku.plugin_base import ActionSpec
 from rekku.reconciler import reconcile as reconcile_pass
 from rekku.registry import Registry, get_registry
-from rekku.runner import execute, time_limit_of
 from rekku.settings import get_settings
+from workers import cancel  # noqa: F401 - registers the worker's cancel command
 from workers.node import NodeIdentity
+from workers.periodic import register_periodic_tasks
+from workers.run_metrics import RUN_METRICS
+from workers.runner import execute, time_limit_of
 from workers.timer_sweep import TimerSweep
 
 #: The request attribute rekku.signing sets to a signed envelope's id (that module needs the optional
@@ -44,7 +45,7 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
 
     def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> dict:
         # the action log keeps the result; Celery gets only the outcome ({"status": "succeeded"}), as
-        # whatever it gets back it shows (worker log, task events, Flower): see rekku.runner
+        # whatever it gets back it shows (worker log, task events, Flower): see workers.runner
         return execute(self, spec, action_id, payload, context)
 
     run_action.__name__ = f"action_{spec.type}"
@@ -55,7 +56,7 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
         soft_time_limit=limit + SOFT_GRACE, time_limit=limit + HARD_GRACE,
         rate_limit=spec.rate_limit, max_retries=None,
         # the worker's main process counts a run lost with its pool process (poison messages)
-        Request="rekku.claim:ActionRequest",
+        Request="workers.claim:ActionRequest",
     )
 
 

@@ -1,7 +1,7 @@
 """The terminal session host: the processes and shells of one terminal node.
 
 It lives in the terminal worker's one process (the pool runs Celery's threads pool, see
-workers/pools.py), so every persistent shell of a node is reachable from every task thread. Nothing
+rekku/pools.py), so every persistent shell of a node is reachable from every task thread. Nothing
 here knows Celery or Redis: ``plugins/terminal.py`` shapes actions and results, and
 ``plugins/terminal/sessions.py`` tells nodes apart.
 

@@ -21,18 +21,18 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 
 from rekku import context as ctxvars
-from rekku import event_loop
 from rekku.action_log import shared_log
-from rekku.claim import ActionLogHook
 from rekku.context import ActionContext
 from rekku.errors import TransientError
-from rekku.hooks import AuthorizationHook, HookChain, LoggingHook, OrderRule, ProgressHook, Run, SkipRun, check_order
-from rekku.metrics import MetricsHook
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
+from workers import event_loop
+from workers.claim import ActionLogHook
+from workers.hooks import AuthorizationHook, HookChain, LoggingHook, OrderRule, ProgressHook, Run, SkipRun, check_order
+from workers.run_metrics import MetricsHook
 
-#: The hooks every action run passes through, in this order (rekku.hooks says what a raise does).
+#: The hooks every action run passes through, in this order (workers.hooks says what a raise does).
 HOOKS = HookChain([
     # First. Its before_run reads the action's state and acknowledges (SkipRun) an unknown, finished,
     # cancelled or poisoned delivery before any other hook does work on it or judges it; it makes

@@ -14,8 +14,8 @@ from typing import Any
 
 from celery import Celery
 
-from rekku import event_loop
 from rekku.registry import Registry
+from workers import event_loop
 
 log = logging.getLogger(__name__)
 
