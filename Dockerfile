@@ -35,8 +35,9 @@ print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-depe
  && pip install --upgrade pip \
  && pip install -r /tmp/requirements.txt
 
-# The project itself (a regular, non-editable install: rekku, plugins, workers, celeryconfig, migrations).
-COPY README.md celeryconfig.py ./
+# The project itself (a regular, non-editable install: rekku, and workers/ and plugins/ as rekku_workers and
+# rekku_plugins, with their migrations; setup.py says why).
+COPY README.md setup.py ./
 COPY rekku ./rekku
 COPY plugins ./plugins
 COPY workers ./workers

@@ -24,12 +24,12 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 venv: $(VENV)/.base-installed
-$(VENV)/.base-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.base-installed: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
 venv-test: system-deps $(VENV)/.test-installed
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.test-installed: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e '.[mariadb,selenium,reddit,signing,test,dev]'
 	touch $@ $(VENV)/.base-installed
 

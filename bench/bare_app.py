@@ -1,6 +1,6 @@
 """The baseline: a bare Celery app with Rekku's own Celery settings and two trivial tasks.
 
-It loads the same ``celeryconfig`` module as ``rekku.celery_app`` (JSON only, acks_late,
+It loads the same ``rekku.celeryconfig`` module as ``rekku.celery_app`` (JSON only, acks_late,
 reject-on-worker-lost, task events, the same broker and result backend), so the ratios the bench
 prints measure what Rekku adds on top of Celery, not a difference in Celery configuration.
 Its worker is started with the same pool, concurrency and prefetch as the Rekku worker
@@ -21,7 +21,7 @@ QUEUE = "bare"
 COUNT_KEY, DONE_KEY, STAMP_KEY = "bench:bare:count", "bench:bare:done_at", "bench:stamps:bare"
 
 app = Celery("bare")
-app.config_from_object("celeryconfig")
+app.config_from_object("rekku.celeryconfig")
 app.conf.task_default_queue = QUEUE
 app.conf.task_routes = {"bench.*": {"queue": QUEUE}}
 

@@ -60,7 +60,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def insert_events(url: str, total: int, due: int, due_at: datetime) -> None:
-    from plugins.event.engine import events, new_event
+    from rekku_plugins.event.engine import events, new_event
+
     from rekku.schedule import Rule
 
     engine = sa.create_engine(url)
@@ -82,7 +83,8 @@ def insert_events(url: str, total: int, due: int, due_at: datetime) -> None:
 
 
 def measure(url: str, due: int, due_at: datetime, timeout: float) -> dict:
-    from plugins.event.engine import DELIVERED, deliveries, events, message_id
+    from rekku_plugins.event.engine import DELIVERED, deliveries, events, message_id
+
     from rekku.interfaces.models import OutboxMessage
 
     engine = sa.create_engine(url)

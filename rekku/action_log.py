@@ -374,7 +374,7 @@ class ActionLog:
 
     def mark_taken(self, action_ids: list[str], worker: str) -> None:
         """Queued actions a dead worker had taken but never claimed (prefetched) are marked as delivered
-        to it, so their next delivery writes its claim before running (workers.claim)."""
+        to it, so their next delivery writes its claim before running (rekku_workers.claim)."""
         self._do(lambda c: c.execute(sa.update(_runs).where(_runs.c.id.in_(action_ids), _runs.c.status == QUEUED,
                                                             _runs.c.worker.is_(None)).values(worker=worker)))
 

@@ -1,5 +1,5 @@
 """Stopping a running action, the ingress's side: a broadcast that only the worker running it acts on
-(the control command is :mod:`workers.cancel`, which says why it is not Celery's revoke)."""
+(the control command is :mod:`rekku_workers.cancel`, which says why it is not Celery's revoke)."""
 
 from __future__ import annotations
 

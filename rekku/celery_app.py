@@ -1,9 +1,9 @@
 """The Celery application object: bare, configured lazily, importable from anywhere in the core.
 
-Importing this module builds nothing: Celery reads ``celeryconfig`` on first use, and the signing
+Importing this module builds nothing: Celery reads ``rekku.celeryconfig`` on first use, and the signing
 setup (when REKKU_SIGNING_* is set) follows it. What only a worker or beat needs — one task per
 action type, ``rekku.ingest``, ``rekku.reconcile``, plugins' periodic tasks, the worker's bootsteps
-and signal handlers — lives in :mod:`workers.tasks`, which Celery imports in those processes alone
+and signal handlers — lives in :mod:`rekku_workers.tasks`, which Celery imports in those processes alone
 (``include``). The ingress and the CLI publish by task name (:mod:`rekku.dispatch`) and discover
 plugins only to validate, so nothing imports this module for its side effects, and any core module
 may import it at the top: it depends on nothing of Rekku but the settings.
@@ -33,10 +33,10 @@ for _name in CELERY_ENV_OVERRIDES:
                                             "result backend come from REKKU_BROKER_URL", _name)
 
 #: Modules Celery imports in worker and beat processes: the tasks, bootsteps and signal handlers.
-WORKER_MODULES = ("workers.tasks",)
+WORKER_MODULES = ("rekku_workers.tasks",)
 
 app = Celery("rekku", include=list(WORKER_MODULES))
-app.config_from_object("celeryconfig")
+app.config_from_object("rekku.celeryconfig")
 
 
 @app.on_after_configure.connect(weak=False)

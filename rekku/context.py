@@ -15,14 +15,14 @@ CONTEXT_KEYS = ("interface", "chat_id", "thread_id", "user_id", "username", "mes
 
 
 class ProgressSink(Protocol):
-    """Where a handler's progress goes: set by the worker's progress hook (workers.hooks.ProgressHook)."""
+    """Where a handler's progress goes: set by the worker's progress hook (rekku_workers.hooks.ProgressHook)."""
 
     def __call__(self, progress: dict) -> None: ...
 
 
 class AttemptSource(Protocol):
     """Which delivery of the action is running (1 = first): set by the action log's hook
-    (workers.claim.ActionLogHook), which must write its deferred claim before it can tell."""
+    (rekku_workers.claim.ActionLogHook), which must write its deferred claim before it can tell."""
 
     def __call__(self) -> int: ...
 

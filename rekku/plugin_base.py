@@ -65,7 +65,7 @@ class AIPluginBase:
     #                                          chat); checked at the ingress and again in the worker
     #   check_request(context) -> str | None   refuse a whole request (e.g. the user is blocked)
     #   on_request(context) -> None            observe every request that was accepted (e.g. chat activity)
-    #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (workers.periodic)
+    #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (rekku_workers.periodic)
     #   get_static_injection(message=None, context_memory=None) -> dict  prompt context
 
     def unavailable_reason(self) -> str | None:

@@ -274,7 +274,7 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
             others.append(d.tag)
     if out.freed:
         # never claimed (a prefetched delivery, or one whose process died before its claim): say it was
-        # delivered, so its next delivery writes its claim before running (workers.claim)
+        # delivered, so its next delivery writes its claim before running (rekku_workers.claim)
         for worker, ids in taken.items():
             shared_log().mark_taken(ids, worker)
         out.requeue |= out.freed

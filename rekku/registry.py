@@ -36,8 +36,22 @@ from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-#: Directory of the bundled plugins (the repository's ``plugins/``).
-BUILTIN_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
+#: The package the bundled plugins (the repository's ``plugins/``) are installed as (setup.py says why
+#: not ``plugins``); their modules are named under it.
+BUILTIN_PACKAGE = "rekku_plugins"
+
+
+def _builtin_plugin_dir() -> Path:
+    """Where the bundled plugins are: the installed package's folder (found without importing it), or
+    the checkout's ``plugins/`` when the project runs from a checkout that was not installed."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        return Path(location).resolve()
+    return Path(__file__).resolve().parent.parent / "plugins"
+
+
+#: Directory of the bundled plugins.
+BUILTIN_PLUGIN_DIR = _builtin_plugin_dir()
 #: Entry-point group installed packages use to offer plugins.
 ENTRY_POINT_GROUP = "rekku.plugins"
 #: Folders of the bundled plugins that are loaded only when named in REKKU_PLUGIN_PATH.
@@ -191,7 +205,7 @@ def migration_dirs(settings: Settings) -> list[Path]:
 def _module_name(root: Path, path: Path) -> str:
     rel = ".".join(path.relative_to(root).with_suffix("").parts)
     if root == BUILTIN_PLUGIN_DIR:
-        return f"plugins.{rel}"
+        return f"{BUILTIN_PACKAGE}.{rel}"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]
     return f"rekku_ext_{digest}.{rel}"
 
@@ -246,10 +260,11 @@ def _report(registry: Registry, origin: str, exc: BaseException) -> None:
 
 
 def _resolve(root: Path) -> Path:
-    """A relative REKKU_PLUGIN_PATH entry from the working directory, else from the repository
-    (so ``plugins/examples`` works from anywhere); the bundled directory itself when it names it."""
-    if not root.is_absolute() and not root.is_dir() and (BUILTIN_PLUGIN_DIR.parent / root).is_dir():
-        root = BUILTIN_PLUGIN_DIR.parent / root
+    """A relative REKKU_PLUGIN_PATH entry from the working directory, else ``plugins/...`` from the
+    bundled plugins (so ``plugins/examples`` works from anywhere, installed or not); the bundled
+    directory itself when it names it."""
+    if not root.is_absolute() and not root.is_dir() and root.parts[:1] == ("plugins",):
+        root = BUILTIN_PLUGIN_DIR.joinpath(*root.parts[1:])
     return BUILTIN_PLUGIN_DIR if root.is_dir() and root.resolve() == BUILTIN_PLUGIN_DIR else root
 
 

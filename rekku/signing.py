@@ -29,10 +29,10 @@ from celery.security.key import PrivateKey
 from celery.security.serialization import SecureSerializer
 from kombu.serialization import registry
 
+from rekku.envelope import ENVELOPE_ATTR
+
 #: Seconds a control message (ping, cancel, shutdown …) stays valid: they are acted on at once.
 CONTROL_TTL = 60.0
-#: The request attribute holding the verified envelope id.
-ENVELOPE_ATTR = "rekku_envelope"
 
 
 class EnvelopeSerializer(SecureSerializer):

@@ -3,7 +3,7 @@
 Each start of a worker process is an *incarnation* of its node (a random id made at start, inherited
 by its pool processes). The action log records claims under it, so a node restarted under the same
 name (systemd, compose, Kubernetes) tells its dead predecessor's runs from its own; the reconciler
-(rekku.reconciler) and the worker's bootstep (workers.node) build on it. This module holds only the
+(rekku.reconciler) and the worker's bootstep (rekku_workers.node) build on it. This module holds only the
 identity, so the worker's claim can name it without importing the reconciler.
 """
 

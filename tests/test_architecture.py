@@ -73,8 +73,8 @@ def test_a_plugin_importing_a_core_module_breaks_the_contract() -> None:
     """The contract is not vacuous: one direct import of a core module by a plugin breaks it, and so
     does the package root (``from rekku import ...``)."""
     assert _kept(PLUGIN_RULE, ForbiddenContract)
-    assert not _kept(PLUGIN_RULE, ForbiddenContract, ("plugins.echo", "rekku.db"))
-    assert not _kept(PLUGIN_RULE, ForbiddenContract, ("plugins.echo", "rekku"))
+    assert not _kept(PLUGIN_RULE, ForbiddenContract, ("rekku_plugins.echo", "rekku.db"))
+    assert not _kept(PLUGIN_RULE, ForbiddenContract, ("rekku_plugins.echo", "rekku"))
 
 
 #: The no-cycles contract's name in pyproject.toml.
@@ -100,4 +100,4 @@ def test_a_core_module_importing_the_worker_side_breaks_the_contract() -> None:
     """The layering contract is not vacuous: the edge the CLI used to have (it read the pool definitions
     from the workers package) breaks it if it comes back."""
     assert _kept(LAYER_RULE, ForbiddenContract)
-    assert not _kept(LAYER_RULE, ForbiddenContract, ("rekku.cli", "workers.runner"))
+    assert not _kept(LAYER_RULE, ForbiddenContract, ("rekku.cli", "rekku_workers.runner"))

@@ -9,8 +9,8 @@ from datetime import timedelta
 import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
+from rekku_plugins.bio_manager import LIST_FIELDS, MAX_FIELDS, bio, field_errors, merge_field, merge_values, union
 
-from plugins.bio_manager import LIST_FIELDS, MAX_FIELDS, bio, field_errors, merge_field, merge_values, union
 from rekku.models import utcnow
 from tests.support import Stack
 

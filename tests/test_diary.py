@@ -8,8 +8,8 @@ import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
+from rekku_plugins.ai_diary import ai_diary, select_entries
 
-from plugins.ai_diary import ai_diary, select_entries
 from rekku.models import utcnow
 from tests.support import ROOT, Stack
 

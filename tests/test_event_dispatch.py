@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from rekku_plugins.event import engine as ev
 
-from plugins.event import engine as ev
 from rekku.db import get_engine
 from rekku.migrate import upgrade
 from rekku.schedule import build_rule

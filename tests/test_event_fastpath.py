@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from rekku_plugins.event import engine as ev
 
-from plugins.event import engine as ev
 from rekku.db import get_engine
 from rekku.interfaces.models import ChatForward, Delivery, OutboxMessage
 from rekku.settings import get_settings
@@ -86,7 +86,8 @@ def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_foreve
         add_event({"date": "2026-03-28", "time": "09:00"}, chat="c1")
     due = datetime(2026, 3, 28, 9, 0, tzinfo=timezone.utc)
     items = [[e, o.isoformat()] for _, e, o in run_clock(due, due, timedelta(seconds=1))]
-    script = "import json, sys\nfrom plugins.event.engine import deliver_task\ndeliver_task(json.loads(sys.argv[1]))"
+    script = ("import json, sys\nfrom rekku_plugins.event.engine import deliver_task\n"
+              "deliver_task(json.loads(sys.argv[1]))")
     for attempt in range(1, ev.MAX_ATTEMPTS + 1):
         with get_engine().connect() as holder, holder.begin():
             holder.execute(sa.text("SELECT id FROM outbox_order FOR UPDATE"))

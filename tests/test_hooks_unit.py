@@ -13,17 +13,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import rekku_workers.claim
+import rekku_workers.hooks
 from celery.exceptions import Retry
+from rekku_workers import runner
+from rekku_workers.claim import ActionLogHook
+from rekku_workers.hooks import Hook, HookChain, HookOrderError, OrderRule, ProgressHook, Run, SkipRun, check_order
+from rekku_workers.run_metrics import RUN_METRICS, MetricsHook
 
-import workers.claim
-import workers.hooks
 from rekku.action_log import RunState
 from rekku.errors import NotAuthorized, TransientError
 from rekku.plugin_base import ActionSpec
-from workers import runner
-from workers.claim import ActionLogHook
-from workers.hooks import Hook, HookChain, HookOrderError, OrderRule, ProgressHook, Run, SkipRun, check_order
-from workers.run_metrics import RUN_METRICS, MetricsHook
 
 SPEC = ActionSpec(type="unit_echo", plugin="unit")
 
@@ -223,8 +223,8 @@ class Witness(Hook):
 
 def test_the_state_the_before_hooks_write_is_typed_and_reaches_the_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
     memory = MemoryLog()
-    monkeypatch.setattr(workers.claim, "shared_log", lambda: memory)
-    monkeypatch.setattr(workers.hooks, "shared_log", lambda: memory)
+    monkeypatch.setattr(rekku_workers.claim, "shared_log", lambda: memory)
+    monkeypatch.setattr(rekku_workers.hooks, "shared_log", lambda: memory)
     timed: list[tuple[str, str, float]] = []
     monkeypatch.setattr(RUN_METRICS, "add", lambda kind, status, elapsed: timed.append((kind, status, elapsed)))
 
@@ -238,7 +238,7 @@ def test_the_state_the_before_hooks_write_is_typed_and_reaches_the_outcome(monke
         "status": "succeeded"}
     run = witness.run
     assert run is not None and not hasattr(run, "extras")
-    assert isinstance(run.claim, workers.claim.DeferredClaim)  # made by the action log's before_run ...
+    assert isinstance(run.claim, rekku_workers.claim.DeferredClaim)  # made by the action log's before_run ...
     assert run.claim.progress == {"step": "halfway", "n": 1}  # ... held the progress reported before it was written
     assert run.context.progress_sink is not None and run.context.attempt_source is not None
     assert memory.claimed and memory.finished == {  # asking the attempt wrote the claim; the end used the claim

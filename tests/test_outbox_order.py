@@ -25,7 +25,8 @@ EVENT_WRITERS, CHUNKS, PER_CHUNK = 2, 2, 20
 def test_a_poller_following_after_sees_every_message_once_while_writers_race() -> None:
     from datetime import datetime, timedelta, timezone
 
-    from plugins.event import engine as ev
+    from rekku_plugins.event import engine as ev
+
     from rekku.interfaces.delivery import deliver
     from rekku.interfaces.links import Chat
     from rekku.outbox_api import get_outbox

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from rekku_plugins.reddit_plugin import subreddit_name
 
-from plugins.reddit_plugin import subreddit_name
 from tests.support import Stack
 
 CTX = {"interface": "telegram_bot", "user_id": "42", "chat_id": "42"}

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from rekku_plugins.selenium_elevenlabs.browser import BrowserHolder, PageError, _kill_tree
 
-from plugins.selenium_elevenlabs.browser import BrowserHolder, PageError, _kill_tree
 from rekku.settings import Settings
 
 

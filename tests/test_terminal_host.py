@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from rekku_plugins.terminal import _programs, policy_errors
+from rekku_plugins.terminal.host import Limits, SessionHost, Shell, run_once
+from rekku_plugins.terminal.output import Capture, Framer
+from rekku_plugins.terminal.sessions import SessionRegistry
 
-from plugins.terminal import _programs, policy_errors
-from plugins.terminal.host import Limits, SessionHost, Shell, run_once
-from plugins.terminal.output import Capture, Framer
-from plugins.terminal.sessions import SessionRegistry
 from rekku.settings import Settings
 from tests.support import REDIS_HOST, REDIS_PORT, claim_redis_db, gone, release_redis_db, wait_until
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from plugins.time_plugin import time_context
+from rekku_plugins.time_plugin import time_context
+
 from rekku.settings import location_of
 
 

@@ -9,9 +9,9 @@ from celery import Celery
 from hypothesis import given
 from hypothesis import strategies as st
 from kombu.asynchronous.timer import Timer
+from rekku_workers.timer_sweep import sweep
 
 from tests.support import Stack, wait_until
-from workers.timer_sweep import sweep
 
 #: (seconds from now, cancelled?) per entry; equal delays are likely, to exercise ties.
 ENTRIES = st.lists(st.tuples(st.integers(-50, 50), st.booleans()), max_size=200)

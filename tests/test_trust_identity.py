@@ -95,7 +95,8 @@ def delivered(stack: Stack, event_id: int, timeout: float = 30) -> dict:
 def insert_event(stack: Stack, chat: str, actions: list, created_by: str, requester: dict | None = None) -> int:
     """A ``scheduled_events`` row due in 2 s, written as an older release wrote it: with ``requester``
     None the column is not named at all (a row from before it existed)."""
-    from plugins.event.engine import events, new_event
+    from rekku_plugins.event.engine import events, new_event
+
     from rekku.models import utcnow
     from rekku.schedule import build_rule
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from plugins.weather_plugin import age_text, describe, summary_line
+from rekku_plugins.weather_plugin import age_text, describe, summary_line
+
 from tests.fakes.wttr import FakeWttr, j1
 from tests.support import Stack, wait_until
 

@@ -15,9 +15,9 @@ import signal
 
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
+from rekku_workers import event_loop
 
 from rekku.cancel import CANCEL_COMMAND
-from workers import event_loop
 
 
 @control_command(name=CANCEL_COMMAND, args=[("action_id", str)], signature="<action_id>")

@@ -1,7 +1,7 @@
 """The action log's part in a run: the deferred claim, the hook that moves the action through its
 states, and the count of runs lost with their pool process.
 
-Kept apart from workers.hooks (the hook interface and the small hooks) because this is the one hook
+Kept apart from rekku_workers.hooks (the hook interface and the small hooks) because this is the one hook
 whose writes decide what may run again; the reconciler and the worker's main process rely on it.
 """
 
@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from celery.worker.request import Request
+from rekku_workers.hooks import Hook, Run, SkipRun
 
 from rekku.action_log import ActionLog, lost_error, shared_log
 from rekku.models import FINAL_STATES, utcnow
 from rekku.settings import get_settings
 from rekku.worker_identity import worker_id
-from workers.hooks import Hook, Run, SkipRun
 
 log = logging.getLogger("rekku.run")
 

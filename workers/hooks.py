@@ -1,9 +1,9 @@
 """Cross-cutting concerns of an action run, one small hook object each (Dramatiq's middleware idea).
 
-The task body (workers.runner) passes every delivery through one :class:`HookChain`; a concern is added
-by writing a class and listing it in ``workers.runner.HOOKS``, not by adding branches to the task. That
+The task body (rekku_workers.runner) passes every delivery through one :class:`HookChain`; a concern is added
+by writing a class and listing it in ``rekku_workers.runner.HOOKS``, not by adding branches to the task. That
 list is the only place the order is decided: each entry says why it sits where it is, and
-:func:`check_order` refuses (when workers.runner is imported) a list that breaks one of its
+:func:`check_order` refuses (when rekku_workers.runner is imported) a list that breaks one of its
 :class:`OrderRule`. Hooks hand each other state only through the typed fields of :class:`Run` and the
 context's ``progress_sink`` / ``attempt_source``, so what one hook leaves for another is written down.
 
@@ -47,7 +47,7 @@ from rekku.settings import get_settings
 from rekku.validation import authorization_error
 
 if TYPE_CHECKING:
-    from workers.claim import DeferredClaim
+    from rekku_workers.claim import DeferredClaim
 
 log = logging.getLogger("rekku.run")
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 from celery import bootsteps
+from rekku_workers.heartbeat import beat, heartbeat_forever, tag_deliveries
+from rekku_workers.recovery import recover_predecessors
 
 from rekku.reconciler import broker_client
 from rekku.settings import get_settings
 from rekku.worker_identity import start_incarnation
-from workers.heartbeat import beat, heartbeat_forever, tag_deliveries
-from workers.recovery import recover_predecessors
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from celery import Celery
+from rekku_workers import event_loop
 
 from rekku.registry import Registry
-from workers import event_loop
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import time
 
 import redis
 import sqlalchemy as sa
+from rekku_workers.heartbeat import MAX_BEAT_INTERVAL
 
 from rekku.db import get_engine
 from rekku.models import QUEUED, RUNNING, ActionRun
@@ -28,7 +29,6 @@ from rekku.reconciler import (
     unacked,
 )
 from rekku.settings import Settings, get_settings
-from workers.heartbeat import MAX_BEAT_INTERVAL
 
 log = logging.getLogger(__name__)
 

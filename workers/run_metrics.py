@@ -16,10 +16,10 @@ from collections import Counter as Tally
 from typing import Any
 
 import redis
+from rekku_workers.hooks import Hook, Run
 
 from rekku.metrics import BUCKETS, BUCKETS_KEY, RUNS_KEY, SUM_KEY, broker_redis
 from rekku.settings import get_settings
-from workers.hooks import Hook, Run
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,19 @@ import inspect
 from typing import Any
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
+from rekku_workers import event_loop
+from rekku_workers.claim import ActionLogHook
+from rekku_workers.hooks import (
+    AuthorizationHook,
+    HookChain,
+    LoggingHook,
+    OrderRule,
+    ProgressHook,
+    Run,
+    SkipRun,
+    check_order,
+)
+from rekku_workers.run_metrics import MetricsHook
 from sqlalchemy.exc import DBAPIError
 
 from rekku import context as ctxvars
@@ -27,12 +40,8 @@ from rekku.errors import TransientError
 from rekku.plugin_base import ActionSpec
 from rekku.registry import get_registry
 from rekku.settings import get_settings
-from workers import event_loop
-from workers.claim import ActionLogHook
-from workers.hooks import AuthorizationHook, HookChain, LoggingHook, OrderRule, ProgressHook, Run, SkipRun, check_order
-from workers.run_metrics import MetricsHook
 
-#: The hooks every action run passes through, in this order (workers.hooks says what a raise does).
+#: The hooks every action run passes through, in this order (rekku_workers.hooks says what a raise does).
 HOOKS = HookChain([
     # First. Its before_run reads the action's state and acknowledges (SkipRun) an unknown, finished,
     # cancelled or poisoned delivery before any other hook does work on it or judges it; it makes

@@ -1,10 +1,10 @@
 """What a worker (and beat) process registers on Rekku's Celery app: imported by Celery there alone.
 
 * one task per action type, ``rekku.action.<type>``, routed to its pool's queue, which runs the
-  handler through the runner and its hooks (workers.runner);
+  handler through the runner and its hooks (rekku_workers.runner);
 * ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
-* plugins' periodic tasks and the beat schedule (workers.periodic);
-* the worker's bootsteps (workers.node, workers.timer_sweep), its cancel command and its signal
+* plugins' periodic tasks and the beat schedule (rekku_workers.periodic);
+* the worker's bootsteps (rekku_workers.node, rekku_workers.timer_sweep), its cancel command and its signal
   handlers (log format, metrics flush).
 
 Importing this module discovers the plugins; the ingress never imports it (rekku.celery_app).
@@ -17,8 +17,15 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
+from rekku_workers import cancel  # noqa: F401 - registers the worker's cancel command
+from rekku_workers.node import NodeIdentity
+from rekku_workers.periodic import register_periodic_tasks
+from rekku_workers.run_metrics import RUN_METRICS
+from rekku_workers.runner import execute, time_limit_of
+from rekku_workers.timer_sweep import TimerSweep
 
 from rekku.celery_app import app
+from rekku.envelope import message_key
 from rekku.ingest import default_ingress
 from rekku.logs import install as install_log_format
 from rekku.metrics import count_reconciled
@@ -26,16 +33,7 @@ from rekku.plugin_base import ActionSpec
 from rekku.reconciler import reconcile as reconcile_pass
 from rekku.registry import Registry, get_registry
 from rekku.settings import get_settings
-from workers import cancel  # noqa: F401 - registers the worker's cancel command
-from workers.node import NodeIdentity
-from workers.periodic import register_periodic_tasks
-from workers.run_metrics import RUN_METRICS
-from workers.runner import execute, time_limit_of
-from workers.timer_sweep import TimerSweep
 
-#: The request attribute rekku.signing sets to a signed envelope's id (that module needs the optional
-#: 'signing' extra, so its name is repeated here rather than imported).
-ENVELOPE_ATTR = "rekku_envelope"
 #: Extra seconds Celery waits past an action's own limit before interrupting (soft) and killing (hard).
 SOFT_GRACE, HARD_GRACE = 5.0, 15.0
 
@@ -45,7 +43,7 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
 
     def run_action(self: Task, action_id: str, payload: dict, context: dict | None = None) -> dict:
         # the action log keeps the result; Celery gets only the outcome ({"status": "succeeded"}), as
-        # whatever it gets back it shows (worker log, task events, Flower): see workers.runner
+        # whatever it gets back it shows (worker log, task events, Flower): see rekku_workers.runner
         return execute(self, spec, action_id, payload, context)
 
     run_action.__name__ = f"action_{spec.type}"
@@ -56,7 +54,7 @@ def _make_action_task(app: Celery, spec: ActionSpec) -> Task:
         soft_time_limit=limit + SOFT_GRACE, time_limit=limit + HARD_GRACE,
         rate_limit=spec.rate_limit, max_retries=None,
         # the worker's main process counts a run lost with its pool process (poison messages)
-        Request="workers.claim:ActionRequest",
+        Request="rekku_workers.claim:ActionRequest",
     )
 
 
@@ -80,9 +78,7 @@ def ingest(self: Task, body: Any, context: dict | None = None, idempotency_key: 
     ingress = default_ingress()
     if idempotency_key:
         return ingress.submit_from_client(body, context=context, idempotency_key=idempotency_key).as_dict()
-    envelope = getattr(self.request, ENVELOPE_ATTR, None)  # set by rekku.signing when signing is on
-    key = f"signed:{envelope}" if envelope else f"celery-task:{self.request.id}"
-    return ingress.submit(body, context=context, idempotency_key=key).as_dict()
+    return ingress.submit(body, context=context, idempotency_key=message_key(self.request)).as_dict()
 
 
 @app.task(name="rekku.reconcile", queue="default", acks_late=True, ignore_result=True, expires=60)
