@@ -7,6 +7,7 @@ the one error shape ``{"detail", "errors"}``; a 500 means a bug.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -271,8 +273,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _document_errors(app: FastAPI) -> None:
     """The OpenAPI schema says what the API really answers: our one error shape for 400/422 (FastAPI
     documents its own validation body, which we replace), and either shape for POST /v1/actions' 422."""
-    from fastapi.openapi.utils import get_openapi
-
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
@@ -307,8 +307,6 @@ ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekk
 
 
 def extra_routers() -> list[Any]:
-    import importlib
-
     return [importlib.import_module(name).router for name in ROUTER_MODULES]
 
 

@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from rekku.settings import get_settings
+
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 
@@ -39,8 +41,6 @@ def make_engine(url: str) -> Engine:
 def get_engine(url: str | None = None) -> Engine:
     """The process's engine for ``url`` (default: the configured database)."""
     if url is None:
-        from rekku.settings import get_settings
-
         url = get_settings().resolved_database_url()
     key = (os.getpid(), url)
     with _lock:

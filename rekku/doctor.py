@@ -16,6 +16,7 @@ from rich.table import Table
 from rekku.celery_app import app
 from rekku.embedded_redis import without_password
 from rekku.migrate import state
+from rekku.pools import POOLS
 from rekku.registry import get_registry
 from rekku.settings import Settings
 
@@ -116,8 +117,6 @@ def _database(settings: Settings) -> Check:
 
 
 def _workers() -> list[Check]:
-    from rekku.pools import POOLS
-
     try:
         replies = app.control.inspect(timeout=1.5).active_queues() or {}
     except Exception as exc:

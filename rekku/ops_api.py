@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from rekku import dispatch
@@ -70,7 +71,4 @@ def retry_action(action_id: str) -> Any:
 def metrics() -> Response:
     """Prometheus metrics: actions accepted/rejected by type, queue depth per pool, run outcomes and
     durations by type, reconciler re-enqueues."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-
     return Response(render(), media_type=CONTENT_TYPE_LATEST)

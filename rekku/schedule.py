@@ -26,6 +26,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from dateutil.relativedelta import relativedelta
 
 #: Recurrence kinds of the ``repeat`` field.
@@ -158,8 +159,6 @@ def _parse_repeat(payload: dict) -> tuple[str, int | None, str | None]:
     if repeat == "every" and every is not None and every < MIN_EVERY:
         raise ScheduleError(f"'every' must be at least {MIN_EVERY // 60} minute")
     if repeat == "cron":
-        from croniter import croniter
-
         if not cron or not croniter.is_valid(str(cron)):
             raise ScheduleError(f"cron expression {cron!r} is not valid (five fields, e.g. '0 9 * * 1-5')")
         cron = str(cron)
@@ -243,8 +242,6 @@ def next_occurrence(rule: Rule, after: datetime, index: int,
     if rule.repeat == "none":
         return None
     if rule.repeat == "cron":
-        from croniter import croniter
-
         zone = rule.zone
         base = (inclusive_from or after).astimezone(zone).replace(tzinfo=None)
         if inclusive_from is not None:

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 from rekku_workers.hooks import Hook, Run, SkipRun
 
@@ -206,9 +208,6 @@ class ActionRequest(Request):
     Only this rare path writes: a run that ends normally costs nothing here."""
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
-        from billiard.einfo import ExceptionWithTraceback
-        from billiard.exceptions import WorkerLostError
-
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc

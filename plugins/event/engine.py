@@ -27,6 +27,7 @@ Exactly once, end to end:
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from datetime import datetime, timedelta
@@ -356,8 +357,6 @@ def reminder_text(description: str) -> str:
 
 
 def system_message(event: Any, occurrence: datetime) -> str:
-    import json
-
     zone = ZoneInfo(event.timezone)  # the rule's zone (new_event stores rule.tz there); ZoneInfo caches it
     return json.dumps({"system_message": {
         "type": "event_reminder", "event_id": event.id, "description": event.description,
@@ -571,6 +570,4 @@ def _record(event_id: int, occurrence: datetime, **values: Any) -> None:
 
 
 def _json_safe(value: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(value, default=str))
