@@ -303,7 +303,8 @@ def _document_errors(app: FastAPI) -> None:
 
 
 #: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
-ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api", "rekku.artifacts_api")
+ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api", "rekku.artifacts_api",
+                                   "rekku.conversation_api")
 
 
 def extra_routers() -> list[Any]:

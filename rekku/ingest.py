@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from rekku import dispatch
+from rekku import dispatch, feed
 from rekku.action_log import ActionLog, EarlierBatch, NewRun, shared_log
 from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
@@ -92,18 +92,6 @@ class Ingress:
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
-    def submit_follow_up(self, actions: list[dict], context: dict, idempotency_key: str,
-                         marks: dict[str, str]) -> Answer:
-        """Make actions on behalf of a running one (a query's output sent back to its chat) through the
-        same path as every request: validated, authorized, routed, logged, published. The model did
-        not write them, so they neither count nor reset the chat's corrections and are no sign of the
-        chat's activity (``on_request``); a plugin's refusal (``check_request``: a blocked user) still
-        applies. ``marks`` are context entries only Rekku sets (``reply_to_action``), kept on the runs
-        after the context is normalized, so no caller can forge them."""
-        answer = self._submit({"actions": actions}, context, idempotency_key, client=False, follow_up=marks)
-        count_submission(answer.accepted, answer.rejected, self.registry)
-        return answer
-
     def submit_from_client(self, body: Any, context: dict | None = None,
                            idempotency_key: str | None = None) -> Answer:
         """Accept a request from outside (HTTP, ``rekku.ingest``): the key may not take a prefix Rekku
@@ -117,10 +105,8 @@ class Ingress:
         count_submission(answer.accepted, answer.rejected, self.registry)
         return answer
 
-    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None, *, client: bool,
-                follow_up: dict[str, str] | None = None) -> Answer:
-        """The one path that creates actions (callers: submit, submit_from_client, submit_follow_up).
-        ``follow_up``: the marks of actions a running action makes (see :meth:`submit_follow_up`)."""
+    def _submit(self, body: Any, context: dict | None, idempotency_key: str | None, *, client: bool) -> Answer:
+        """The one path that creates actions (callers: submit, submit_from_client)."""
         limit = self.settings.max_body_bytes  # HTTP bodies are cut at it; rekku.ingest messages are not
         text = isinstance(body, (str, bytes))
         bound = ("size" if len(body) > limit else None) if text else over_limit(body, limit, MAX_PAYLOAD_DEPTH + 3)
@@ -145,28 +131,26 @@ class Ingress:
         if len(parsed.actions) > limit:
             raise TooManyActions(f"{len(parsed.actions)} actions in one request; at most {limit} "
                                  "(REKKU_MAX_ACTIONS_PER_REQUEST): split them over several requests")
-        refusal = self._refusal(ctx)
+        refusal = self.refusal(ctx)
         if refusal:
             return Answer(None, [], [{"index": None, "type": None, "errors": [refusal]}], None, status=403)
-        if follow_up is None:
-            self._observe(ctx)
+        self.observe(ctx)
         accepted, rejected = validate_actions(parsed.actions, self.registry, ctx, self.settings)
         rejected = [Rejection(None, None, parsed.errors)] + rejected if parsed.errors else rejected
         if not parsed.actions and not parsed.errors:
             if parsed.ignored_system_message:
                 rejected = [Rejection(None, None, ["A system_message is never executed; no actions to run"])]
             else:  # {"actions": []} (or []): the prompt's way to stay silent, a valid reply with nothing to do
-                if self.corrections is not None and follow_up is None:
+                if self.corrections is not None:
                     self.corrections.reset(ctx)
                 return Answer(None, [], [], None, status=202)
-        correction = self._correction(rejected, body, ctx) if follow_up is None else None
+        correction = self._correction(rejected, body, ctx)
         if not accepted:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
         batch_id = str(uuid.uuid4())
         runs = [NewRun(str(uuid.uuid4()), a.index, a.spec.type, self.queue_for(a.spec, a.payload, ctx), a.payload,
-                       {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {}),
-                        **(follow_up or {})})
+                       {**ctx, **({"interface_hint": a.interface_hint} if a.interface_hint else {})})
                 for a in accepted]
         answer = Answer(batch_id,
                         [{"index": r.position, "id": r.id, "type": r.type, "queue": r.queue} for r in runs],
@@ -184,7 +168,7 @@ class Ingress:
                                      f"were not enqueued (marked failed in batch {batch_id})")
         return answer
 
-    def _refusal(self, ctx: dict) -> str | None:
+    def refusal(self, ctx: dict) -> str | None:
         """The first plugin's reason to refuse the whole request (trainers are never refused)."""
         if self.settings.is_trainer(ctx.get("interface"), ctx.get("user_id")):
             return None
@@ -201,7 +185,7 @@ class Ingress:
                 return reason
         return None
 
-    def _observe(self, ctx: dict) -> None:
+    def observe(self, ctx: dict) -> None:
         for name, plugin in self.registry.plugins.items():
             observe = getattr(plugin, "on_request", None)
             if observe is not None:
@@ -244,8 +228,12 @@ class Ingress:
         if not isinstance(original, str) and depth_exceeds(original, ECHO_DEPTH):
             original = json.dumps(original, ensure_ascii=True)  # stored with the answer, within MariaDB's depth
         original = printable_value(original)  # stored with the answer: MariaDB's JSON refuses \ud800
-        return build_correction(errors, original, capabilities(self.registry), attempt=attempt,
-                                retries=self.settings.corrector_retries)
+        correction = build_correction(errors, original, capabilities(self.registry), attempt=attempt,
+                                      retries=self.settings.corrector_retries)
+        if correction is not None and ctx.get("chat_id"):
+            # the model of that chat hears it on its feed too (the caller has it in the answer)
+            feed.append_now([feed.NewItem.about(feed.CORRECTION, ctx, correction)])
+        return correction
 
 
 @functools.lru_cache(maxsize=1)

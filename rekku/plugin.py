@@ -22,6 +22,11 @@ from rekku.celery_app import app as celery_app
 from rekku.context import ActionContext, current_action, normalize_context
 from rekku.db import get_engine, session_factory
 from rekku.errors import NotAuthorized, PluginError, RekkuError, TransientError, ValidationError
+from rekku.feed import EVENT_REMINDER as FEED_EVENT_REMINDER
+from rekku.feed import NewItem as NewFeedItem
+from rekku.feed import append as feed_append
+from rekku.feed import append_now as feed_append_now
+from rekku.feed import send_output
 from rekku.ingest import default_ingress
 from rekku.interfaces.delivery import deliver, deliver_to_outbox_at_once
 from rekku.interfaces.links import Chat, chats_named, is_known_chat_id, looks_like_id, resolve_chat
@@ -29,7 +34,6 @@ from rekku.interfaces.models import SENDING as DELIVERY_SENDING
 from rekku.interfaces.models import SENT as DELIVERY_SENT
 from rekku.interfaces.models import ChatForward, ChatLink, Delivery
 from rekku.interfaces.registry import get_interfaces
-from rekku.interfaces.replies import send_output
 from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.registry import core_initializer, get_registry, register_plugin
@@ -65,7 +69,11 @@ __all__ = [
     "UTCDateTime",        # column type: stored as naive UTC, read back timezone-aware
     "JSONType",           # column type: JSON on SQLite and MariaDB alike
     # --- chats and replies
-    "send_output",        # send a query's result back to the chat the request came from
+    "send_output",        # give the model an action's result (an "output" item of the feed, not a chat message)
+    "feed_append",        # add items to the model's feed in the caller's transaction (once per dedupe_key)
+    "feed_append_now",    # the same in a transaction of its own
+    "NewFeedItem",        # an item to add: its type, its chat, what it says, its dedupe_key
+    "FEED_EVENT_REMINDER",  # the feed item type of a due reminder's system message
     "deliver",            # send a message to a chat (and to the chats linked to it), exactly once
     "deliver_to_outbox_at_once",  # many one-part outbox messages in the caller's transaction, exactly once
     "get_interfaces",     # the configured interfaces (telegram, discord, webhook, outbox...) by name

@@ -377,6 +377,26 @@ class Stack:
         assert answer["accepted"], answer
         return self.wait_action(answer["accepted"][0]["id"], timeout)
 
+    def feed(self, **match: Any) -> list[dict]:
+        """Every item on the model's feed (paged with ``after``) whose fields equal ``match`` (a key
+        ``chat_id`` matches the item's chat)."""
+        items: list[dict] = []
+        after = 0
+        while True:
+            page = self.get("/v1/feed", params={"after": after, "limit": 1000}).json()
+            items += page["items"]
+            if not page["items"]:
+                break
+            after = page["next"]
+        return [i for i in items if all((i["chat"]["chat_id"] if k == "chat_id" else i.get(k)) == v
+                                        for k, v in match.items())]
+
+    def feed_item(self, timeout: float = 20, **match: Any) -> dict:
+        """The one feed item matching ``match``, once it is there."""
+        found = wait_until(lambda: self.feed(**match), timeout=timeout, what=f"a feed item {match}")
+        assert len(found) == 1, found
+        return found[0]
+
     def journal(self, action_id: str) -> list[str]:
         path = self.home / "testkit" / f"{action_id}.log"
         return path.read_text().split("\n")[:-1] if path.exists() else []

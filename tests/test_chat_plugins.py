@@ -1,13 +1,13 @@
 """The chat plugins end to end on MariaDB: chat_link (with cross-platform links), message_map,
-recent_chats and blocklist; query results also reach the asking chat as a system_message of type output."""
+recent_chats and blocklist; query results reach the model's feed as items of type output, never the
+human chat."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from tests.conftest import TRAINER
-from tests.support import Stack, wait_until
+from tests.support import Stack
 
 
 def _chat(prefix: str = "web") -> str:
@@ -19,15 +19,12 @@ def outbox(stack: Stack, chat: str) -> list[dict]:
 
 
 def output_for(stack: Stack, chat: str, action_id: str) -> dict:
-    """The system_message of type output the action sent back to ``chat`` (through the outbox)."""
-    def find() -> dict | None:
-        for message in outbox(stack, chat):
-            body = json.loads(message["text"])["system_message"]
-            if body["action_id"] == action_id:
-                return body
-        return None
-
-    return wait_until(find, timeout=20, what=f"the output of {action_id} in {chat}")
+    """The output the action gave the model of ``chat`` (an item of the feed); nothing of it reached
+    the chat itself."""
+    item = stack.feed_item(type="output", action_id=action_id)
+    assert item["chat"]["chat_id"] == chat, item
+    assert not any(action_id in (m["text"] or "") for m in outbox(stack, chat)), "an output reached the human chat"
+    return item["data"]
 
 
 def ok(run: dict) -> dict:

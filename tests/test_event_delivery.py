@@ -106,8 +106,10 @@ def test_two_beats_and_two_workers_deliver_every_occurrence_exactly_once(event_s
     rows = delivery_rows(event_stack, ids)
     assert sorted(r["event_id"] for r in rows) == sorted(ids)
     assert {r["status"] for r in rows} == {"delivered"} and {r["attempts"] for r in rows} == {1}
-    reminders = [json.loads(r.raw)["text"] for r in fakes["webhook"].requests if json.loads(r.raw)["chat_id"] == chat]
-    systems = [json.loads(t)["system_message"] for t in reminders]
+    # the system messages are the model's (the feed); no human chat, the webhook's included, gets one
+    sent = [json.loads(r.raw)["text"] for r in fakes["webhook"].requests if json.loads(r.raw)["chat_id"] == chat]
+    assert not any("system_message" in t for t in sent + outbox(event_stack, chat)), sent
+    systems = [i["data"] for i in event_stack.feed(type="event_reminder", chat_id=chat)]
     assert sorted(s["event_id"] for s in systems) == sorted(ids) and {s["type"] for s in systems} == {"event_reminder"}
     tokyo = next(s for s in systems if s["description"] == "with actions")
     assert tokyo["scheduled"].endswith("+09:00") and tokyo["target"] == {"interface": "outbox", "chat_id": chat,

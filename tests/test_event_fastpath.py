@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from rekku_plugins.event import engine as ev
 
+from rekku import feed
 from rekku.db import get_engine
 from rekku.interfaces.models import ChatForward, Delivery, OutboxMessage
 from rekku.settings import get_settings
@@ -40,9 +41,13 @@ def test_outbox_chunk_in_one_transaction_matches_the_one_by_one_path(monkeypatch
         msgs = conn.execute(sa.select(OutboxMessage.chat_id, OutboxMessage.text)).all()
         recs = conn.execute(sa.select(Delivery.action_id, Delivery.part_key, Delivery.remote_id)).all()
         rows = conn.execute(sa.select(ev.deliveries.c.event_id, ev.deliveries.c.status, ev.deliveries.c.result)).all()
-    assert len(msgs) == 6 * 2 + 2  # forwards of c2's two reminders
+    assert len(msgs) == 6 + 2  # the reminders, and the forwards of c2's two
     assert len([m for m in msgs if m.chat_id == "fwd"]) == 2
-    assert len(recs) == 14
+    assert not any("system_message" in m.text for m in msgs)  # the model's part is on the feed, not in a chat
+    assert len(recs) == 8
+    reminders = feed.read(0, 100)
+    assert len(reminders) == 6 and {i["type"] for i in reminders} == {"event_reminder"}
+    assert sorted(i["data"]["event_id"] for i in reminders) == sorted(ids)
     results = {r.event_id: (json.loads(r.result) if isinstance(r.result, str) else r.result) for r in rows}
     assert {r.status for r in rows} == {"delivered"}
     fast = results[ids[0]]
@@ -65,7 +70,8 @@ def test_a_chunk_meeting_an_earlier_delivery_falls_back_without_duplicates() -> 
     deliver(Chat("outbox", "c1"), ev.message_id(ids[0], due, "reminder"), text=ev.reminder_text("x"))
     assert ev.deliver_task(items) == {"delivered": 3, "failed": 0}
     with get_engine().connect() as conn:
-        assert conn.scalar(sa.select(sa.func.count()).select_from(OutboxMessage.__table__)) == 6
+        assert conn.scalar(sa.select(sa.func.count()).select_from(OutboxMessage.__table__)) == 3
+    assert len(feed.read(0, 100)) == 3  # one event_reminder per occurrence, none twice
 
 
 def _waiting_on_outbox_order() -> set[int]:

@@ -161,7 +161,7 @@ def test_hooks_are_called_in_the_order_their_list_declares(monkeypatch: pytest.M
 
 def test_the_workers_hook_list_keeps_every_order_rule() -> None:
     assert [type(h).__name__ for h in runner.HOOKS.hooks] == [
-        "ActionLogHook", "AuthorizationHook", "ProgressHook", "MetricsHook", "LoggingHook"]
+        "ActionLogHook", "AuthorizationHook", "ProgressHook", "FailureFeedHook", "MetricsHook", "LoggingHook"]
     check_order(runner.HOOKS.hooks, runner.ORDER_RULES)
 
 

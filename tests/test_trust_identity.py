@@ -352,9 +352,8 @@ def test_a_name_can_never_take_a_chat_ids_messages(chat_stack: Stack, tg) -> Non
     assert query["status"] == "succeeded" and query["result"]["chat_id"] == asking, query
 
     def outputs(chat: str) -> list[dict]:
-        texts = [m["text"] for m in chat_stack.get("/v1/outbox", params={"chat_id": chat}).json()["messages"]]
-        return [json.loads(t)["system_message"] for t in texts if t.startswith("{")]
+        return [i["data"] for i in chat_stack.feed(type="output", chat_id=chat)]
 
     wait_until(lambda: any(o.get("action_id") == query["id"] for o in outputs(asking)), timeout=20,
-               what="the query's output in the asking chat")
+               what="the query's output on the asking chat's feed")
     assert outputs(other) == []

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rekku import feed
 from rekku.action_log import shared_log
 from rekku.context import ActionContext
 from rekku.errors import NotAuthorized
@@ -209,3 +210,17 @@ class LoggingHook(Hook):
 
     def after_skip(self, run: Run, reason: str) -> None:
         log.info("action %s (%s) not run: %s", run.action_id, run.spec.type, reason)
+
+
+class FailureFeedHook(Hook):
+    """Tells the model of the chat an action came from that the action failed for good: a ``failure``
+    item of the feed (rekku.feed), once per action. An action with no chat has no model listening;
+    its caller reads the failure from the action's state."""
+
+    def after_failure(self, run: Run, error: str) -> None:
+        ctx = run.context
+        if not ctx.chat_id:
+            return
+        chat = {"interface": ctx.interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id}
+        feed.append_now([feed.NewItem.about(feed.FAILURE, chat, {"action_type": run.spec.type, "error": error},
+                                            action_id=run.action_id, dedupe_key=f"failure:{run.action_id}")])

@@ -22,6 +22,7 @@ from rekku_workers import event_loop
 from rekku_workers.claim import ActionLogHook
 from rekku_workers.hooks import (
     AuthorizationHook,
+    FailureFeedHook,
     HookChain,
     LoggingHook,
     OrderRule,
@@ -55,6 +56,7 @@ HOOKS = HookChain([
     ProgressHook(),
     # Observers, last. After the deciding hooks, so a skipped or refused delivery starts no clock (it
     # counts zero seconds) and its outcome is reported after the action log recorded it.
+    FailureFeedHook(),
     MetricsHook(),
     LoggingHook(),
 ])
@@ -67,6 +69,7 @@ ORDER_RULES = (
     OrderRule(ActionLogHook, ProgressHook, "the progress sink reads run.claim, made by the action log's before_run"),
     OrderRule(ActionLogHook, MetricsHook, "an outcome is counted after the action log recorded it"),
     OrderRule(ActionLogHook, LoggingHook, "an outcome is logged after the action log recorded it"),
+    OrderRule(ActionLogHook, FailureFeedHook, "the model hears of a failure the action log recorded"),
     OrderRule(AuthorizationHook, MetricsHook, "a refused delivery starts no clock: it counts zero seconds"),
 )
 check_order(HOOKS.hooks, ORDER_RULES)

@@ -11,13 +11,14 @@ Exactly once, end to end:
    (:func:`update_rows`). Only then, after the commit, are deliveries enqueued, with the due time as
    their ETA; a delivery task never sends an occurrence before it is due.
 2. **Deliver.** ``rekku.event.deliver`` (io pool) sends the reminder through the target interface
-   and the ``event_reminder`` system message to the webhook (else the outbox), each under a
-   deterministic message id (``event:<id>:<occurrence>:reminder`` / ``:system``) that the interface
-   layer records per part, so a redelivered or retried delivery never sends twice; scheduled
-   actions go through :meth:`Ingress.submit` with the idempotency key ``event:<id>:<occurrence>:actions``.
-   When the reminder and the system message both go to the outbox (no webhook, no scheduled actions,
-   a chat without forwards) a chunk's messages, their delivery records and the ``delivered`` marks
-   commit in one transaction instead; on any error it falls back to the one-by-one path.
+   under a deterministic message id (``event:<id>:<occurrence>:reminder``) that the interface layer
+   records per part, so a redelivered or retried delivery never sends twice, and puts the
+   ``event_reminder`` system message on the model's feed (never in the human chat) under the
+   dedupe key ``event:<id>:<occurrence>:system``; scheduled actions go through
+   :meth:`Ingress.submit` with the idempotency key ``event:<id>:<occurrence>:actions``.
+   When the reminder goes to the outbox (no scheduled actions, a chat without forwards) a chunk's
+   messages, their delivery records, their feed items and the ``delivered`` marks commit in one
+   transaction instead; on any error it falls back to the one-by-one path.
    The row becomes ``delivered`` only when all of that succeeded; a failure leaves it ``failed``
    with the error and is retried with backoff up to :data:`MAX_ATTEMPTS`.
 3. **Recover.** A delivery whose message was lost (broker, or a worker killed while the row was
@@ -39,14 +40,18 @@ import sqlalchemy as sa
 from celery import shared_task
 
 from rekku.plugin import (
+    FEED_EVENT_REMINDER,
     Chat,
     ChatForward,
     JSONType,
+    NewFeedItem,
     Rule,
     UTCDateTime,
     default_ingress,
     deliver,
     deliver_to_outbox_at_once,
+    feed_append,
+    feed_append_now,
     get_engine,
     get_interfaces,
     get_settings,
@@ -356,15 +361,17 @@ def reminder_text(description: str) -> str:
     return f"⏰ Reminder: {description}"
 
 
-def system_message(event: Any, occurrence: datetime) -> str:
+def system_message(event: Any, occurrence: datetime) -> NewFeedItem:
+    """The occurrence as the model hears it: an ``event_reminder`` item of the feed (upstream's
+    ``system_message`` of that type), once per occurrence, never a message in the human chat."""
     zone = ZoneInfo(event.timezone)  # the rule's zone (new_event stores rule.tz there); ZoneInfo caches it
-    return json.dumps({"system_message": {
-        "type": "event_reminder", "event_id": event.id, "description": event.description,
-        "scheduled": occurrence.astimezone(zone).isoformat(), "scheduled_utc": occurrence.isoformat(),
-        "timezone": event.timezone, "recurrence": event.recurrence_type, "created_by": event.created_by,
-        "requested_by": _requested_by(event),
-        "target": {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None},
-    }}, ensure_ascii=False)
+    target = {"interface": event.interface, "chat_id": event.chat_id, "thread_id": event.thread_id or None}
+    data = {"type": "event_reminder", "event_id": event.id, "description": event.description,
+            "scheduled": occurrence.astimezone(zone).isoformat(), "scheduled_utc": occurrence.isoformat(),
+            "timezone": event.timezone, "recurrence": event.recurrence_type, "created_by": event.created_by,
+            "requested_by": _requested_by(event), "target": target}
+    return NewFeedItem.about(FEED_EVENT_REMINDER, target, data,
+                             dedupe_key=message_id(event.id, occurrence, "system"))
 
 
 def _requested_by(event: Any) -> dict[str, str] | None:
@@ -400,12 +407,7 @@ def deliver_occurrence(event: Any, occurrence: datetime) -> dict[str, Any]:
     target = Chat(event.interface, event.chat_id, event.thread_id or None)
     result: dict[str, Any] = {"reminder": deliver(target, message_id(event_id, occurrence, "reminder"),
                                                   text=reminder_text(event.description))}
-    interfaces = get_interfaces()
-    system_iface = "webhook" if interfaces.get("webhook") is not None else "outbox"
-    if interfaces.get(system_iface) is not None:
-        result["system_message"] = deliver(Chat(system_iface, event.chat_id, event.thread_id or None),
-                                           message_id(event_id, occurrence, "system"),
-                                           text=system_message(event, occurrence), forward=False)
+    result["system_message"] = {"feed_item": feed_append_now([system_message(event, occurrence)])[0]}
     if event.actions:
         result["actions"] = run_scheduled_actions(event, occurrence)
     return result
@@ -447,12 +449,11 @@ def _count_attempt(rows: list[tuple[Any, datetime]]) -> None:
 
 def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> list[tuple[Any, datetime]]:
     """The occurrences of a chunk that :func:`_deliver_to_outbox` may write in one transaction: target the
-    outbox, system message to the outbox too (no webhook), no scheduled actions, and a chat with no
-    cross-platform forwards (those take the per-occurrence path, which honours them)."""
+    outbox, no scheduled actions, and a chat with no cross-platform forwards (those take the
+    per-occurrence path, which honours them)."""
 
-    interfaces = get_interfaces()
-    outbox = interfaces.get("outbox")
-    if outbox is None or not outbox.stored or interfaces.get("webhook") is not None:
+    outbox = get_interfaces().get("outbox")
+    if outbox is None or not outbox.stored:
         return []
     picked = [(row, at) for row, at in rows if (event := found.get(row.event_id)) is not None
               and event.interface == "outbox" and not event.actions]
@@ -473,22 +474,14 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
     exactly once like the per-occurrence path. Raises (nothing written) if any part was already
     recorded or anything fails; the caller then takes the per-occurrence path."""
 
-    messages: list[tuple[str, Chat, str]] = []
-    parts: list[tuple[int, str]] = []  # (row index, part) of each message
-    for n, (row, at) in enumerate(rows):
-        event = found[row.event_id]
-        chat = Chat("outbox", event.chat_id, event.thread_id or None)
-        for part, text in (("reminder", reminder_text(event.description)), ("system", system_message(event, at))):
-            messages.append((message_id(row.event_id, at, part), chat, text))
-            parts.append((n, part))
+    messages = [(message_id(row.event_id, at, "reminder"),
+                 Chat("outbox", found[row.event_id].chat_id, found[row.event_id].thread_id or None),
+                 reminder_text(found[row.event_id].description)) for row, at in rows]
     with get_engine().begin() as conn:
         summaries = deliver_to_outbox_at_once(conn, messages)
-        results: list[dict[str, Any]] = [{} for _ in rows]
-        for (n, part), summary in zip(parts, summaries, strict=True):
-            if part == "reminder":
-                results[n]["reminder"] = {**summary, "forwarded": []}
-            else:
-                results[n]["system_message"] = summary
+        items = feed_append(conn, [system_message(found[row.event_id], at) for row, at in rows])
+        results = [{"reminder": {**summary, "forwarded": []}, "system_message": {"feed_item": item}}
+                   for summary, item in zip(summaries, items, strict=True)]
         marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)})
         if marked != len(rows):
             raise LookupError(f"{len(rows) - marked} occurrences already delivered or cancelled")

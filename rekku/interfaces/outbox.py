@@ -4,13 +4,9 @@ It is the default interface (``REKKU_DEFAULT_INTERFACE``), so `rekku up` shows w
 before any platform is configured. Delivery writes a message and its delivery record in one
 transaction, so a redelivered send never stores a message twice.
 
-Pollers read with ``after`` = the last id they saw, so ids must become visible in order. MariaDB
-hands out an auto-increment id when a row is inserted, not when it commits: a writer holding id 10
-that commits after the writer of id 11 would be skipped by a poller that already read 11 (seen in
-tests: a few messages of every few hundred, with six writers). Every transaction that adds outbox
-messages therefore locks the one ``outbox_order`` row just before inserting (:func:`hold_order`);
-the lock is held to commit, so ids are taken in commit order. SQLite needs nothing: its single
-writer lock already does that.
+Pollers read with ``after`` = the last id they saw, so ids must become visible in order: every
+transaction that adds outbox messages locks the one ``outbox_order`` row just before inserting
+(:func:`hold_order`, rekku.ordering says why).
 
 ``audio_url`` is a link a client can fetch: an http(s) URL as given, or an artifact's
 ``/v1/artifacts/{name}`` path (``Interface.audio_link``); never a path on the server.
@@ -26,6 +22,7 @@ from rekku.interfaces.base import Interface, Outgoing
 from rekku.interfaces.models import OutboxMessage, OutboxOrder
 from rekku.interfaces.registry import register_interface
 from rekku.models import utcnow
+from rekku.ordering import hold
 
 
 @register_interface
@@ -57,5 +54,5 @@ def store_many(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[in
 
 def hold_order(connection: sa.Connection | Any) -> None:
     """Lock the outbox order until this transaction ends; call it right before inserting outbox
-    messages (a Connection or a Session). On SQLite the FOR UPDATE renders as a plain read."""
-    connection.execute(sa.select(OutboxOrder.id).where(OutboxOrder.id == 1).with_for_update())
+    messages (a Connection or a Session)."""
+    hold(connection, OutboxOrder)

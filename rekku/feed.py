@@ -1,0 +1,156 @@
+"""The feed: one ordered stream of what is meant for the model and not for a person.
+
+Incoming messages ready for a turn, query and terminal outputs, due reminders' ``event_reminder``
+system messages, corrections of rejected actions and failures the model should know about are items
+here (docs/contracts.md, "The conversation"); a human chat gets only human text. Readers follow the
+ids: ``GET /v1/feed?after=`` (long poll), ``GET /v1/feed/stream`` (server-sent events) and the model
+webhook.
+
+Ids become visible in commit order, so a reader that saw id N and asks for ``after=N`` never misses
+an item committed later with a smaller id: every transaction that adds items first locks the one
+``feed_order`` row (:func:`rekku.ordering.hold`), as the outbox does. Each item may carry a
+``dedupe_key`` (``output:<action id>``, ``failure:<action id>``, ...): a query re-run after a
+redelivery, or a reminder delivered twice, adds its item once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from rekku.context import current_action
+from rekku.db import get_engine
+from rekku.models import Base, JSONType, UTCDateTime, utcnow
+from rekku.ordering import hold
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+#: The kinds of item the feed carries.
+MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE = "message", "output", "event_reminder", "correction", "failure"
+KINDS = (MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+
+
+class FeedItem(Base):
+    __tablename__ = "feed_items"
+    __table_args__ = (sa.UniqueConstraint("dedupe_key", name="uq_feed_items_dedupe_key"),
+                      sa.Index("ix_feed_items_chat", "interface", "chat_id", "thread_id", "id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(sa.String(32))
+    interface: Mapped[str] = mapped_column(sa.String(64), default="")
+    chat_id: Mapped[str] = mapped_column(sa.String(191), default="")
+    thread_id: Mapped[str] = mapped_column(sa.String(191), default="")
+    action_id: Mapped[str | None] = mapped_column(sa.String(36))
+    dedupe_key: Mapped[str | None] = mapped_column(sa.String(191))
+    data: Mapped[Any] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FeedOrder(Base):
+    """One row; every transaction that adds feed items locks it first (see the module's docstring)."""
+
+    __tablename__ = "feed_order"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to add: its kind, the chat it is about (empty when none), and what it says."""
+
+    type: str
+    data: dict[str, Any]
+    interface: str = ""
+    chat_id: str = ""
+    thread_id: str = ""
+    action_id: str | None = None
+    dedupe_key: str | None = None
+
+    @classmethod
+    def about(cls, type: str, context: dict[str, Any] | None, data: dict[str, Any], **more: Any) -> NewItem:
+        """An item about the chat a request context names."""
+        ctx = context or {}
+        return cls(type, data, interface=str(ctx.get("interface") or ""), chat_id=str(ctx.get("chat_id") or ""),
+                   thread_id=str(ctx.get("thread_id") or ""), **more)
+
+
+def append(connection: sa.Connection, items: list[NewItem]) -> list[int | None]:
+    """Add ``items`` in the caller's transaction, in order, under the feed's order lock; returns each
+    one's id, or None for an item whose ``dedupe_key`` the feed already holds (nothing is added)."""
+    for item in items:
+        if item.type not in KINDS:
+            raise ValueError(f"unknown feed item type {item.type!r}")
+    table = FeedItem.__table__
+    hold(connection, FeedOrder)
+    keys = [i.dedupe_key for i in items if i.dedupe_key]
+    present = set(connection.scalars(sa.select(table.c.dedupe_key).where(table.c.dedupe_key.in_(keys)))) if keys \
+        else set()
+    ids: list[int | None] = []
+    now = utcnow()
+    for item in items:
+        if item.dedupe_key and item.dedupe_key in present:
+            ids.append(None)
+            continue
+        if item.dedupe_key:
+            present.add(item.dedupe_key)
+        result = connection.execute(sa.insert(table).values(
+            type=item.type, interface=item.interface, chat_id=item.chat_id, thread_id=item.thread_id,
+            action_id=item.action_id, dedupe_key=item.dedupe_key, data=item.data, created_at=now))
+        ids.append(result.inserted_primary_key[0])
+    return ids
+
+
+def append_now(items: list[NewItem]) -> list[int | None]:
+    """:func:`append` in a transaction of its own."""
+    with get_engine().begin() as connection:
+        return append(connection, items)
+
+
+def shown(row: Any) -> dict[str, Any]:
+    """An item as readers get it (docs/contracts.md)."""
+    item: dict[str, Any] = {"id": row.id, "type": row.type,
+                            "chat": {"interface": row.interface or None, "chat_id": row.chat_id or None,
+                                     "thread_id": row.thread_id or None},
+                            "created_at": row.created_at.isoformat(), "data": row.data}
+    if row.action_id:
+        item["action_id"] = row.action_id
+    return item
+
+
+def read(after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """Items with an id greater than ``after``, oldest first."""
+    table = FeedItem.__table__
+    with get_engine().connect() as connection:
+        rows = connection.execute(sa.select(table).where(table.c.id > after).order_by(table.c.id).limit(limit)).all()
+    return [shown(r) for r in rows]
+
+
+def last_id() -> int:
+    """The newest item's id (0 when the feed is empty): where a reader that wants only new items starts."""
+    with get_engine().connect() as connection:
+        return connection.scalar(sa.select(sa.func.max(FeedItem.__table__.c.id))) or 0
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it (a handler may return datetimes or other objects: kept as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def send_output(result: Any, message: str) -> int | None:
+    """From inside a handler: give the model this action's result, as an ``output`` item of the feed
+    (upstream sent it as a ``system_message`` of type ``output``), never as a message in a human chat.
+    Once per action: a query re-run after a redelivery adds nothing. Returns the item's id, None when
+    called outside an action or when the feed already holds this action's output."""
+    ctx = current_action()
+    if ctx is None:
+        return None
+    context = {"interface": ctx.interface, "chat_id": ctx.chat_id, "thread_id": ctx.thread_id}
+    data = {"type": "output", "action": ctx.action_type, "action_id": ctx.action_id, "message": message,
+            "result": _json_safe(result)}
+    return append_now([NewItem.about(OUTPUT, context, data, action_id=ctx.action_id,
+                                     dedupe_key=f"output:{ctx.action_id}")])[0]
