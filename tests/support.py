@@ -244,6 +244,48 @@ def gone(pid: int) -> bool:
         return True
 
 
+#: PF_EXITING in the flags of /proc/<pid>/stat: the process has begun to exit (it runs no more of its own code).
+_PF_EXITING = 0x4
+#: SIGKILL's bit in the pending-signal masks of /proc/<pid>/status.
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def on_its_way_out(pid: int) -> bool:
+    """The process ``pid`` is gone, a zombie, exiting, or has a SIGKILL pending (it cannot run another
+    instruction of its own): whoever stopped it is done with it, though /proc may still show it for a
+    moment. A process still running, or one that was only asked to stop (SIGTERM), is not."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if fields[0] in ("Z", "X") or int(fields[6]) & _PF_EXITING:
+            return True
+        status = Path(f"/proc/{pid}/status").read_text()
+        pending = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+        if any(mask & _SIGKILL_BIT for mask in pending):
+            return True
+        # between SIGKILL leaving the pending set and PF_EXITING being set: read the flags once more
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError):
+        return True
+
+
+def processes_mentioning(path: Path) -> dict[int, str]:
+    """Every live process but this one whose command line or environment mentions ``path`` (pid → its
+    command line, shortened): what a test started with ``path`` as its home or HOME, and is still there.
+    A zombie shows neither, so it is not listed."""
+    found = {}
+    needle = str(path).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (needle in cmdline or needle in environ):
+            found[int(pid)] = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:120]
+    return found
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL it."""
     if proc.poll() is None:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,7 +21,16 @@ import pytest
 import requests
 
 from rekku.settings import Settings
-from tests.support import ROOT, TEST_PLUGINS, Stack, claim_redis_db, free_port, release_redis_db, wait_until
+from tests.support import (
+    ROOT,
+    TEST_PLUGINS,
+    Stack,
+    claim_redis_db,
+    free_port,
+    processes_mentioning,
+    release_redis_db,
+    wait_until,
+)
 
 #: Names a shell, a PaaS or another program sets for itself. Each is also a Settings *field* name;
 #: none is a documented Rekku variable (those are REKKU_PORT, REKKU_DATABASE_URL, …).
@@ -204,7 +212,8 @@ def test_rekku_up_with_an_empty_home_writes_only_under_cwd_rekku(day: dict[str, 
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         code = proc.wait(60)
     assert code == 0, log.read_text()
-    time.sleep(0.3)
+    # nothing of rekku up is left that could still write (every process it started had HOME there)
+    wait_until(lambda: not processes_mentioning(day["home"]), what="every process rekku up started to exit")
     assert everything_under(day["home"]) == [], "HOME must stay empty"
     assert everything_under(day["junk"]) == []
     assert [p.name for p in day["work"].iterdir()] == [".rekku"], "only ./.rekku is written"

@@ -6,29 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 import sqlalchemy as sa
 
-from tests.support import ROOT, child_env, free_port, wait_until
-
-
-def _processes_using(home: Path) -> list[str]:
-    """Every live process whose command line or environment mentions ``home``."""
-    found = []
-    needle = str(home).encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and (needle in cmdline or needle in environ):
-            shown = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:120]
-            found.append(f"{pid}: {shown}")
-    return found
+from tests.support import ROOT, child_env, free_port, on_its_way_out, processes_mentioning, wait_until
 
 
 def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -77,8 +60,11 @@ def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = proc.wait(60)
     assert code == 0, (tmp_path / "up.log").read_text()
-    time.sleep(0.5)
-    assert _processes_using(home) == []
+    # rekku up returns only once it has stopped everything it started: what /proc still shows of it
+    # now must be on its way out (SIGKILLed), never still running or merely asked to stop
+    left = processes_mentioning(home)
+    assert all(on_its_way_out(pid) for pid in left), left
+    wait_until(lambda: not processes_mentioning(home), what=f"the killed processes to be gone: {left}")
     assert not (home / "embedded-redis.url").exists()
     engine = sa.create_engine(f"sqlite:///{home / 'rekku.db'}")
     with engine.connect() as conn:

@@ -182,26 +182,39 @@ def _kill_connections(database: str) -> int:
     return killed
 
 
-def test_database_connections_killed_mid_run_leave_no_action_stuck(fresh_stack: Stack) -> None:
-    import time
+def _ended(stack: Stack, batch_ids: list[str]) -> int:
+    """How many of these batches' actions have ended (succeeded or failed)."""
+    counts = _statuses(stack, batch_ids)
+    return counts.get("succeeded", 0) + counts.get("failed", 0)
 
+
+def _more_ended_than(stack: Stack, batch_ids: list[str], seen: int, total: int) -> int:
+    """How many actions have ended, once that is more than ``seen`` (or all ``total`` have): positive
+    evidence that the workers are at work (again) since the last blow."""
+    return wait_until(lambda: n if (n := _ended(stack, batch_ids)) > seen or n == total else 0, timeout=120,
+                      interval=0.2, what=f"more than {seen} of {total} actions to end")
+
+
+def test_database_connections_killed_mid_run_leave_no_action_stuck(fresh_stack: Stack) -> None:
     stack = fresh_stack
     database = stack.database_url.rsplit("/", 1)[1].split("?")[0]
     stack.start_worker("default", concurrency=2, node="hiccup")
     stack.spawn("beat", log_name="beat")
     batches = [stack.submit([{"type": "tk_count", "payload": {}}] * 100)["batch_id"] for _ in range(3)]
-    killed = 0
+    mid_run, ended = 0, 0
     for _ in range(5):  # the server drops every connection of the workers, the ingress and beat
-        time.sleep(0.3)
-        killed += _kill_connections(database)
-    assert killed > 0
+        ended = _more_ended_than(stack, batches, ended, 300)  # the workers are (back) at work since the last blow
+        if ended == 300:
+            break
+        killed = _kill_connections(database)
+        mid_run += bool(killed) and _ended(stack, batches) < 300  # some action had not ended when it landed
+    assert mid_run > 0, "no connection was dropped while actions were still to run"
     wait_until(lambda: _statuses(stack, batches).get("succeeded") == 300, timeout=120, interval=1,
                what="all 300 actions to succeed after the database dropped its connections")
 
 
 def test_pool_processes_killed_during_1000_mixed_actions_every_action_ends_final(fresh_stack: Stack) -> None:
     import random
-    import time
 
     stack = fresh_stack
     worker = stack.start_worker("default", concurrency=2, node="battered")
@@ -210,14 +223,16 @@ def test_pool_processes_killed_during_1000_mixed_actions_every_action_ends_final
              {"type": "tk_fail", "payload": {}}, {"type": "tk_sleep", "payload": {"seconds": 0.05}}]
     rng = random.Random(7)
     batches = [stack.submit([rng.choice(kinds) for _ in range(100)])["batch_id"] for _ in range(10)]
-    kills = 0
+    mid_run, ended = 0, 0
     for _ in range(6):
-        time.sleep(0.5)
+        ended = _more_ended_than(stack, batches, ended, 1000)  # the pool is (back) at work since the last kill
+        if ended == 1000:
+            break
         children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
         if children:
             os.kill(int(rng.choice(children)), signal.SIGKILL)
-            kills += 1
-    assert kills
+            mid_run += _ended(stack, batches) < 1000  # some action had not ended when it landed
+    assert mid_run > 0, "no pool process was killed while actions were still to run"
     wait_until(lambda: sum(_statuses(stack, batches).get(s, 0) for s in ("succeeded", "failed")) == 1000,
                timeout=180, interval=1, what="every action to end succeeded or failed")
     counts = _statuses(stack, batches)

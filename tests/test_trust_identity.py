@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +137,44 @@ def scheduled_run(stack: Stack, delivery: dict) -> dict:
     return stack.wait_action(accepted[0]["id"])
 
 
+def runs_naming(stack: Stack, mark: Path) -> list[dict]:
+    """Every action in the action log (any state) whose payload names ``mark``. The ingress writes an
+    action there before it enqueues it, so an empty list means no command writing ``mark`` was ever
+    accepted, by any path through the ingress."""
+    engine = _engine(stack)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, type, status, payload FROM action_runs")).mappings().all()
+    finally:
+        engine.dispose()
+    return [dict(row) for row in rows if mark.name in str(row["payload"])]
+
+
+def events_naming(stack: Stack, mark: Path) -> list[dict]:
+    """Every stored event (any state) whose scheduled actions name ``mark``."""
+    engine = _engine(stack)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, status, action_id, actions FROM scheduled_events")).mappings().all()
+    finally:
+        engine.dispose()
+    return [dict(row) for row in rows if mark.name in str(row["actions"])]
+
+
+def a_later_event_ran(stack: Stack) -> None:
+    """Positive evidence that the scheduler has moved past whatever this test did before: an event the
+    trainer schedules now, due after anything scheduled earlier, was claimed by a beat tick, delivered,
+    and its scheduled terminal command ran. A refused event, had it been stored after all, would have
+    been due no later than this one."""
+    mark = _mark("control")
+    run = stack.run("event", {"description": "control", "in": "in 2 seconds",
+                              "actions": [{"type": "terminal", "payload": {"command": f"echo ok > {mark}"}}]},
+                    _trainer(_tg_chat()))
+    assert run["status"] == "succeeded", run
+    command = scheduled_run(stack, delivered(stack, run["result"]["id"]))
+    assert command["status"] == "succeeded" and mark.exists(), command
+
+
 # ----------------------------------------------------------------------------- events: the forgery
 def test_a_non_trainers_event_claiming_created_by_the_trainer_cannot_run_terminal(event_stack: Stack,
                                                                                    terminal_node: object) -> None:
@@ -151,7 +188,8 @@ def test_a_non_trainers_event_claiming_created_by_the_trainer_cannot_run_termina
     assert resp.status_code == 422, resp.text
     errors = _rejected_errors(resp)
     assert any(TRAINERS_ONLY in e and "'actions'" in e and "actions[0] (terminal)" in e for e in errors), errors
-    time.sleep(5)  # past the due time and a few beat ticks
+    a_later_event_ran(event_stack)  # the forged event, had it been stored, was due before this one
+    assert events_naming(event_stack, mark) == [] and runs_naming(event_stack, mark) == []
     assert not mark.exists()
 
 
@@ -208,7 +246,9 @@ def test_the_worker_refuses_a_forged_event_that_skipped_the_ingress_and_its_retr
     assert retry.status_code == 409, retry.text
     assert TRAINERS_ONLY in retry.json()["detail"] and "stays failed" in retry.json()["detail"]
     assert event_stack.wait_action(run["id"], timeout=1)["status"] == "failed"
-    time.sleep(4)
+    a_later_event_ran(event_stack)  # an event the refused one had created would have been due before this one
+    assert events_naming(event_stack, mark) == []
+    assert [r["id"] for r in runs_naming(event_stack, mark)] == [run["id"]]  # only the refused event action
     assert not mark.exists()
 
 
@@ -221,7 +261,8 @@ def test_an_event_row_from_before_the_requester_was_recorded_delivers_its_remind
     done = delivered(event_stack, event_id)
     assert "created before its requester was recorded" in done["result"]["actions"]["not_run"], done
     assert [r.data["text"] for r in tg.sends(chat)] == ["⏰ Reminder: old reminder"]
-    time.sleep(3)
+    # the delivery is marked delivered only after its scheduled actions were submitted (and so logged)
+    assert runs_naming(event_stack, mark) == []
     assert not mark.exists()
 
 
@@ -235,7 +276,8 @@ def test_scheduled_actions_are_authorized_again_when_due_for_the_stored_requeste
     done = delivered(event_stack, event_id)
     actions = done["result"]["actions"]
     assert actions["accepted"] == [] and TRAINERS_ONLY in actions["rejected"][0]["errors"][0], done
-    time.sleep(3)
+    # the delivery is marked delivered only after its scheduled actions were submitted (and so logged)
+    assert runs_naming(event_stack, mark) == []
     assert not mark.exists()
 
 
