@@ -1,8 +1,9 @@
-"""The one settings object: every environment variable the project reads is a field here.
+"""The core's settings object, and the rule every settings class follows.
 
-Code never reads ``os.environ`` for configuration; it asks :func:`get_settings` (or receives a
-``Settings``), so the contract of docs/contracts.md §6 is visible in one place and `.env.example` can be
-checked against it.
+Code never reads ``os.environ`` for configuration: the core asks :func:`get_settings` (or receives a
+``Settings``), a plugin asks its own settings class (rekku/plugin_settings.py). Both are
+:class:`DocumentedSettings`, so one rule decides what configures Rekku (docs/contracts.md §6), and
+`.env.example` can be checked against the fields of all of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Restricted-action policies, as upstream's ``RESTRICT_ACTIONS``.
@@ -95,19 +96,42 @@ def write_private(path: Path, value: str, *, replace: bool = True) -> None:
         fh.write(value)
 
 
-class Settings(BaseSettings):
-    """Typed view of the environment (and of ``.env`` when present).
+def describe_invalid(exc: ValidationError) -> str:
+    """``VARIABLE: what is wrong`` for each error of a settings class, without a traceback: the
+    variable is the field's documented name (its ``validation_alias``), which is what the user set."""
+    return "; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
+
+
+class DocumentedSettings(BaseSettings):
+    """Typed view of the environment (and of ``.env`` when present), by documented names only.
 
     Only the documented names configure Rekku: each field's ``validation_alias`` (``REKKU_HOME``,
     ``REKKU_PORT``, ``DB_HOST``…), read from the environment and ``.env``. A field's own name is not a
     variable (``HOME``, ``PORT``, ``DATABASE_URL`` belong to the shell and the platform, not to Rekku):
-    no ``populate_by_name``, so no settings source ever looks it up. Code may still pass a field by its
-    name (``Settings(home=path)``): :meth:`__init__` turns it into the documented name first."""
+    no ``populate_by_name``, so no settings source ever looks it up; and a field without a
+    ``validation_alias`` (which pydantic-settings would read by its name) is refused when the class is
+    defined. Code may still pass a field by its name (``Settings(home=path)``): :meth:`__init__` turns
+    it into the documented name first.
+
+    The base of the core's :class:`Settings` and of every plugin's settings (``PluginSettings``), so
+    the rule is written once."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**_field_names_to_aliases(type(self), values))
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unnamed = [name for name, field in cls.model_fields.items() if field.validation_alias is None]
+        if unnamed:
+            raise TypeError(f"{cls.__name__}: fields without a documented variable (validation_alias), "
+                            f"which would be read by their own name: {', '.join(unnamed)}")
+
+
+class Settings(DocumentedSettings):
+    """The core's settings: every variable the core reads (a plugin's own are its settings class's)."""
 
     home: Path = Field(Path(".rekku"), validation_alias=_env("REKKU_HOME"))
     broker_url: str | None = Field(None, validation_alias=_env("REKKU_BROKER_URL"))

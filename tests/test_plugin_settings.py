@@ -1,0 +1,149 @@
+"""A plugin's own settings (rekku/plugin_settings.py): read like the core's, by documented names only,
+cached beside get_settings(), checked by the registry before the plugin is built."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import Field, SecretStr, ValidationError
+
+from rekku.doctor import _plugins
+from rekku.logs import REDACTOR, redact_secrets
+from rekku.plugin import PluginSettings
+from rekku.registry import discover, set_registry
+from rekku.settings import Settings, get_settings
+
+
+class DemoSettings(PluginSettings):
+    """A plugin's settings as docs/plugins.md shows them."""
+
+    timeout: float = Field(5.0, gt=0, validation_alias="DEMO_TIMEOUT")
+    token: SecretStr | None = Field(None, validation_alias="DEMO_TOKEN")
+
+
+PLUGIN = '''
+from pydantic import Field
+
+from rekku.plugin import AIPluginBase, PluginSettings, register_plugin
+
+class ToySettings(PluginSettings):
+    limit: int = Field(3, ge=1, validation_alias="TOY_LIMIT")
+
+class Toy(AIPluginBase):
+    settings_class = ToySettings
+    def __init__(self):
+        self.limit = ToySettings.get().limit
+        register_plugin("toy", self)
+    @staticmethod
+    def get_supported_action_types():
+        return ["toy_action"]
+    def get_supported_actions(self):
+        return {"toy_action": {"description": "d", "required_fields": [], "optional_fields": []}}
+
+PLUGIN_CLASS = Toy
+'''
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No .env of the repository's, no variable of the outer environment; settings read afresh."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("DEMO_TIMEOUT", "DEMO_TOKEN", "TIMEOUT", "TOKEN", "TOY_LIMIT", "TERMINAL_MAX_TIMEOUT",
+                 "MAX_TIMEOUT", "ALLOW", "TERMINAL_ALLOW"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REKKU_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_a_plugin_setting_is_read_from_its_variable_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert DemoSettings.get().timeout == 5.0
+    monkeypatch.setenv("DEMO_TIMEOUT", "7.5")
+    get_settings.cache_clear()
+    assert DemoSettings.get().timeout == 7.5
+
+
+def test_a_plugin_setting_is_read_from_dot_env_and_the_environment_wins(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DEMO_TIMEOUT=9\nSOMETHING_ELSE=1\n")
+    assert DemoSettings.get().timeout == 9.0
+    monkeypatch.setenv("DEMO_TIMEOUT", "11")
+    get_settings.cache_clear()
+    assert DemoSettings.get().timeout == 11.0
+
+
+def test_a_field_name_as_a_variable_configures_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TIMEOUT", "99")
+    monkeypatch.setenv("MAX_TIMEOUT", "99")
+    (tmp_path / ".env").write_text("ALLOW=rm\nTOKEN=someone-elses\n")
+    assert DemoSettings.get().timeout == 5.0 and DemoSettings.get().token is None
+    # code may still pass a field by its name
+    assert DemoSettings(_env_file=None, timeout=12).timeout == 12.0
+
+
+def test_a_field_without_a_documented_variable_is_refused_when_the_class_is_defined() -> None:
+    with pytest.raises(TypeError, match="read by their own name: limit"):
+        class Undocumented(PluginSettings):
+            limit: int = 3
+
+
+def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_TIMEOUT", "0")
+    with pytest.raises(ValidationError, match="DEMO_TIMEOUT"):
+        DemoSettings.get()
+
+
+def test_get_is_cached_until_get_settings_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = DemoSettings.get()
+    monkeypatch.setenv("DEMO_TIMEOUT", "8")
+    assert DemoSettings.get() is first and first.timeout == 5.0
+    get_settings.cache_clear()
+    assert DemoSettings.get() is not first and DemoSettings.get().timeout == 8.0
+
+
+def test_a_secret_setting_is_redacted_from_logs_once_read(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DEMO_TOKEN", "plugin-secret-4711")
+    redact_secrets(get_settings())
+    settings = DemoSettings.get()
+    assert "plugin-secret-4711" not in repr(settings)
+    assert "plugin-secret-4711" in REDACTOR.secrets
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("rekku.test").info("calling with %s", settings.token.get_secret_value())
+    assert "plugin-secret-4711" not in caplog.text and "calling with ***" in caplog.text
+
+
+def _toy_registry(tmp_path: Path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "toy.py").write_text(textwrap.dedent(PLUGIN))
+    return discover(Settings(REKKU_PLUGIN_PATH=str(tmp_path / "plugins"), REKKU_HOME=str(tmp_path / "home")),
+                    builtin=False)
+
+
+def test_the_registry_knows_each_plugins_settings_class(tmp_path: Path) -> None:
+    registry = _toy_registry(tmp_path)
+    assert registry.errors == [] and registry.plugins["toy"].limit == 3
+    assert [cls.__name__ for cls in registry.settings.values()] == ["ToySettings"]
+
+
+def test_a_bad_value_skips_that_plugin_with_the_variable_named_and_doctor_says_so(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOY_LIMIT", "0")
+    registry = _toy_registry(tmp_path)
+    assert "toy" not in registry.plugins and "toy_action" not in registry.actions
+    assert len(registry.errors) == 1, registry.errors
+    error = registry.errors[0]
+    assert "skipped: configuration: TOY_LIMIT: Input should be greater than or equal to 1" in error, error
+    assert "Traceback" not in error
+    set_registry(registry)
+    try:
+        checks = [c for c in _plugins() if c.name == "plugin error"]
+    finally:
+        set_registry(None)
+    assert [c.level for c in checks] == ["warn"] and "TOY_LIMIT" in checks[0].detail
+
