@@ -232,30 +232,6 @@ class Settings(DocumentedSettings):
     #: Seconds each plugin's prompt injection may take; a slower one is left out (and logged).
     injection_timeout: float = Field(3.0, gt=0, validation_alias=_env("REKKU_INJECTION_TIMEOUT"))
 
-    # terminal plugin
-    #: Longest a terminal command may run, in seconds (a payload's ``timeout`` is capped by it).
-    terminal_max_timeout: float = Field(300.0, gt=0, validation_alias=_env("TERMINAL_MAX_TIMEOUT"))
-    #: Timeout of a terminal command whose payload names none, in seconds (capped by the maximum).
-    terminal_default_timeout: float = Field(60.0, gt=0, validation_alias=_env("TERMINAL_DEFAULT_TIMEOUT"))
-    #: Bytes of stdout, and again of stderr, a terminal action returns; the rest is counted and dropped.
-    terminal_max_output: int = Field(65536, ge=256, validation_alias=_env("TERMINAL_MAX_OUTPUT"))
-    #: Seconds a persistent terminal session may sit idle before its shell is closed.
-    terminal_session_idle: float = Field(900.0, gt=0, validation_alias=_env("TERMINAL_SESSION_IDLE"))
-    #: Persistent shells one terminal node keeps at most.
-    terminal_max_sessions: int = Field(32, ge=1, validation_alias=_env("TERMINAL_MAX_SESSIONS"))
-    #: Seconds a terminal node counts as alive after its last heartbeat (it beats every third of it).
-    terminal_node_ttl: float = Field(10.0, ge=1, validation_alias=_env("TERMINAL_NODE_TTL"))
-    #: Run terminal commands as this (unprivileged) user; the worker must then run as root.
-    terminal_run_as: str | None = Field(None, validation_alias=_env("TERMINAL_RUN_AS"))
-    #: Comma-separated programs terminal commands may run (empty: any not denied).
-    terminal_allow: str = Field("", validation_alias=_env("TERMINAL_ALLOW"))
-    #: Comma-separated programs terminal commands may not run.
-    terminal_deny: str = Field("", validation_alias=_env("TERMINAL_DENY"))
-    #: Limits of every terminal process: CPU seconds, address space in bytes, processes of its user.
-    terminal_rlimit_cpu: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_CPU"))
-    terminal_rlimit_as: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_AS"))
-    terminal_rlimit_nproc: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_NPROC"))
-
     # selenium and reddit
     #: Where actions write files (speech audio); a volume shared by the workers and the ingress.
     artifact_dir: Path | None = Field(None, validation_alias=_env("REKKU_ARTIFACT_DIR"))

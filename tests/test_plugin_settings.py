@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field, SecretStr, ValidationError
 
+from plugins.terminal.settings import TerminalSettings
 from rekku.doctor import _plugins
 from rekku.logs import REDACTOR, redact_secrets
 from rekku.plugin import PluginSettings
@@ -66,12 +67,14 @@ def test_a_plugin_setting_is_read_from_its_variable_in_the_environment(monkeypat
     monkeypatch.setenv("DEMO_TIMEOUT", "7.5")
     get_settings.cache_clear()
     assert DemoSettings.get().timeout == 7.5
+    monkeypatch.setenv("TERMINAL_MAX_TIMEOUT", "42")
+    assert TerminalSettings.get().max_timeout == 42.0
 
 
 def test_a_plugin_setting_is_read_from_dot_env_and_the_environment_wins(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("DEMO_TIMEOUT=9\nSOMETHING_ELSE=1\n")
-    assert DemoSettings.get().timeout == 9.0
+    (tmp_path / ".env").write_text("DEMO_TIMEOUT=9\nTERMINAL_ALLOW=ls,cat\nSOMETHING_ELSE=1\n")
+    assert DemoSettings.get().timeout == 9.0 and TerminalSettings.get().allow == "ls,cat"
     monkeypatch.setenv("DEMO_TIMEOUT", "11")
     get_settings.cache_clear()
     assert DemoSettings.get().timeout == 11.0
@@ -82,8 +85,9 @@ def test_a_field_name_as_a_variable_configures_nothing(monkeypatch: pytest.Monke
     monkeypatch.setenv("MAX_TIMEOUT", "99")
     (tmp_path / ".env").write_text("ALLOW=rm\nTOKEN=someone-elses\n")
     assert DemoSettings.get().timeout == 5.0 and DemoSettings.get().token is None
+    assert TerminalSettings.get().max_timeout == 300.0 and TerminalSettings.get().allow == ""
     # code may still pass a field by its name
-    assert DemoSettings(_env_file=None, timeout=12).timeout == 12.0
+    assert TerminalSettings(_env_file=None, max_timeout=12).max_timeout == 12.0
 
 
 def test_a_field_without_a_documented_variable_is_refused_when_the_class_is_defined() -> None:
@@ -129,6 +133,8 @@ def test_the_registry_knows_each_plugins_settings_class(tmp_path: Path) -> None:
     registry = _toy_registry(tmp_path)
     assert registry.errors == [] and registry.plugins["toy"].limit == 3
     assert [cls.__name__ for cls in registry.settings.values()] == ["ToySettings"]
+    bundled = discover(Settings(REKKU_HOME=str(tmp_path / "home")))
+    assert bundled.settings["terminal"] is TerminalSettings
 
 
 def test_a_bad_value_skips_that_plugin_with_the_variable_named_and_doctor_says_so(
@@ -147,3 +153,9 @@ def test_a_bad_value_skips_that_plugin_with_the_variable_named_and_doctor_says_s
         set_registry(None)
     assert [c.level for c in checks] == ["warn"] and "TOY_LIMIT" in checks[0].detail
 
+
+def test_a_bundled_plugins_bad_value_skips_it_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TERMINAL_MAX_TIMEOUT", "-1")
+    registry = discover(Settings(REKKU_HOME=str(tmp_path / "home")))
+    assert "terminal" not in registry.plugins and "echo" in registry.actions
+    assert [e for e in registry.errors if "TERMINAL_MAX_TIMEOUT" in e], registry.errors
