@@ -51,7 +51,7 @@ def configured_secrets(settings: Settings) -> set[str]:
     credentials, the embedded broker's password); read without creating anything."""
     values: list[str | None] = [
         settings.telegram_bot_token, settings.api_token, settings.webhook_secret, settings.reddit_client_secret,
-        settings.reddit_password, settings.elevenlabs_password, settings.db_pass,
+        settings.reddit_password, settings.db_pass,
         _url_password(settings.database_url), _url_password(settings.broker_url)]
     if settings.discord_webhook_url:  # .../api/webhooks/<id>/<token>: the path is the credential
         path = urlsplit(settings.discord_webhook_url).path.rstrip("/")

@@ -237,23 +237,6 @@ class Settings(DocumentedSettings):
     artifact_dir: Path | None = Field(None, validation_alias=_env("REKKU_ARTIFACT_DIR"))
     #: Largest artifact (e.g. a downloaded .mp3) an action may keep, in bytes.
     artifact_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, validation_alias=_env("REKKU_ARTIFACT_MAX_BYTES"))
-    #: Run the local Chromium without a window.
-    selenium_headless: bool = Field(True, validation_alias=_env("REKKU_SELENIUM_HEADLESS"))
-    #: Selenium Grid URL; set, browsers are webdriver.Remote sessions instead of a local Chromium.
-    selenium_remote_url: str | None = Field(None, validation_alias=_env("SELENIUM_REMOTE_URL"))
-    #: Actions one browser serves before it is recycled (0: never).
-    selenium_max_actions: int = Field(50, ge=0, validation_alias=_env("SELENIUM_MAX_ACTIONS"))
-    #: Local Chromium and chromedriver binaries.
-    chromium_path: str = Field("/usr/bin/chromium", validation_alias=_env("REKKU_CHROMIUM_PATH"))
-    chromedriver_path: str = Field("/usr/bin/chromedriver", validation_alias=_env("REKKU_CHROMEDRIVER_PATH"))
-    elevenlabs_email: str | None = Field(None, validation_alias=_env("ELEVENLABS_EMAIL"))
-    elevenlabs_password: str | None = Field(None, validation_alias=_env("ELEVENLABS_PASSWORD"))
-    elevenlabs_url: str = Field("https://elevenlabs.io", validation_alias=_env("ELEVENLABS_URL"))
-    #: Seconds to wait for the generated speech, and then for its download.
-    elevenlabs_generate_timeout: float = Field(90.0, gt=0, validation_alias=_env("ELEVENLABS_GENERATE_TIMEOUT"))
-    elevenlabs_download_timeout: float = Field(120.0, gt=0, validation_alias=_env("ELEVENLABS_DOWNLOAD_TIMEOUT"))
-    #: Time limit of a whole speech action, in seconds (a hung page fails it and the browser is discarded).
-    elevenlabs_time_limit: float = Field(300.0, gt=0, validation_alias=_env("ELEVENLABS_TIME_LIMIT"))
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID"))
     reddit_client_secret: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_SECRET"))
     reddit_username: str | None = Field(None, validation_alias=_env("REDDIT_USERNAME"))
