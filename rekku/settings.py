@@ -232,20 +232,11 @@ class Settings(DocumentedSettings):
     #: Seconds each plugin's prompt injection may take; a slower one is left out (and logged).
     injection_timeout: float = Field(3.0, gt=0, validation_alias=_env("REKKU_INJECTION_TIMEOUT"))
 
-    # selenium and reddit
+    # artifacts
     #: Where actions write files (speech audio); a volume shared by the workers and the ingress.
     artifact_dir: Path | None = Field(None, validation_alias=_env("REKKU_ARTIFACT_DIR"))
     #: Largest artifact (e.g. a downloaded .mp3) an action may keep, in bytes.
     artifact_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, validation_alias=_env("REKKU_ARTIFACT_MAX_BYTES"))
-    reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID"))
-    reddit_client_secret: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_SECRET"))
-    reddit_username: str | None = Field(None, validation_alias=_env("REDDIT_USERNAME"))
-    reddit_password: str | None = Field(None, validation_alias=_env("REDDIT_PASSWORD"))
-    reddit_user_agent: str = Field("rekku/0.1", validation_alias=_env("REDDIT_USER_AGENT"))
-    reddit_oauth_url: str = Field("https://oauth.reddit.com", validation_alias=_env("REDDIT_OAUTH_URL"))
-    reddit_url: str = Field("https://www.reddit.com", validation_alias=_env("REDDIT_URL"))
-    #: Celery rate limit of message_reddit per worker node (one account: run one io node for Reddit).
-    reddit_rate_limit: str = Field("10/m", validation_alias=_env("REDDIT_RATE_LIMIT"))
 
     # events
     #: Seconds between beat's checks for due events (the dispatcher task rekku.periodic.event.tick).

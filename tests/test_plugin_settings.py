@@ -159,3 +159,18 @@ def test_a_bundled_plugins_bad_value_skips_it_alone(monkeypatch: pytest.MonkeyPa
     registry = discover(Settings(REKKU_HOME=str(tmp_path / "home")))
     assert "terminal" not in registry.plugins and "echo" in registry.actions
     assert [e for e in registry.errors if "TERMINAL_MAX_TIMEOUT" in e], registry.errors
+
+
+def test_the_bundled_plugins_credentials_are_redacted_once_their_settings_are_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What rekku/logs.py named itself before the plugins owned these variables."""
+    from plugins.reddit_plugin import RedditSettings
+    from plugins.selenium_elevenlabs.settings import SeleniumElevenLabsSettings
+
+    secrets = {"REDDIT_CLIENT_SECRET": "reddit-client-secret-1", "REDDIT_PASSWORD": "reddit-password-2",
+               "ELEVENLABS_PASSWORD": "elevenlabs-password-3"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    RedditSettings.get()
+    SeleniumElevenLabsSettings.get()
+    assert set(secrets.values()) <= REDACTOR.secrets
