@@ -213,12 +213,6 @@ class Settings(DocumentedSettings):
     interface_timeout: float = Field(15.0, validation_alias=_env("REKKU_INTERFACE_TIMEOUT"))
 
     # memory and prompt
-    #: Minutes a weather reading stays fresh; beat refreshes it when older (WEATHER_FETCH_TIME).
-    weather_fetch_time: float = Field(30.0, gt=0, validation_alias=_env("WEATHER_FETCH_TIME"))
-    #: Base URL of a wttr.in-compatible service (``<url>/<location>?format=j1``).
-    weather_url: str = Field("https://wttr.in", validation_alias=_env("WEATHER_URL"))
-    #: Seconds one weather request may take.
-    weather_timeout: float = Field(10.0, gt=0, validation_alias=_env("REKKU_WEATHER_TIMEOUT"))
     #: Most characters of diary entries injected into a prompt (whole entries only).
     diary_max_chars: int = Field(15000, ge=0, validation_alias=_env("REKKU_DIARY_MAX_CHARS"))
     #: Oldest diary entry injected into a prompt, in days.
