@@ -232,12 +232,6 @@ class Settings(DocumentedSettings):
     #: Largest artifact (e.g. a downloaded .mp3) an action may keep, in bytes.
     artifact_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, validation_alias=_env("REKKU_ARTIFACT_MAX_BYTES"))
 
-    # events
-    #: Seconds between beat's checks for due events (the dispatcher task rekku.periodic.event.tick).
-    event_tick_seconds: float = Field(5.0, gt=0, validation_alias=_env("EVENT_TICK_SECONDS"))
-    #: Seconds an unfinished event delivery may sit untouched before a tick enqueues it again.
-    event_redeliver_seconds: float = Field(60.0, gt=0, validation_alias=_env("REKKU_EVENT_REDELIVER_SECONDS"))
-
     @field_validator("restrict_actions")
     @classmethod
     def _check_policy(cls, value: str) -> str:
