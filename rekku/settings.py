@@ -212,11 +212,7 @@ class Settings(DocumentedSettings):
     #: Seconds one HTTP request to a messaging platform may take.
     interface_timeout: float = Field(15.0, validation_alias=_env("REKKU_INTERFACE_TIMEOUT"))
 
-    # memory and prompt
-    #: Most characters of diary entries injected into a prompt (whole entries only).
-    diary_max_chars: int = Field(15000, ge=0, validation_alias=_env("REKKU_DIARY_MAX_CHARS"))
-    #: Oldest diary entry injected into a prompt, in days.
-    diary_max_days: float = Field(7.0, ge=0, validation_alias=_env("REKKU_DIARY_MAX_DAYS"))
+    # the prompt
     #: Character budget of a whole GET /v1/prompt answer (JSON); the diary is dropped first.
     prompt_max_chars: int = Field(100_000, ge=1000, validation_alias=_env("REKKU_PROMPT_MAX_CHARS"))
     #: Most chat-history entries a prompt carries (before the budget trims older ones).
