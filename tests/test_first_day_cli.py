@@ -119,6 +119,17 @@ def test_field_names_with_invalid_values_in_the_environment_break_nothing(day: d
     assert everything_under(day["home"]) == []
 
 
+def test_a_plugins_invalid_variable_is_named_and_skips_that_plugin_alone(day: dict[str, Path]) -> None:
+    """TERMINAL_MAX_TIMEOUT is the terminal plugin's (its settings_class): a wrong value is one line
+    naming it, the terminal actions are gone, and every other plugin's are there."""
+    done = rekku("actions", cwd=day["work"], env=clean_env(day["home"], TERMINAL_MAX_TIMEOUT="-1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "configuration: TERMINAL_MAX_TIMEOUT: Input should be greater than 0" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "terminal_list_sessions" not in done.stdout
+    assert "create_personal_diary_entry" in done.stdout and "list_events" in done.stdout
+
+
 def test_ingress_listens_on_rekku_port_with_the_token_in_cwd_rekku(day: dict[str, Path]) -> None:
     """`rekku ingress` with PORT, HOST and API_TOKEN set for someone else: it binds 127.0.0.1:REKKU_PORT,
     its token is the one generated into ./.rekku/api_token, and HOME stays empty."""
