@@ -79,6 +79,7 @@ class Registry:
         if name in self.plugins and self.plugins[name] is not plugin:
             raise PluginClash(f"plugin name '{name}' is already registered by "
                               f"{self.origins.get(name, 'an earlier plugin')}")
+        settings_class = settings_class_of(type(plugin))
         types_ = [t for t in plugin.get_supported_action_types() if t != STATIC_INJECT]
         schemas = plugin.get_supported_actions() if types_ else {}
         specs = []
@@ -92,7 +93,6 @@ class Registry:
             specs.append(build_spec(name, plugin, action_type, schemas.get(action_type, {}) or {}))
         self.plugins[name] = plugin
         self.origins.setdefault(name, self.loading or "an earlier plugin")
-        settings_class = settings_class_of(type(plugin))
         if settings_class is not None:
             self.settings[name] = settings_class
         for spec in specs:

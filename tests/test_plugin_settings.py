@@ -169,3 +169,13 @@ def test_the_bundled_plugins_credentials_are_redacted_once_their_settings_are_re
     RedditSettings.get()
     SeleniumElevenLabsSettings.get()
     assert set(secrets.values()) <= REDACTOR.secrets
+
+
+def test_a_settings_class_that_is_not_plugin_settings_skips_the_plugin(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "toy.py").write_text(textwrap.dedent(PLUGIN).replace(
+        "settings_class = ToySettings", "settings_class = dict"))
+    registry = discover(Settings(REKKU_PLUGIN_PATH=str(tmp_path / "plugins"), REKKU_HOME=str(tmp_path / "home")),
+                        builtin=False)
+    assert "toy" not in registry.plugins
+    assert len(registry.errors) == 1 and "Toy.settings_class must be a PluginSettings subclass" in registry.errors[0]
