@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import Field, SecretStr
 from sqlalchemy.exc import IntegrityError
 
 from rekku.plugin import (
@@ -26,7 +27,7 @@ from rekku.plugin import (
     AIPluginBase,
     Delivery,
     PluginError,
-    Settings,
+    PluginSettings,
     TransientError,
     current_action,
     get_settings,
@@ -41,6 +42,26 @@ SUBREDDIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
 MAX_TITLE, MAX_TEXT = 300, 40_000
 
 
+class RedditSettings(PluginSettings):
+    """The Reddit account and endpoints (REDDIT_*); .env.example documents each variable."""
+
+    #: The account; without all four, message_reddit is disabled.
+    client_id: str | None = Field(None, validation_alias="REDDIT_CLIENT_ID")
+    client_secret: SecretStr | None = Field(None, validation_alias="REDDIT_CLIENT_SECRET")
+    username: str | None = Field(None, validation_alias="REDDIT_USERNAME")
+    password: SecretStr | None = Field(None, validation_alias="REDDIT_PASSWORD")
+    user_agent: str = Field("rekku/0.1", validation_alias="REDDIT_USER_AGENT")
+    #: Base URLs of Reddit's OAuth API and website (a local fake in the tests).
+    oauth_url: str = Field("https://oauth.reddit.com", validation_alias="REDDIT_OAUTH_URL")
+    url: str = Field("https://www.reddit.com", validation_alias="REDDIT_URL")
+    #: Celery rate limit of message_reddit per worker node (one account: run one io node for Reddit).
+    rate_limit: str = Field("10/m", validation_alias="REDDIT_RATE_LIMIT")
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
 def subreddit_name(target: str) -> str:
     """``r/name``, ``/r/name`` or ``name`` → ``name`` (only a whole ``r/`` prefix is removed)."""
     name = target.strip()
@@ -52,9 +73,10 @@ class RedditPlugin(AIPluginBase):
     pool = "io"
     max_retries = 3
     time_limit = 60.0
+    settings_class = RedditSettings
 
     def __init__(self) -> None:
-        self.rate_limit = get_settings().reddit_rate_limit
+        self.rate_limit = RedditSettings.get().rate_limit
         self._local = threading.local()
         register_plugin("reddit_plugin", self)
 
@@ -77,11 +99,11 @@ class RedditPlugin(AIPluginBase):
                             "flair_id": {"type": "string", "required": False}}}
 
     def unavailable_reason(self) -> str | None:
-        settings = get_settings()
-        missing = [name for name, value in (("REDDIT_CLIENT_ID", settings.reddit_client_id),
-                                            ("REDDIT_CLIENT_SECRET", settings.reddit_client_secret),
-                                            ("REDDIT_USERNAME", settings.reddit_username),
-                                            ("REDDIT_PASSWORD", settings.reddit_password)) if not value]
+        settings = RedditSettings.get()
+        missing = [name for name, value in (("REDDIT_CLIENT_ID", settings.client_id),
+                                            ("REDDIT_CLIENT_SECRET", _secret(settings.client_secret)),
+                                            ("REDDIT_USERNAME", settings.username),
+                                            ("REDDIT_PASSWORD", _secret(settings.password))) if not value]
         if missing:
             return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
         try:
@@ -110,18 +132,18 @@ class RedditPlugin(AIPluginBase):
         return errors
 
     # ----------------------------------------------------------------- running
-    def reddit(self, settings: Settings) -> Any:
+    def reddit(self, settings: RedditSettings) -> Any:
         """One praw client per thread (praw is not thread-safe), reused between actions."""
         client = getattr(self._local, "client", None)
         if client is None:
             import praw
 
             client = praw.Reddit(
-                client_id=settings.reddit_client_id, client_secret=settings.reddit_client_secret,
-                username=settings.reddit_username, password=settings.reddit_password,
-                user_agent=settings.reddit_user_agent, oauth_url=settings.reddit_oauth_url.rstrip("/"),
-                reddit_url=settings.reddit_url.rstrip("/"), check_for_updates=False, ratelimit_seconds=0,
-                timeout=settings.interface_timeout)
+                client_id=settings.client_id, client_secret=_secret(settings.client_secret),
+                username=settings.username, password=_secret(settings.password),
+                user_agent=settings.user_agent, oauth_url=settings.oauth_url.rstrip("/"),
+                reddit_url=settings.url.rstrip("/"), check_for_updates=False, ratelimit_seconds=0,
+                timeout=get_settings().interface_timeout)
             self._local.client = client
         return client
 
@@ -134,7 +156,7 @@ class RedditPlugin(AIPluginBase):
         return _once(action_id, key, name, lambda: self._post(name, thread, payload))
 
     def _post(self, name: str, thread: str | None, payload: dict) -> dict:
-        reddit = self.reddit(get_settings())
+        reddit = self.reddit(RedditSettings.get())
         text = payload["text"]
         try:
             if thread:

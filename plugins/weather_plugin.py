@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import redis
 import requests
+from pydantic import Field
 
-from rekku.plugin import AIPluginBase, get_settings, register_plugin, utcnow
+from rekku.plugin import AIPluginBase, PluginSettings, get_settings, register_plugin, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,19 @@ _EMOJI = {
 }
 
 
+class WeatherSettings(PluginSettings):
+    """The weather service and how fresh its reading stays; .env.example documents each variable."""
+
+    #: Minutes a weather reading stays fresh; beat refreshes it when older.
+    fetch_time: float = Field(30.0, gt=0, validation_alias="WEATHER_FETCH_TIME")
+    #: Base URL of a wttr.in-compatible service (``<url>/<location>?format=j1``).
+    url: str = Field("https://wttr.in", validation_alias="WEATHER_URL")
+    #: Seconds one weather request may take.
+    timeout: float = Field(10.0, gt=0, validation_alias="REKKU_WEATHER_TIMEOUT")
+
+
 def location() -> str:
+    """The core's: PROMPT_LOCATION, else the city of TZ (the prompt names the same place)."""
     return get_settings().location
 
 
@@ -89,6 +102,8 @@ def describe(cached: dict | None, now: datetime | None = None) -> str | None:
 
 
 class WeatherPlugin(AIPluginBase):
+    settings_class = WeatherSettings
+
     def __init__(self) -> None:
         register_plugin("weather_plugin", self)
         self._redis: redis.Redis | None = None
@@ -113,23 +128,23 @@ class WeatherPlugin(AIPluginBase):
 
     # ------------------------------------------------------------------ beat
     def periodic_tasks(self) -> dict:
-        every = min(MAX_TICK, get_settings().weather_fetch_time * 60)
+        every = min(MAX_TICK, WeatherSettings.get().fetch_time * 60)
         return {"refresh": {"every": every, "run": self.refresh, "pool": "io"}}
 
     def refresh(self, force: bool = False) -> dict:
         """Fetch the weather if the cached reading is stale; a failure keeps the last good line."""
-        settings = get_settings()
+        settings = WeatherSettings.get()
         place = location()
         cached = self.cached(place) or {}
         now = utcnow()
-        fresh_for = settings.weather_fetch_time * 60
+        fresh_for = settings.fetch_time * 60
         last_try = cached.get("attempted_at")
         if not force and last_try and (now - datetime.fromisoformat(last_try)).total_seconds() < fresh_for \
                 and not cached.get("error"):
             return {"refreshed": False, "reason": "fresh"}
-        url = f"{settings.weather_url.rstrip('/')}/{quote(place)}"
+        url = f"{settings.url.rstrip('/')}/{quote(place)}"
         try:
-            resp = requests.get(url, params={"format": "j1"}, timeout=settings.weather_timeout,
+            resp = requests.get(url, params={"format": "j1"}, timeout=settings.timeout,
                                 headers={"User-Agent": "rekku-weather/1"})
             resp.raise_for_status()
             line = summary_line(place, resp.json())

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from rekku.pools import POOLS
-from rekku.settings import get_settings
+from rekku.settings import describe_invalid, get_settings
 
 console = Console()
 FINAL = ("succeeded", "failed", "cancelled")
@@ -64,8 +64,7 @@ def main() -> None:
     try:
         settings = get_settings()
     except ValidationError as exc:  # a wrong environment variable: say which, without a traceback
-        problems = "; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
-        raise click.ClickException(f"configuration: {problems}") from None
+        raise click.ClickException(f"configuration: {describe_invalid(exc)}") from None
     from rekku.logs import redact_secrets
 
     redact_secrets(settings)  # configured secrets never reach a log line, whoever logs it

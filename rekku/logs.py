@@ -4,9 +4,11 @@ and batch id, so one action's story can be pulled out of several workers' logs.
 
 Configured secrets never reach a log line: :func:`redact_secrets` replaces every value Rekku knows
 to be secret (the Telegram bot token, the Discord webhook's path, the API token, the webhook secret,
-Reddit's and ElevenLabs' passwords, the broker's and the database's passwords, Flower's password)
-with ``***`` in every record this process makes, whoever logs it: at DEBUG, urllib3 logs each request
-line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which carries the bot token in its path."""
+the broker's and the database's passwords, Flower's password; and each plugin's ``SecretStr``
+settings, such as Reddit's and ElevenLabs' passwords, from when the plugin's settings are read:
+rekku/plugin_settings.py) with ``***`` in every record this process makes, whoever logs it: at DEBUG,
+urllib3 logs each request line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which carries the
+bot token in its path."""
 
 from __future__ import annotations
 
@@ -50,8 +52,7 @@ def configured_secrets(settings: Settings) -> set[str]:
     """Every secret value the settings name, or that REKKU_HOME holds (generated API token, Flower
     credentials, the embedded broker's password); read without creating anything."""
     values: list[str | None] = [
-        settings.telegram_bot_token, settings.api_token, settings.webhook_secret, settings.reddit_client_secret,
-        settings.reddit_password, settings.elevenlabs_password, settings.db_pass,
+        settings.telegram_bot_token, settings.api_token, settings.webhook_secret, settings.db_pass,
         _url_password(settings.database_url), _url_password(settings.broker_url)]
     if settings.discord_webhook_url:  # .../api/webhooks/<id>/<token>: the path is the credential
         path = urlsplit(settings.discord_webhook_url).path.rstrip("/")

@@ -36,6 +36,7 @@ from rekku.interfaces.models import ChatForward, ChatLink, Delivery
 from rekku.interfaces.registry import get_interfaces
 from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.plugin_base import AIPluginBase, TablePlugin
+from rekku.plugin_settings import PluginSettings
 from rekku.registry import core_initializer, get_registry, register_plugin
 from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence, upcoming
 from rekku.settings import Settings, get_settings, location_of
@@ -59,8 +60,9 @@ __all__ = [
     "ValidationError",    # the payload is wrong; the caller must change it
     "NotAuthorized",      # this requester may not do this (not a trainer, another chat)
     # --- settings
-    "Settings",           # the typed settings object, for annotations and tests
-    "get_settings",       # the process's settings (TZ, trainers, API keys, limits)
+    "PluginSettings",     # base of a plugin's own settings (its variables): subclass, then MySettings.get()
+    "Settings",           # the core's typed settings object, for annotations and tests
+    "get_settings",       # the process's core settings (TZ, trainers, API keys, limits)
     "location_of",        # the prompt's location from TZ / PROMPT_LOCATION, as time_plugin shows it
     # --- the database
     "session_factory",    # ORM sessions on the configured database (plugin tables, the chat directory)

@@ -8,7 +8,10 @@ may override them with the same key (``{"my_action": {..., "pool": "io"}}``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rekku.plugin_settings import PluginSettings
 
 #: The worker pools (queues) an action may run on; see rekku/pools.py.
 POOLS = ("default", "io", "selenium", "terminal")
@@ -38,6 +41,8 @@ class AIPluginBase:
     restricted: bool = False
     #: Only trainers may run it, whatever RESTRICT_ACTIONS says (e.g. terminal).
     trainer_only: bool = False
+    #: The plugin's own variables (a ``PluginSettings`` subclass), read and checked before it is built.
+    settings_class: type[PluginSettings] | None = None
 
     @staticmethod
     def get_supported_action_types() -> list[str]:

@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from rekku.plugin_base import STATIC_INJECT, ActionSpec, build_spec
-from rekku.settings import Settings, get_settings
+from rekku.plugin_settings import PluginSettings, settings_class_of
+from rekku.settings import Settings, describe_invalid, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ class PluginClash(ValueError):
     """A plugin wants a plugin name or an action type that an earlier plugin already took."""
 
 
+class PluginConfigError(ValueError):
+    """A plugin's own variable has a value its settings class refuses; the message names the variable."""
+
+
 @dataclass
 class Registry:
     """Plugins by name, action specs by type, and every load error."""
@@ -78,12 +85,15 @@ class Registry:
     #: Where each plugin came from (file or entry point), by name; and what is being loaded now.
     origins: dict[str, str] = field(default_factory=dict)
     loading: str | None = None
+    #: Each plugin's settings class (its ``settings_class``), by name, for those that declare one.
+    settings: dict[str, type[PluginSettings]] = field(default_factory=dict)
 
     def add_plugin(self, name: str, plugin: Any) -> None:
         """Register ``plugin`` under ``name`` and resolve its actions; clashes are errors, not crashes."""
         if name in self.plugins and self.plugins[name] is not plugin:
             raise PluginClash(f"plugin name '{name}' is already registered by "
                               f"{self.origins.get(name, 'an earlier plugin')}")
+        settings_class = settings_class_of(type(plugin))
         types_ = [t for t in plugin.get_supported_action_types() if t != STATIC_INJECT]
         schemas = plugin.get_supported_actions() if types_ else {}
         specs = []
@@ -97,6 +107,8 @@ class Registry:
             specs.append(build_spec(name, plugin, action_type, schemas.get(action_type, {}) or {}))
         self.plugins[name] = plugin
         self.origins.setdefault(name, self.loading or "an earlier plugin")
+        if settings_class is not None:
+            self.settings[name] = settings_class
         for spec in specs:
             (self.disabled if spec.disabled else self.actions)[spec.type] = spec
 
@@ -237,6 +249,7 @@ def _instantiate(registry: Registry, module: Any, origin: str) -> None:
     cls = getattr(module, "PLUGIN_CLASS", None)
     if cls is None:
         return  # a helper module, not a plugin
+    _read_settings(cls)
     before = set(registry.plugins)
     registry.loading = origin
     instance = cls()
@@ -247,9 +260,23 @@ def _instantiate(registry: Registry, module: Any, origin: str) -> None:
     log.debug("loaded plugin module %s (%s)", origin, sorted(set(registry.plugins) - before))
 
 
+def _read_settings(plugin_class: type) -> None:
+    """Read the plugin's own settings before its constructor does: a wrong value is then a
+    :class:`PluginConfigError` naming the variable, rather than a traceback from wherever it is used."""
+    settings_class = settings_class_of(plugin_class)
+    if settings_class is None:
+        return
+    try:
+        settings_class.get()
+    except ValidationError as exc:
+        raise PluginConfigError(describe_invalid(exc)) from None
+
+
 def _report(registry: Registry, origin: str, exc: BaseException) -> None:
-    if isinstance(exc, PluginClash):  # expected (a user's copy of a plugin): one line, no traceback
-        message = f"{origin}: skipped: {exc} ({CLASH_RULE})"
+    # Expected, and said in one line without a traceback: a user's copy of a plugin, a wrong variable.
+    if isinstance(exc, PluginClash | PluginConfigError):
+        message = (f"{origin}: skipped: {exc} ({CLASH_RULE})" if isinstance(exc, PluginClash)
+                   else f"{origin}: skipped: configuration: {exc}")
         registry.errors.append(message)
         log.error("plugin %s", message)
         return

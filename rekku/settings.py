@@ -1,8 +1,9 @@
-"""The one settings object: every environment variable the project reads is a field here.
+"""The core's settings object, and the rule every settings class follows.
 
-Code never reads ``os.environ`` for configuration; it asks :func:`get_settings` (or receives a
-``Settings``), so the contract of docs/contracts.md §6 is visible in one place and `.env.example` can be
-checked against it.
+Code never reads ``os.environ`` for configuration: the core asks :func:`get_settings` (or receives a
+``Settings``), a plugin asks its own settings class (rekku/plugin_settings.py). Both are
+:class:`DocumentedSettings`, so one rule decides what configures Rekku (docs/contracts.md §6), and
+`.env.example` can be checked against the fields of all of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Restricted-action policies, as upstream's ``RESTRICT_ACTIONS``.
@@ -95,19 +96,42 @@ def write_private(path: Path, value: str, *, replace: bool = True) -> None:
         fh.write(value)
 
 
-class Settings(BaseSettings):
-    """Typed view of the environment (and of ``.env`` when present).
+def describe_invalid(exc: ValidationError) -> str:
+    """``VARIABLE: what is wrong`` for each error of a settings class, without a traceback: the
+    variable is the field's documented name (its ``validation_alias``), which is what the user set."""
+    return "; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
+
+
+class DocumentedSettings(BaseSettings):
+    """Typed view of the environment (and of ``.env`` when present), by documented names only.
 
     Only the documented names configure Rekku: each field's ``validation_alias`` (``REKKU_HOME``,
     ``REKKU_PORT``, ``DB_HOST``…), read from the environment and ``.env``. A field's own name is not a
     variable (``HOME``, ``PORT``, ``DATABASE_URL`` belong to the shell and the platform, not to Rekku):
-    no ``populate_by_name``, so no settings source ever looks it up. Code may still pass a field by its
-    name (``Settings(home=path)``): :meth:`__init__` turns it into the documented name first."""
+    no ``populate_by_name``, so no settings source ever looks it up; and a field without a
+    ``validation_alias`` (which pydantic-settings would read by its name) is refused when the class is
+    defined. Code may still pass a field by its name (``Settings(home=path)``): :meth:`__init__` turns
+    it into the documented name first.
+
+    The base of the core's :class:`Settings` and of every plugin's settings (``PluginSettings``), so
+    the rule is written once."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**_field_names_to_aliases(type(self), values))
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unnamed = [name for name, field in cls.model_fields.items() if field.validation_alias is None]
+        if unnamed:
+            raise TypeError(f"{cls.__name__}: fields without a documented variable (validation_alias), "
+                            f"which would be read by their own name: {', '.join(unnamed)}")
+
+
+class Settings(DocumentedSettings):
+    """The core's settings: every variable the core reads (a plugin's own are its settings class's)."""
 
     home: Path = Field(Path(".rekku"), validation_alias=_env("REKKU_HOME"))
     broker_url: str | None = Field(None, validation_alias=_env("REKKU_BROKER_URL"))
@@ -188,17 +212,7 @@ class Settings(BaseSettings):
     #: Seconds one HTTP request to a messaging platform may take.
     interface_timeout: float = Field(15.0, validation_alias=_env("REKKU_INTERFACE_TIMEOUT"))
 
-    # memory and prompt
-    #: Minutes a weather reading stays fresh; beat refreshes it when older (WEATHER_FETCH_TIME).
-    weather_fetch_time: float = Field(30.0, gt=0, validation_alias=_env("WEATHER_FETCH_TIME"))
-    #: Base URL of a wttr.in-compatible service (``<url>/<location>?format=j1``).
-    weather_url: str = Field("https://wttr.in", validation_alias=_env("WEATHER_URL"))
-    #: Seconds one weather request may take.
-    weather_timeout: float = Field(10.0, gt=0, validation_alias=_env("REKKU_WEATHER_TIMEOUT"))
-    #: Most characters of diary entries injected into a prompt (whole entries only).
-    diary_max_chars: int = Field(15000, ge=0, validation_alias=_env("REKKU_DIARY_MAX_CHARS"))
-    #: Oldest diary entry injected into a prompt, in days.
-    diary_max_days: float = Field(7.0, ge=0, validation_alias=_env("REKKU_DIARY_MAX_DAYS"))
+    # the prompt
     #: Character budget of a whole GET /v1/prompt answer (JSON); the diary is dropped first.
     prompt_max_chars: int = Field(100_000, ge=1000, validation_alias=_env("REKKU_PROMPT_MAX_CHARS"))
     #: Most chat-history entries a prompt carries (before the budget trims older ones).
@@ -208,67 +222,11 @@ class Settings(BaseSettings):
     #: Seconds each plugin's prompt injection may take; a slower one is left out (and logged).
     injection_timeout: float = Field(3.0, gt=0, validation_alias=_env("REKKU_INJECTION_TIMEOUT"))
 
-    # terminal plugin
-    #: Longest a terminal command may run, in seconds (a payload's ``timeout`` is capped by it).
-    terminal_max_timeout: float = Field(300.0, gt=0, validation_alias=_env("TERMINAL_MAX_TIMEOUT"))
-    #: Timeout of a terminal command whose payload names none, in seconds (capped by the maximum).
-    terminal_default_timeout: float = Field(60.0, gt=0, validation_alias=_env("TERMINAL_DEFAULT_TIMEOUT"))
-    #: Bytes of stdout, and again of stderr, a terminal action returns; the rest is counted and dropped.
-    terminal_max_output: int = Field(65536, ge=256, validation_alias=_env("TERMINAL_MAX_OUTPUT"))
-    #: Seconds a persistent terminal session may sit idle before its shell is closed.
-    terminal_session_idle: float = Field(900.0, gt=0, validation_alias=_env("TERMINAL_SESSION_IDLE"))
-    #: Persistent shells one terminal node keeps at most.
-    terminal_max_sessions: int = Field(32, ge=1, validation_alias=_env("TERMINAL_MAX_SESSIONS"))
-    #: Seconds a terminal node counts as alive after its last heartbeat (it beats every third of it).
-    terminal_node_ttl: float = Field(10.0, ge=1, validation_alias=_env("TERMINAL_NODE_TTL"))
-    #: Run terminal commands as this (unprivileged) user; the worker must then run as root.
-    terminal_run_as: str | None = Field(None, validation_alias=_env("TERMINAL_RUN_AS"))
-    #: Comma-separated programs terminal commands may run (empty: any not denied).
-    terminal_allow: str = Field("", validation_alias=_env("TERMINAL_ALLOW"))
-    #: Comma-separated programs terminal commands may not run.
-    terminal_deny: str = Field("", validation_alias=_env("TERMINAL_DENY"))
-    #: Limits of every terminal process: CPU seconds, address space in bytes, processes of its user.
-    terminal_rlimit_cpu: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_CPU"))
-    terminal_rlimit_as: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_AS"))
-    terminal_rlimit_nproc: int | None = Field(None, gt=0, validation_alias=_env("TERMINAL_RLIMIT_NPROC"))
-
-    # selenium and reddit
+    # artifacts
     #: Where actions write files (speech audio); a volume shared by the workers and the ingress.
     artifact_dir: Path | None = Field(None, validation_alias=_env("REKKU_ARTIFACT_DIR"))
     #: Largest artifact (e.g. a downloaded .mp3) an action may keep, in bytes.
     artifact_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, validation_alias=_env("REKKU_ARTIFACT_MAX_BYTES"))
-    #: Run the local Chromium without a window.
-    selenium_headless: bool = Field(True, validation_alias=_env("REKKU_SELENIUM_HEADLESS"))
-    #: Selenium Grid URL; set, browsers are webdriver.Remote sessions instead of a local Chromium.
-    selenium_remote_url: str | None = Field(None, validation_alias=_env("SELENIUM_REMOTE_URL"))
-    #: Actions one browser serves before it is recycled (0: never).
-    selenium_max_actions: int = Field(50, ge=0, validation_alias=_env("SELENIUM_MAX_ACTIONS"))
-    #: Local Chromium and chromedriver binaries.
-    chromium_path: str = Field("/usr/bin/chromium", validation_alias=_env("REKKU_CHROMIUM_PATH"))
-    chromedriver_path: str = Field("/usr/bin/chromedriver", validation_alias=_env("REKKU_CHROMEDRIVER_PATH"))
-    elevenlabs_email: str | None = Field(None, validation_alias=_env("ELEVENLABS_EMAIL"))
-    elevenlabs_password: str | None = Field(None, validation_alias=_env("ELEVENLABS_PASSWORD"))
-    elevenlabs_url: str = Field("https://elevenlabs.io", validation_alias=_env("ELEVENLABS_URL"))
-    #: Seconds to wait for the generated speech, and then for its download.
-    elevenlabs_generate_timeout: float = Field(90.0, gt=0, validation_alias=_env("ELEVENLABS_GENERATE_TIMEOUT"))
-    elevenlabs_download_timeout: float = Field(120.0, gt=0, validation_alias=_env("ELEVENLABS_DOWNLOAD_TIMEOUT"))
-    #: Time limit of a whole speech action, in seconds (a hung page fails it and the browser is discarded).
-    elevenlabs_time_limit: float = Field(300.0, gt=0, validation_alias=_env("ELEVENLABS_TIME_LIMIT"))
-    reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID"))
-    reddit_client_secret: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_SECRET"))
-    reddit_username: str | None = Field(None, validation_alias=_env("REDDIT_USERNAME"))
-    reddit_password: str | None = Field(None, validation_alias=_env("REDDIT_PASSWORD"))
-    reddit_user_agent: str = Field("rekku/0.1", validation_alias=_env("REDDIT_USER_AGENT"))
-    reddit_oauth_url: str = Field("https://oauth.reddit.com", validation_alias=_env("REDDIT_OAUTH_URL"))
-    reddit_url: str = Field("https://www.reddit.com", validation_alias=_env("REDDIT_URL"))
-    #: Celery rate limit of message_reddit per worker node (one account: run one io node for Reddit).
-    reddit_rate_limit: str = Field("10/m", validation_alias=_env("REDDIT_RATE_LIMIT"))
-
-    # events
-    #: Seconds between beat's checks for due events (the dispatcher task rekku.periodic.event.tick).
-    event_tick_seconds: float = Field(5.0, gt=0, validation_alias=_env("EVENT_TICK_SECONDS"))
-    #: Seconds an unfinished event delivery may sit untouched before a tick enqueues it again.
-    event_redeliver_seconds: float = Field(60.0, gt=0, validation_alias=_env("REKKU_EVENT_REDELIVER_SECONDS"))
 
     @field_validator("restrict_actions")
     @classmethod

@@ -64,14 +64,26 @@ SHELL_DROPPED = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STAT
 
 
 @functools.cache
-def rekku_variables() -> frozenset[str]:
-    """Every environment variable Rekku reads (each Settings field's names), upper case."""
-    from pydantic import AliasChoices
-
+def settings_classes() -> tuple[type, ...]:
+    """The core's Settings and each bundled plugin's settings class, as the registry finds them: between
+    them, every variable Rekku reads. A bundled plugin that does not load here is an error, not a
+    class silently left out."""
+    from rekku.registry import discover
     from rekku.settings import Settings
 
+    registry = discover(Settings(_env_file=None, REKKU_PLUGIN_PATH=""))
+    if registry.errors:
+        raise RuntimeError(f"bundled plugins failed to load: {registry.errors}")
+    return (Settings, *dict.fromkeys(registry.settings.values()))
+
+
+@functools.cache
+def rekku_variables() -> frozenset[str]:
+    """Every environment variable Rekku reads (each field's names, core and plugins), upper case."""
+    from pydantic import AliasChoices
+
     names = set()
-    for spec in Settings.model_fields.values():
+    for spec in (spec for cls in settings_classes() for spec in cls.model_fields.values()):
         alias = spec.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
         names.update(str(choice).upper() for choice in choices)
@@ -80,7 +92,7 @@ def rekku_variables() -> frozenset[str]:
 
 def child_env(**more: str) -> dict[str, str]:
     """The environment of a process this suite starts (``rekku`` or any other): the caller's, without
-    anything that configures Rekku (every Settings name, and REKKU_*, DB_*, TRAINER*, FLOWER*), with
+    anything that configures Rekku (every settings name, and REKKU_*, DB_*, TRAINER*, FLOWER*), with
     :data:`SHELL_JUNK` over the generic names, then ``more``. Nothing the caller's shell holds can
     make a child work that would not work on a machine without it."""
     ours = rekku_variables()

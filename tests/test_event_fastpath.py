@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from rekku_plugins.event import engine as ev
+from rekku_plugins.event.settings import EventSettings
 
 from rekku import feed
 from rekku.db import get_engine
 from rekku.interfaces.models import ChatForward, Delivery, OutboxMessage
-from rekku.settings import get_settings
 from tests.support import child_env, wait_until
 from tests.test_event_dispatch import add_event, event_db, run_clock  # noqa: F401 - event_db is a fixture
 
@@ -114,7 +114,7 @@ def test_a_chunk_that_kills_its_worker_every_time_ends_failed_not_retried_foreve
 
     assert ev.deliver_task(items) == {"delivered": 0, "failed": 0}  # attempts exhausted: nothing sent
     requeued: list = []
-    later = datetime.now(timezone.utc) + timedelta(seconds=get_settings().event_redeliver_seconds + 1)
+    later = datetime.now(timezone.utc) + timedelta(seconds=EventSettings.get().redeliver_seconds + 1)
     assert ev.recover_lost(now=later, enqueue=requeued.extend) == 0
     assert requeued == []
     with get_engine().connect() as conn:

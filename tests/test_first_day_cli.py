@@ -29,6 +29,7 @@ from tests.support import (
     free_port,
     processes_mentioning,
     release_redis_db,
+    settings_classes,
     wait_until,
 )
 
@@ -116,6 +117,17 @@ def test_field_names_with_invalid_values_in_the_environment_break_nothing(day: d
     assert done.returncode == 0, done.stdout + done.stderr
     assert "configuration" not in done.stderr and "tk_io" in done.stdout
     assert everything_under(day["home"]) == []
+
+
+def test_a_plugins_invalid_variable_is_named_and_skips_that_plugin_alone(day: dict[str, Path]) -> None:
+    """TERMINAL_MAX_TIMEOUT is the terminal plugin's (its settings_class): a wrong value is one line
+    naming it, the terminal actions are gone, and every other plugin's are there."""
+    done = rekku("actions", cwd=day["work"], env=clean_env(day["home"], TERMINAL_MAX_TIMEOUT="-1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "configuration: TERMINAL_MAX_TIMEOUT: Input should be greater than 0" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "terminal_list_sessions" not in done.stdout
+    assert "create_personal_diary_entry" in done.stdout and "list_events" in done.stdout
 
 
 def test_ingress_listens_on_rekku_port_with_the_token_in_cwd_rekku(day: dict[str, Path]) -> None:
@@ -223,8 +235,10 @@ def test_rekku_up_with_an_empty_home_writes_only_under_cwd_rekku(day: dict[str, 
 
 def test_settings_fields_all_have_a_documented_name_and_code_may_still_use_field_names(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    missing = [name for name, field in Settings.model_fields.items() if field.validation_alias is None]
-    assert not missing, f"Settings fields without a documented variable (validation_alias): {missing}"
+    assert len(settings_classes()) > 1  # the core's, and the bundled plugins' own
+    missing = [f"{cls.__name__}.{name}" for cls in settings_classes()
+               for name, field in cls.model_fields.items() if field.validation_alias is None]
+    assert not missing, f"settings fields without a documented variable (validation_alias): {missing}"
     monkeypatch.setenv("PORT", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
     monkeypatch.delenv("REKKU_PORT", raising=False)

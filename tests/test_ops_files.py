@@ -21,24 +21,21 @@ import yaml
 from rekku.cli import main as rekku_cli
 from rekku.pools import POOLS
 from rekku.settings import Settings
+from tests.support import settings_classes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Services of docker-compose.yml that are not Rekku processes.
 INFRA_SERVICES = frozenset({"redis", "mariadb"})
 
-#: Variables read by plugins, interfaces and pool resources themselves rather than by the core
-#: Settings object. Each is still listed in .env.example. When one becomes a Settings field, it may
-#: stay here or be dropped; either way .env.example must keep it.
+#: Variables read by interfaces and pool resources themselves rather than by a settings class (the
+#: core's Settings or a plugin's settings_class). Each is still listed in .env.example. When one
+#: becomes a settings field, it may stay here or be dropped; either way .env.example must keep it.
 RESERVED_PLUGIN_VARIABLES = frozenset({
     # --- listed in docs/contracts.md §6
     "TELEGRAM_BOT_TOKEN",       # telegram_bot interface
     "TELEGRAM_API_URL",         # telegram_bot interface: Bot API base URL
     "DISCORD_WEBHOOK_URL",      # discord_bot interface
-    # --- not (yet) named in docs/contracts.md §6: knobs of the plugins and pools described there
-    "TERMINAL_MAX_TIMEOUT",     # terminal plugin: longest command run
-    "TERMINAL_MAX_OUTPUT",      # terminal plugin: output cap
-    "TERMINAL_SESSION_IDLE",    # terminal plugin: idle persistent sessions are closed
 })
 
 _ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
@@ -79,8 +76,9 @@ def env_example() -> dict[str, dict[str, Any]]:
 
 
 def settings_variables() -> set[str]:
+    """The documented names of every field of the core's Settings and of the bundled plugins' settings."""
     names: set[str] = set()
-    for field in Settings.model_fields.values():
+    for field in (field for cls in settings_classes() for field in cls.model_fields.values()):
         alias = field.validation_alias
         if isinstance(alias, str):
             names.add(alias)
@@ -318,7 +316,8 @@ def test_every_env_example_variable_is_listed_once_with_a_comment() -> None:
 
 
 def test_env_example_settings_values_are_valid(tmp_path: Path) -> None:
-    """The example, uncommented as a whole, is a configuration Settings accepts."""
+    """The example, uncommented as a whole, is a configuration the core's Settings and every bundled
+    plugin's settings accept."""
     lines = []
     for line in (ROOT / ".env.example").read_text().splitlines():
         match = _ENV_LINE.match(line.strip())
@@ -326,7 +325,8 @@ def test_env_example_settings_values_are_valid(tmp_path: Path) -> None:
             lines.append(f"{match.group(2)}={match.group(3)}")
     env_file = tmp_path / "example.env"
     env_file.write_text("\n".join(lines) + "\n")
-    Settings(_env_file=env_file)
+    for cls in settings_classes():
+        cls(_env_file=env_file)
 
 
 # ----------------------------------------------------------------------------- Dockerfile and build context

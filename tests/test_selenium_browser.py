@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 from rekku_plugins.selenium_elevenlabs.browser import BrowserHolder, PageError, _kill_tree
-
-from rekku.settings import Settings
-
-
-def _holder(tmp_path: Path, **options: object) -> BrowserHolder:
-    return BrowserHolder(Settings(home=tmp_path, **options))
+from rekku_plugins.selenium_elevenlabs.settings import SeleniumElevenLabsSettings
 
 
-def test_the_browser_starts_lazily_and_is_recycled_after_max_actions(tmp_path: Path, tts_site: object) -> None:
-    holder = _holder(tmp_path, selenium_max_actions=2)
+def _holder(**options: object) -> BrowserHolder:
+    return BrowserHolder(SeleniumElevenLabsSettings(_env_file=None, **options))
+
+
+def test_the_browser_starts_lazily_and_is_recycled_after_max_actions(tts_site: object) -> None:
+    holder = _holder(max_actions=2)
     assert holder.starts == 0  # nothing runs until the first browser action
     sessions, roots = [], []
     try:
@@ -32,8 +31,8 @@ def test_the_browser_starts_lazily_and_is_recycled_after_max_actions(tmp_path: P
     assert not roots[2].exists()
 
 
-def test_a_crashed_browser_is_replaced_before_the_next_action(tmp_path: Path) -> None:
-    holder = _holder(tmp_path)
+def test_a_crashed_browser_is_replaced_before_the_next_action() -> None:
+    holder = _holder()
     try:
         with holder.session() as browser:
             first = browser.driver.session_id
@@ -47,8 +46,8 @@ def test_a_crashed_browser_is_replaced_before_the_next_action(tmp_path: Path) ->
         holder.discard()
 
 
-def test_a_page_error_keeps_the_browser_and_anything_else_discards_it(tmp_path: Path) -> None:
-    holder = _holder(tmp_path)
+def test_a_page_error_keeps_the_browser_and_anything_else_discards_it() -> None:
+    holder = _holder()
     try:
         with pytest.raises(PageError), holder.session():
             raise PageError("wrong password")
@@ -61,8 +60,8 @@ def test_a_page_error_keeps_the_browser_and_anything_else_discards_it(tmp_path: 
         holder.discard()
 
 
-def test_chromium_runs_headless_with_background_networking_off(tmp_path: Path) -> None:
-    holder = _holder(tmp_path)
+def test_chromium_runs_headless_with_background_networking_off() -> None:
+    holder = _holder()
     try:
         with holder.session() as browser:
             pid = browser.driver.service.process.pid

@@ -17,8 +17,8 @@ from rekku_plugins.terminal import _programs, policy_errors
 from rekku_plugins.terminal.host import Limits, SessionHost, Shell, run_once
 from rekku_plugins.terminal.output import Capture, Framer
 from rekku_plugins.terminal.sessions import SessionRegistry
+from rekku_plugins.terminal.settings import TerminalSettings
 
-from rekku.settings import Settings
 from tests.support import REDIS_HOST, REDIS_PORT, claim_redis_db, gone, release_redis_db, wait_until
 
 LIMITS = Limits(max_output=4096)
@@ -174,13 +174,13 @@ def test_program_words_are_found_in_pipelines_substitutions_and_compound_command
 
 
 def test_allow_and_deny_lists_refuse_other_programs() -> None:
-    allow = Settings(_env_file=None, terminal_allow="ls,echo")
+    allow = TerminalSettings(_env_file=None, allow="ls,echo")
     assert policy_errors("ls -l | echo", allow) == []
     assert "(rm)" in policy_errors("ls; rm -rf /", allow)[0]
-    deny = Settings(_env_file=None, terminal_deny="rm,shutdown")
+    deny = TerminalSettings(_env_file=None, deny="rm,shutdown")
     assert policy_errors("ls", deny) == [] and "(shutdown)" in policy_errors("echo x && shutdown", deny)[0]
     assert "could not be parsed" in policy_errors("echo 'x", deny)[0]
-    assert policy_errors("echo 'x", Settings(_env_file=None)) == []
+    assert policy_errors("echo 'x", TerminalSettings(_env_file=None)) == []
 
 
 def test_worker_process_is_not_the_shells_process_group() -> None:

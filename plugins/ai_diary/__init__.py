@@ -21,11 +21,12 @@ from rekku.plugin import (
     JSONType,
     UTCDateTime,
     current_action,
-    get_settings,
     register_plugin,
     session_factory,
     utcnow,
 )
+
+from .settings import DiarySettings
 
 ACTION = "create_personal_diary_entry"
 #: Most rows read per injection before the character bound is applied.
@@ -110,9 +111,9 @@ def select_entries(entries: Iterable[dict], max_chars: int) -> list[dict]:
 def latest_entries(now: datetime | None = None, max_chars: int | None = None,
                    max_days: float | None = None) -> list[dict]:
     """The diary as the prompt gets it (bounded by characters and days)."""
-    settings = get_settings()
-    max_chars = settings.diary_max_chars if max_chars is None else max_chars
-    max_days = settings.diary_max_days if max_days is None else max_days
+    settings = DiarySettings.get()
+    max_chars = settings.max_chars if max_chars is None else max_chars
+    max_days = settings.max_days if max_days is None else max_days
     since = (now or utcnow()) - timedelta(days=max_days)
     query = (sa.select(ai_diary).where(ai_diary.c.timestamp >= since)
              .order_by(ai_diary.c.timestamp.desc(), ai_diary.c.id.desc()).limit(MAX_ROWS))
@@ -148,6 +149,8 @@ def reset() -> int:
 
 
 class DiaryPlugin(AIPluginBase):
+    settings_class = DiarySettings
+
     def __init__(self) -> None:
         register_plugin("ai_diary", self)
 

@@ -47,6 +47,7 @@ from .engine import deliveries as event_deliveries
 from .engine import events as scheduled_events
 from .engine import new_event, requester_of
 from .engine import tick as event_tick
+from .settings import EventSettings
 
 _WHEN = ["date", "time", "datetime", "in", "timezone", "repeat", "every", "cron", "until", "count"]
 
@@ -75,13 +76,14 @@ class EventPlugin(TablePlugin):
     FIELD_TYPES = {"target": "object", "actions": "array", "count": "integer", "include_finished": "boolean",
                    "limit": "integer", "id": "integer"}
     idempotent = True  # a re-run finds the event its first run created (by action id)
+    settings_class = EventSettings
 
     def __init__(self) -> None:
         register_plugin("event", self)
 
     # ------------------------------------------------------------------ beat
     def periodic_tasks(self) -> dict:
-        return {"tick": {"every": get_settings().event_tick_seconds, "run": event_tick, "pool": "default"}}
+        return {"tick": {"every": EventSettings.get().tick_seconds, "run": event_tick, "pool": "default"}}
 
     # ------------------------------------------------------------------ validation
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:

@@ -54,13 +54,14 @@ from rekku.plugin import (
     feed_append_now,
     get_engine,
     get_interfaces,
-    get_settings,
     next_occurrence,
     normalize_context,
     session_factory,
     utcnow,
 )
 from rekku.plugin import celery_app as app
+
+from .settings import EventSettings
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def dispatch_due(now: datetime | None = None, enqueue: Any = None, lookahead: fl
     now = now or utcnow()
     enqueue = enqueue or enqueue_deliveries
     if lookahead is None:
-        lookahead = LOOKAHEAD_TICKS * get_settings().event_tick_seconds
+        lookahead = LOOKAHEAD_TICKS * EventSettings.get().tick_seconds
     until = now + timedelta(seconds=lookahead)
     claimed, deadlocks = 0, 0
     while True:
@@ -340,7 +341,7 @@ def _give_up_interrupted(now: datetime, lease: float) -> int:
 def recover_lost(now: datetime | None = None, enqueue: Any = None) -> int:
     """Enqueue again the deliveries left unfinished and untouched for ``REKKU_EVENT_REDELIVER_SECONDS``."""
     now = now or utcnow()
-    lease = get_settings().event_redeliver_seconds
+    lease = EventSettings.get().redeliver_seconds
     if given_up := _give_up_interrupted(now, lease):
         log.error("%d event deliveries were interrupted %d times each; left failed", given_up, MAX_ATTEMPTS)
     stale = _stale(now, lease)

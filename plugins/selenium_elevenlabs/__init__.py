@@ -28,6 +28,8 @@ from rekku.plugin import (
     register_plugin,
 )
 
+from .settings import SeleniumElevenLabsSettings
+
 #: Longest message the site takes in one generation.
 MAX_MESSAGE = 3000
 #: Path of the text-to-speech page under ELEVENLABS_URL.
@@ -38,6 +40,7 @@ class SeleniumElevenLabs(AIPluginBase):
     pool = "selenium"
     restricted = True
     max_retries = 1
+    settings_class = SeleniumElevenLabsSettings
 
     #: docs/plugins.md §3, kept so the real site and test sites built to it both work.
     EMAIL = "input[name='email']"
@@ -52,7 +55,7 @@ class SeleniumElevenLabs(AIPluginBase):
     LOGIN_ERROR = "[role='alert']"
 
     def __init__(self) -> None:
-        self.time_limit = get_settings().elevenlabs_time_limit
+        self.time_limit = SeleniumElevenLabsSettings.get().time_limit
         register_plugin("selenium_elevenlabs", self)
 
     @staticmethod
@@ -73,8 +76,8 @@ class SeleniumElevenLabs(AIPluginBase):
                                                        "thread_id": "string (optional)"}}}}
 
     def unavailable_reason(self) -> str | None:
-        settings = get_settings()
-        if not settings.elevenlabs_email or not settings.elevenlabs_password:
+        settings = SeleniumElevenLabsSettings.get()
+        if not settings.email or not settings.password:
             return "ELEVENLABS_EMAIL and ELEVENLABS_PASSWORD are not set"
         try:
             import selenium  # noqa: F401
@@ -123,12 +126,12 @@ class SeleniumElevenLabs(AIPluginBase):
 
         from .browser import PageError, browser_session
 
-        settings = get_settings()
+        settings = SeleniumElevenLabsSettings.get()
         step = _progress
         with browser_session() as browser:
             d = browser.driver
             step("opening the text-to-speech page")
-            d.get(settings.elevenlabs_url.rstrip("/") + PAGE)
+            d.get(settings.url.rstrip("/") + PAGE)
             if "login" in d.current_url:
                 step("logging in")
                 self._log_in(d, settings)
@@ -143,25 +146,25 @@ class SeleniumElevenLabs(AIPluginBase):
             step("generating speech")
             d.find_element(By.CSS_SELECTOR, self.GENERATE).click()
             try:
-                WebDriverWait(d, settings.elevenlabs_generate_timeout, poll_frequency=0.05).until(
+                WebDriverWait(d, settings.generate_timeout, poll_frequency=0.05).until(
                     lambda drv: not drv.find_elements(By.CSS_SELECTOR, self.LOADING)
                     and drv.find_elements(By.CSS_SELECTOR, self.DOWNLOAD))
             except TimeoutException:
                 raise PageError(f"speech generation did not finish within "
-                                f"{settings.elevenlabs_generate_timeout:g} s") from None
+                                f"{settings.generate_timeout:g} s") from None
             step("downloading the audio")
             d.find_element(By.CSS_SELECTOR, self.DOWNLOAD).click()
-            mp3 = browser.wait_for_download(".mp3", settings.elevenlabs_download_timeout)
+            mp3 = browser.wait_for_download(".mp3", settings.download_timeout)
             if mp3 is None:
-                raise PageError(f"the .mp3 download did not finish within {settings.elevenlabs_download_timeout:g} s")
-            kept = keep_artifact(mp3, name, settings)
+                raise PageError(f"the .mp3 download did not finish within {settings.download_timeout:g} s")
+            kept = keep_artifact(mp3, name)
             credits = None
             for element in d.find_elements(By.XPATH, self.CREDITS):
                 credits = element.text.strip() or credits
             return {"bytes": kept.stat().st_size, "credits": credits, "credits_remaining": _number(credits),
                     "browser": {"session": d.session_id, "actions": browser.actions}}
 
-    def _log_in(self, d: Any, settings: Any) -> None:
+    def _log_in(self, d: Any, settings: SeleniumElevenLabsSettings) -> None:
         from selenium.common.exceptions import TimeoutException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
@@ -173,10 +176,10 @@ class SeleniumElevenLabs(AIPluginBase):
         except TimeoutException:
             raise PageError("the login form did not appear") from None
         email.clear()
-        email.send_keys(settings.elevenlabs_email)
+        email.send_keys(settings.email)
         password = d.find_element(By.CSS_SELECTOR, self.PASSWORD)
         password.clear()
-        password.send_keys(settings.elevenlabs_password)
+        password.send_keys(settings.password.get_secret_value() if settings.password else "")
         d.find_element(By.XPATH, self.SIGN_IN).click()
         try:
             WebDriverWait(d, 15, poll_frequency=0.1).until(
@@ -187,7 +190,7 @@ class SeleniumElevenLabs(AIPluginBase):
             alerts = [a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, self.LOGIN_ERROR) if a.text.strip()]
             raise PageError("login failed: " + (alerts[0] if alerts else "still on the login page"))
         if PAGE not in d.current_url:
-            d.get(settings.elevenlabs_url.rstrip("/") + PAGE)
+            d.get(settings.url.rstrip("/") + PAGE)
 
 
 #: Sets a textarea's value the way a user would (React and plain pages both see the input event).

@@ -35,7 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rekku.plugin import PluginError, Settings, die_with_parent, get_settings
+from rekku.plugin import PluginError, die_with_parent
+
+from .settings import SeleniumElevenLabsSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class PageError(PluginError):
 class Browser:
     """One WebDriver session and its private directories."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SeleniumElevenLabsSettings) -> None:
         from selenium import webdriver
 
         self.root = Path(tempfile.mkdtemp(prefix=f"rekku-browser-{os.getpid()}-"))
@@ -128,19 +130,19 @@ class Browser:
         self.started = time.monotonic()
         options = webdriver.ChromeOptions()
         options.page_load_strategy = "eager"  # DOM ready is enough: waits are on elements
-        if settings.selenium_headless:
+        if settings.headless:
             options.add_argument("--headless=new")
         for flag in CHROMIUM_FLAGS:
             options.add_argument(flag)
         options.add_experimental_option("prefs", {
             "download.default_directory": str(self.downloads), "download.prompt_for_download": False,
             "download.directory_upgrade": True, "safebrowsing.enabled": False})
-        self.remote = bool(settings.selenium_remote_url)
+        self.remote = bool(settings.remote_url)
         self.watchdog: subprocess.Popen | None = None
         self.record: Path | None = None
         if self.remote:
             options.enable_downloads = True  # files stay on the Grid node; fetched in wait_for_download
-            self.driver = webdriver.Remote(command_executor=settings.selenium_remote_url, options=options)
+            self.driver = webdriver.Remote(command_executor=settings.remote_url, options=options)
         else:
             options.binary_location = settings.chromium_path
             options.add_argument(f"--user-data-dir={self.root / 'profile'}")
@@ -259,22 +261,22 @@ def _kill_tree(pid: int) -> None:
 class BrowserHolder:
     """The process's browser (one per prefork child; a forked child never uses its parent's)."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: SeleniumElevenLabsSettings | None = None) -> None:
         self._settings = settings
         self._browser: Browser | None = None
         self._pid = os.getpid()
         self.starts = 0
 
     @property
-    def settings(self) -> Settings:
-        return self._settings or get_settings()
+    def settings(self) -> SeleniumElevenLabsSettings:
+        return self._settings or SeleniumElevenLabsSettings.get()
 
     def acquire(self) -> Browser:
         """A healthy browser: the current one, or a new one."""
         if self._pid != os.getpid():  # inherited through fork: not ours to use or quit
             self._browser, self._pid = None, os.getpid()
         browser = self._browser
-        limit = self.settings.selenium_max_actions
+        limit = self.settings.max_actions
         if browser is not None and limit and browser.actions >= limit:
             log.info("recycling the browser after %s actions", browser.actions)
             self.discard()

@@ -41,6 +41,7 @@ from rekku.plugin import (
 from .host import KILL_GRACE, HostError, Limits, run_once
 from .node import TerminalNode
 from .sessions import SessionRegistry
+from .settings import TerminalSettings
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def _allow_errors(command: str, allow: set[str], deny: set[str]) -> list[str]:
     return []
 
 
-def policy_errors(command: str, settings: Any) -> list[str]:
+def policy_errors(command: str, settings: TerminalSettings) -> list[str]:
     """Why TERMINAL_ALLOW / TERMINAL_DENY refuse ``command`` (empty when they allow it).
 
     With TERMINAL_ALLOW, a command is accepted only when :func:`simple_commands` can read it and each
@@ -199,8 +200,8 @@ def policy_errors(command: str, settings: Any) -> list[str]:
     (``find -exec``, ``git -c core.pager=…``, ``awk 'BEGIN{system(…)}'``): allow only programs that do
     not, and contain what runs with TERMINAL_RUN_AS (an unprivileged user), the TERMINAL_RLIMIT_*
     limits or a container. TERMINAL_DENY alone is advisory (see :func:`_programs`)."""
-    allow = {p.strip() for p in settings.terminal_allow.split(",") if p.strip()}
-    deny = {p.strip() for p in settings.terminal_deny.split(",") if p.strip()}
+    allow = {p.strip() for p in settings.allow.split(",") if p.strip()}
+    deny = {p.strip() for p in settings.deny.split(",") if p.strip()}
     if not allow and not deny:
         return []
     if allow:
@@ -268,7 +269,7 @@ _registry: SessionRegistry | None = None
 def registry() -> SessionRegistry:
     global _registry
     if _registry is None:
-        _registry = SessionRegistry.from_settings(get_settings())
+        _registry = SessionRegistry.from_settings(get_settings().resolved_broker_url(), TerminalSettings.get())
     return _registry
 
 
@@ -277,9 +278,9 @@ def node_runtime(name: str) -> TerminalNode:
     with _nodes_lock:
         node = _nodes.get(name)
         if node is None:
-            settings = get_settings()
-            node = TerminalNode(name, registry(), lambda: Limits.from_settings(get_settings()),
-                                idle=settings.terminal_session_idle, max_sessions=settings.terminal_max_sessions)
+            settings = TerminalSettings.get()
+            node = TerminalNode(name, registry(), lambda: Limits.from_settings(TerminalSettings.get()),
+                                idle=settings.session_idle, max_sessions=settings.max_sessions)
             _nodes[name] = node
     node.start()
     return node
@@ -309,11 +310,11 @@ class TerminalPlugin(AIPluginBase):
     trainer_only = True
     #: Never retried: a command may have done half of its work.
     max_retries = 0
+    settings_class = TerminalSettings
 
     def __init__(self) -> None:
-        settings = get_settings()
         #: The longest command plus the kill grace and a shell restart.
-        self.time_limit = settings.terminal_max_timeout + 2 * KILL_GRACE + TIME_MARGIN
+        self.time_limit = TerminalSettings.get().max_timeout + 2 * KILL_GRACE + TIME_MARGIN
         register_plugin("terminal", self)
 
     @staticmethod
@@ -331,7 +332,7 @@ class TerminalPlugin(AIPluginBase):
         }
 
     def get_prompt_instructions(self, action_name: str) -> dict:
-        settings = get_settings()
+        settings = TerminalSettings.get()
         if action_name == "terminal":
             return {
                 "description": _DESCRIPTIONS["terminal"],
@@ -341,8 +342,8 @@ class TerminalPlugin(AIPluginBase):
                                            "description": "run in this chat's persistent shell"},
                     "session": {"type": "string", "description": "name of a persistent session (letters, digits, "
                                                                  "_.:@/+=-); default: one per chat"},
-                    "timeout": {"type": "number", "description": f"seconds (at most {settings.terminal_max_timeout:g}, "
-                                                                 f"default {settings.terminal_default_timeout:g})"},
+                    "timeout": {"type": "number", "description": f"seconds (at most {settings.max_timeout:g}, "
+                                                                 f"default {settings.default_timeout:g})"},
                     "cwd": {"type": "string",
                             "description": "directory to run in (in a persistent session: cd there first)"},
                 },
@@ -393,7 +394,7 @@ class TerminalPlugin(AIPluginBase):
             errors.append(f"Field 'cwd' must be a directory path (1 to {MAX_CWD_CHARS} characters) "
                           "for action 'terminal'")
         if not errors:
-            errors.extend(policy_errors(command, get_settings()))
+            errors.extend(policy_errors(command, TerminalSettings.get()))
         return errors
 
     # ------------------------------------------------------------------ routing (at the ingress)
@@ -412,8 +413,7 @@ class TerminalPlugin(AIPluginBase):
     def handle_custom_action(self, action_type: str, payload: dict) -> dict:
         """Synchronous on purpose: it waits on processes, in the worker's own thread (threads pool)."""
         ctx = current_action()
-        settings = get_settings()
-        if ctx is None or not settings.is_trainer(ctx.interface, ctx.user_id):
+        if ctx is None or not get_settings().is_trainer(ctx.interface, ctx.user_id):
             raise NotAuthorized(f"Action '{action_type}' is restricted to trainers")
         node = (ctx.worker or "").rpartition("@")[2] or socket.gethostname()
         if action_type == "terminal_list_sessions":
@@ -425,7 +425,7 @@ class TerminalPlugin(AIPluginBase):
         errors = self.validate_payload(action_type, payload)
         if errors:
             raise ValidationError("; ".join(errors), errors)
-        return self._terminal(payload, ctx, node, settings)
+        return self._terminal(payload, ctx, node, TerminalSettings.get())
 
     def _node(self, node: str) -> TerminalNode:
         from celery import current_app
@@ -444,7 +444,7 @@ class TerminalPlugin(AIPluginBase):
             earlier = _earlier_in_batch(ctx, session)
             if earlier:
                 ctx.report_progress("waiting for earlier commands", session=session, node=node)
-                patience = get_settings().terminal_max_timeout + 2 * KILL_GRACE + TIME_MARGIN
+                patience = TerminalSettings.get().max_timeout + 2 * KILL_GRACE + TIME_MARGIN
                 stuck = runtime.await_earlier(earlier, _finished_in_log, patience)
                 if stuck:
                     raise HostError(f"not run: the earlier command(s) {', '.join(stuck)} of session '{session}' in "
@@ -453,13 +453,13 @@ class TerminalPlugin(AIPluginBase):
         finally:
             runtime.finished(ctx.action_id)
 
-    def _terminal(self, payload: dict, ctx: Any, node: str, settings: Any) -> dict:
+    def _terminal(self, payload: dict, ctx: Any, node: str, settings: TerminalSettings) -> dict:
         command, cwd = payload["command"], payload.get("cwd")
         asked = payload.get("timeout")
-        timeout = float(min(asked or settings.terminal_default_timeout, settings.terminal_max_timeout))
+        timeout = float(min(asked or settings.default_timeout, settings.max_timeout))
         notes = []
-        if asked is not None and asked > settings.terminal_max_timeout:
-            notes.append(f"timeout capped at {settings.terminal_max_timeout:g} s (TERMINAL_MAX_TIMEOUT)")
+        if asked is not None and asked > settings.max_timeout:
+            notes.append(f"timeout capped at {settings.max_timeout:g} s (TERMINAL_MAX_TIMEOUT)")
         persistent = payload.get("persistent_session", False)
         result: dict[str, Any] = {"session": None, "node": node, "persistent_session": persistent,
                                   "timeout": timeout}

@@ -35,6 +35,7 @@ from typing import Any
 from rekku.plugin import PluginError
 
 from .output import Capture, Framer, Pump
+from .settings import TerminalSettings
 
 #: The shell commands run in.
 BASH = shutil.which("bash") or "/bin/bash"
@@ -64,9 +65,9 @@ class Limits:
     processes: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
-        return cls(settings.terminal_max_output, settings.terminal_run_as or None, settings.terminal_rlimit_cpu,
-                   settings.terminal_rlimit_as, settings.terminal_rlimit_nproc)
+    def from_settings(cls, settings: TerminalSettings) -> Limits:
+        return cls(settings.max_output, settings.run_as or None, settings.rlimit_cpu, settings.rlimit_as,
+                   settings.rlimit_nproc)
 
     def ulimit(self) -> str:
         """Shell line setting the limits (soft and hard: a command cannot raise them again), or "".

@@ -22,9 +22,10 @@ import json
 import os
 import random
 import time
-from typing import Any
 
 import redis
+
+from .settings import TerminalSettings
 
 NODE_PREFIX = "rekku:terminal:node:"
 SESSION_PREFIX = "rekku:terminal:session:"
@@ -67,9 +68,8 @@ class SessionRegistry:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> SessionRegistry:
-        return cls(redis_client(settings.resolved_broker_url()), settings.terminal_node_ttl,
-                   settings.terminal_session_idle + 3 * settings.terminal_node_ttl)
+    def from_settings(cls, broker_url: str, settings: TerminalSettings) -> SessionRegistry:
+        return cls(redis_client(broker_url), settings.node_ttl, settings.session_idle + 3 * settings.node_ttl)
 
     # ------------------------------------------------------------------ nodes
     def beat(self, node: str, sessions: int) -> None:
