@@ -1,14 +1,15 @@
 """message_plugin: ``message_<interface>`` (and ``audio_<interface>``) for every registered interface.
 
-Target and thread default to the chat the request came from; a ``target`` may also be a chat's
-name stored by chat_link (a name shared by several chats is an error asking for the numeric id).
+Target and thread default to the chat the request came from, else to the interface's default chat if
+it has one (Discord's DISCORD_WEBHOOK_URL channel); a ``target`` may also be a chat's name stored by
+chat_link (a name shared by several chats is an error asking for the numeric id).
 Sends run on the io pool; each part of a message is delivered once per action, whatever
 redelivers the task (see rekku/interfaces/delivery.py), and also to the chats linked to the
 target with chat_link's ``link_chats``. Interfaces missing their configuration still declare
 their actions, disabled with the reason, so the LLM gets a clear refusal.
 
 ``audio`` follows the one file rule (rekku.artifacts.classify_file_ref, through the interface's
-``audio_error``): an artifact's name, an http(s) URL, or (Telegram) a file_id. A local path is
+``audio_error``): an artifact's name, an http(s) URL, or (Telegram only) a file_id. A local path is
 refused here, before anything is queued, and again by the interface in the worker.
 """
 
@@ -106,11 +107,11 @@ class MessagePlugin(AIPluginBase):
         same_origin = ctx is not None and ctx.chat_id and (ctx.interface or interface) == interface
         target = _text(payload.get("target"))
         if target is None:
-            if not same_origin:
+            target = ctx.chat_id if same_origin else _default_chat(interface)
+            if target is None:
                 origin = f"from {ctx.interface}" if ctx is not None and ctx.interface else "from no chat"
                 raise PluginError(f"Action '{action_type}' has no 'target' and the request came {origin}; "
                                   "give the target chat id")
-            target = ctx.chat_id
         elif not looks_like_id(target):
             target = resolve_chat(target, interface, strict=False)[1]
         thread = _text(payload.get("thread_id"))
@@ -144,6 +145,12 @@ def _audio_errors(action_type: str, audio: Any) -> list[str]:
     iface = get_interfaces().get(action_type.partition("_")[2])
     error = iface.audio_error(audio, action_type) if iface is not None else None
     return [error] if error else []
+
+
+def _default_chat(interface: str) -> str | None:
+    """The interface's own default chat (Discord's DISCORD_WEBHOOK_URL channel), if it has one."""
+    iface = get_interfaces().get(interface)
+    return iface.default_chat() if iface is not None else None
 
 
 def _text(value: Any) -> str | None:

@@ -3,12 +3,12 @@
 and batch id, so one action's story can be pulled out of several workers' logs.
 
 Configured secrets never reach a log line: :func:`redact_secrets` replaces every value Rekku knows
-to be secret (the Telegram bot token, the Discord webhook's path, the API token, the webhook secret,
-the broker's and the database's passwords, Flower's password; and each plugin's ``SecretStr``
-settings, such as Reddit's and ElevenLabs' passwords, from when the plugin's settings are read:
-rekku/plugin_settings.py) with ``***`` in every record this process makes, whoever logs it: at DEBUG,
-urllib3 logs each request line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which carries the
-bot token in its path."""
+to be secret (the Telegram and Discord bot tokens, the Discord webhooks' paths, the API token, the
+webhook secret, the broker's and the database's passwords, Flower's password; and each plugin's
+``SecretStr`` settings, such as Reddit's and ElevenLabs' passwords, from when the plugin's settings
+are read: rekku/plugin_settings.py) with ``***`` in every record this process makes, whoever logs it:
+at DEBUG, urllib3 logs each request line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which
+carries the bot token in its path."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def _url_password(url: str | None) -> str | None:
     return unquote(password) if password else None
 
 
+def _webhook_secrets(url: str) -> list[str]:
+    """A webhook URL's path and its last part (the token)."""
+    try:
+        path = urlsplit(url).path.rstrip("/")
+    except ValueError:
+        return [url]
+    return [path, path.rpartition("/")[2]] if path else []
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
@@ -52,11 +61,14 @@ def configured_secrets(settings: Settings) -> set[str]:
     """Every secret value the settings name, or that REKKU_HOME holds (generated API token, Flower
     credentials, the embedded broker's password); read without creating anything."""
     values: list[str | None] = [
-        settings.telegram_bot_token, settings.api_token, settings.webhook_secret, settings.db_pass,
+        settings.telegram_bot_token, settings.discord_bot_token, settings.api_token, settings.webhook_secret,
+        settings.db_pass,
         _url_password(settings.database_url), _url_password(settings.broker_url)]
-    if settings.discord_webhook_url:  # .../api/webhooks/<id>/<token>: the path is the credential
-        path = urlsplit(settings.discord_webhook_url).path.rstrip("/")
-        values += [path, path.rpartition("/")[2]]
+    # Discord webhooks (.../api/webhooks/<id>/<token>: the path is the credential), read as loosely as
+    # DISCORD_WEBHOOK_URLS may be written: a malformed entry is still a secret
+    entries = settings.discord_webhook_urls.replace("\n", ",").split(",")
+    for url in [settings.discord_webhook_url or "", *(e.partition("=")[2] or e for e in entries)]:
+        values += _webhook_secrets(url.strip())
     home = settings.home.expanduser()
     values += [_read(home / "api_token"), _url_password(_read(home / "embedded-redis.url"))]
     for auth in (settings.flower_basic_auth, _read(home / "flower_auth")):

@@ -204,6 +204,13 @@ class Settings(DocumentedSettings):
     # interfaces and chat plugins
     telegram_bot_token: str | None = Field(None, validation_alias=_env("TELEGRAM_BOT_TOKEN"))
     telegram_api_url: str = Field("https://api.telegram.org", validation_alias=_env("TELEGRAM_API_URL"))
+    #: Discord bot token: with it, discord_bot sends through the bot API to any channel the bot is in.
+    discord_bot_token: str | None = Field(None, validation_alias=_env("DISCORD_BOT_TOKEN"))
+    #: Base URL of Discord's REST API (the bot's ``/channels/{id}/messages``).
+    discord_api_url: str = Field("https://discord.com/api/v10", validation_alias=_env("DISCORD_API_URL"))
+    #: Without a bot token: the webhook of each channel, ``channel_id=url`` entries separated by commas.
+    discord_webhook_urls: str = Field("", validation_alias=_env("DISCORD_WEBHOOK_URLS"))
+    #: Without a bot token: the webhook of the default channel (its channel is the one Discord reports).
     discord_webhook_url: str | None = Field(None, validation_alias=_env("DISCORD_WEBHOOK_URL"))
     webhook_url: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_URL"))
     webhook_secret: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_SECRET"))
@@ -297,6 +304,20 @@ class Settings(DocumentedSettings):
         if self.telegram_trainer_id and self.telegram_trainer_id.strip():
             pairs.add(("telegram_bot", self.telegram_trainer_id.strip()))
         return frozenset(pairs)
+
+    @property
+    def discord_webhooks(self) -> dict[str, str]:
+        """DISCORD_WEBHOOK_URLS as ``{channel id: webhook URL}``; ValueError naming a malformed entry."""
+        hooks: dict[str, str] = {}
+        entries = [item.strip() for item in self.discord_webhook_urls.replace("\n", ",").split(",")]
+        for number, item in enumerate(filter(None, entries), 1):
+            channel, sep, url = (part.strip() for part in item.partition("="))
+            if not sep or not channel.isalnum() or not url.startswith(("https://", "http://")):  # not shown: a secret
+                raise ValueError(f"DISCORD_WEBHOOK_URLS: entry {number} is not channel_id=https://webhook-url")
+            if channel in hooks:
+                raise ValueError(f"DISCORD_WEBHOOK_URLS names channel {channel} twice")
+            hooks[channel] = url
+        return hooks
 
     def is_trainer(self, interface: str | None, user_id: str | int | None) -> bool:
         """An action with no user is never a trainer (upstream let it pass: a bug)."""

@@ -50,8 +50,8 @@ SHARED = {"chat_stack": "chat", "memory_stack": "memory", "plugin_stack": "plugi
 #: ``-n N --dist loadgroup``; other files are each a group of their own): that stack starts once in
 #: the run, not once per worker.
 XDIST_GROUPS = {
-    "chat-and-events": ("test_chat_plugins", "test_interfaces", "test_trust_files", "test_trust_identity",
-                        "test_event_delivery"),
+    "chat-and-events": ("test_chat_plugins", "test_interfaces", "test_discord", "test_trust_files",
+                        "test_trust_identity", "test_event_delivery"),
     "memory": ("test_bio", "test_diary", "test_prompt", "test_weather"),
     "plugins": ("test_reddit", "test_selenium"),
 }
@@ -205,9 +205,21 @@ TELEGRAM_TOKEN = "123456:fake-token"
 WEBHOOK_SECRET = "webhook-test-secret"
 
 
+#: Discord channels the chat stack reaches through DISCORD_WEBHOOK_URLS (each with a webhook of its own on
+#: the fake), and one whose entry there gives it the webhook of another channel (DISCORD_ELSEWHERE).
+DISCORD_CHANNELS = ("3001", "3002")
+DISCORD_MISMAPPED, DISCORD_ELSEWHERE = "3003", "3999"
+
+
+def discord_webhook_urls(discord: object) -> str:
+    """DISCORD_WEBHOOK_URLS for the chat stack, with those webhooks made on the fake Discord."""
+    entries = [f"{channel}={discord.add_webhook(channel)}" for channel in DISCORD_CHANNELS]
+    return ",".join(entries + [f"{DISCORD_MISMAPPED}={discord.add_webhook(DISCORD_ELSEWHERE)}"])
+
+
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict]:
-    """Fake Telegram Bot API, Discord webhook and webhook receiver, on 127.0.0.1."""
+    """Fake Telegram Bot API, Discord (webhooks and bot API) and webhook receiver, on 127.0.0.1."""
     from tests.fakes.discord import FakeDiscord
     from tests.fakes.telegram import FakeTelegram
     from tests.fakes.webhook import FakeWebhookReceiver
@@ -224,12 +236,16 @@ def fakes() -> Iterator[dict]:
 def chat_stack(tmp_home: Path, fakes: dict, shared_stacks: SharedStacks) -> Stack:
     """MariaDB, an ingress, a default and an io worker, with every interface configured against the fakes
     (shared: see SharedStacks)."""
+    return shared_stacks.get("chat", lambda: _chat_stack(_home(tmp_home, "chat"), fakes))
+
+
+def _chat_stack(home: Path, fakes: dict) -> AbstractContextManager[Stack]:
     env = {"TRAINER_IDS": "telegram_bot:42", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
            "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
+           "DISCORD_WEBHOOK_URLS": discord_webhook_urls(fakes["discord"]),  # made once per start of the stack
            "REKKU_WEBHOOK_URL": fakes["webhook"].url + "/hook", "REKKU_WEBHOOK_SECRET": WEBHOOK_SECRET,
            "REKKU_INTERFACE_TIMEOUT": "5"}
-    return shared_stacks.get("chat", lambda: running_stack(
-        "chat", _home(tmp_home, "chat"), "mariadb", env, [("default", 2, "chat-main"), ("io", 4, "chat-io")]))
+    return running_stack("chat", home, "mariadb", env, [("default", 2, "chat-main"), ("io", 4, "chat-io")])
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_interfaces_without_credentials_are_off_with_the_reason(stack: Stack) ->
     caps = stack.get("/v1/capabilities").json()
     off = {i["name"]: i.get("reason") for i in caps["interfaces"] if not i["available"]}
     assert off["telegram_bot"] == "TELEGRAM_BOT_TOKEN is not set"
-    assert off["discord_bot"] == "DISCORD_WEBHOOK_URL is not set"
+    assert off["discord_bot"] == "none of DISCORD_BOT_TOKEN, DISCORD_WEBHOOK_URLS, DISCORD_WEBHOOK_URL is set"
     assert off["webhook"] == "REKKU_WEBHOOK_URL is not set"
     assert caps["disabled"]["message_telegram_bot"] == "TELEGRAM_BOT_TOKEN is not set"
     assert "message_outbox" in caps["actions"]

@@ -173,6 +173,8 @@ def test_flower_metrics_and_healthcheck_need_the_credentials(up: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- a stack at DEBUG
+#: A Discord channel the trust stack reaches through DISCORD_WEBHOOK_URLS.
+TRUST_CHANNEL = "4001"
 #: What TERMINAL_ALLOW lets the trust stack's terminal commands run.
 ALLOWED = "ls,cat,printf,echo"
 
@@ -184,6 +186,7 @@ def trust_stack(tmp_path_factory: pytest.TempPathFactory, fakes: dict) -> Iterat
     home = tmp_path_factory.mktemp("trust")
     env = {"TRAINER_IDS": "telegram_bot:42", "REKKU_LOG_LEVEL": "DEBUG", "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
            "TELEGRAM_API_URL": fakes["telegram"].url, "DISCORD_WEBHOOK_URL": fakes["discord"].webhook_url,
+           "DISCORD_WEBHOOK_URLS": f"{TRUST_CHANNEL}={fakes['discord'].add_webhook(TRUST_CHANNEL)}",
            "REKKU_INTERFACE_TIMEOUT": "5", "TERMINAL_ALLOW": ALLOWED}
     with running_stack("trust", home, "sqlite", env, [("default", 1, "trust-main"), ("io", 2, "trust-io"),
                                                       ("terminal", 2, "trust-term")]) as stack:
@@ -198,16 +201,18 @@ def test_debug_logs_carry_no_bot_token_nor_webhook_secret(trust_stack: Stack, fa
                                {"interface": "telegram_bot", "chat_id": chat})
     assert telegram["status"] == "succeeded", telegram
     assert fakes["telegram"].sends(chat), "the message did not reach the fake Bot API"
-    discord = trust_stack.run("message_discord_bot", {"text": "debug hello", "target": "chan"}, timeout=40)
-    assert discord["status"] == "succeeded", discord
-    webhook_path = urlsplit(fakes["discord"].webhook_url).path
-    webhook_secret = webhook_path.rsplit("/", 1)[1]
+    for channel in ("chan", TRUST_CHANNEL):  # DISCORD_WEBHOOK_URL's channel, and one of DISCORD_WEBHOOK_URLS
+        discord = trust_stack.run("message_discord_bot", {"text": "debug hello", "target": channel}, timeout=40)
+        assert discord["status"] == "succeeded", discord
+    webhook_paths = [path for path, channel in fakes["discord"].webhooks.items() if channel in ("chan", TRUST_CHANNEL)]
+    assert len(webhook_paths) >= 2
     logs = sorted((trust_stack.home / "logs").glob("*.log"))
     io_log = next(p for p in logs if "worker-io" in p.name).read_text(errors="replace")
-    assert io_log.count('"POST ') >= 2 and "sendMessage" in io_log  # urllib3 did log both request lines
+    assert io_log.count('"POST ') >= 3 and "sendMessage" in io_log  # urllib3 did log the request lines
+    webhook_secrets = [part for path in webhook_paths for part in (path, path.rsplit("/", 1)[1])]
     for path in logs:
         text = path.read_text(errors="replace")
-        for secret in (TELEGRAM_TOKEN, webhook_path, webhook_secret, trust_stack.token):
+        for secret in (TELEGRAM_TOKEN, *webhook_secrets, trust_stack.token):
             assert secret not in text, f"{secret!r} in {path.name}"
 
 

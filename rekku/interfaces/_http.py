@@ -27,3 +27,11 @@ def post(session: requests.Session, url: str, timeout: float, what: str, **kwarg
         if any(sign in str(exc) for sign in _BEFORE_SENDING):
             raise DeliveryError(f"{what}: cannot connect") from None
         raise DeliveryUncertain(f"{what}: the connection broke before the answer ({type(exc).__name__})") from None
+
+
+def get(session: requests.Session, url: str, timeout: float, what: str, **kwargs: Any) -> requests.Response:
+    """GET once. A GET changes nothing on the platform, so every failure is a DeliveryError (retried)."""
+    try:
+        return session.get(url, timeout=(min(timeout, 5.0), timeout), **kwargs)
+    except requests.RequestException as exc:
+        raise DeliveryError(f"{what}: {type(exc).__name__}") from None

@@ -59,6 +59,11 @@ class Interface:
         """Why this interface cannot run here (a missing credential), or None."""
         return None
 
+    def default_chat(self) -> str | None:
+        """Where a message goes when its action names no target and its request came from no chat of this
+        interface (Discord's DISCORD_WEBHOOK_URL channel), or None: the action must name one."""
+        return None
+
     def send(self, message: Outgoing) -> dict[str, Any]:
         """Deliver one part. Raise DeliveryError when it was surely not delivered (it will be retried),
         DeliveryUncertain when it may have been, PluginError when the platform refused it for good."""
