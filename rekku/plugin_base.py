@@ -118,6 +118,13 @@ class ActionSpec:
     restricted: bool = False
     trainer_only: bool = False
     disabled: str | None = None
+    #: Older names of payload fields, each with the current name it stands for (the original Rekku's
+    #: ``message_thread_id`` for ``thread_id``): validation renames them, so handlers, authorization and
+    #: the action log see only the current names (rekku.validation).
+    aliases: tuple[tuple[str, str], ...] = ()
+    #: Fields the action may carry on the action object itself, with no ``payload`` (the original's
+    #: legacy form of ``bio_update``); validation moves them into the payload.
+    fields_on_action: tuple[str, ...] = ()
 
     @property
     def task_name(self) -> str:
@@ -158,5 +165,17 @@ def build_spec(plugin_name: str, plugin: Any, action_type: str, schema: dict) ->
         optional_fields=tuple(schema.get("optional_fields", ()) or ()),
         instructions=instructions,
         disabled=reason,
+        aliases=_aliases(action_type, schema.get("aliases")),
+        fields_on_action=tuple(str(f) for f in schema.get("fields_on_action", ()) or ()),
         **options,
     )
+
+
+def _aliases(action_type: str, declared: Any) -> tuple[tuple[str, str], ...]:
+    """A schema's ``aliases`` (``{old name: current name}``) as pairs, checked once at registration."""
+    if not declared:
+        return ()
+    if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v
+                                                 for k, v in declared.items()):
+        raise ValueError(f"action '{action_type}' declares 'aliases' that are not {{old name: current name}}")
+    return tuple(declared.items())
