@@ -77,19 +77,25 @@ class TablePlugin(AIPluginBase):
     """A plugin whose actions are a table, so schema and instructions are written once:
     ``ACTIONS = {type: (description, required_fields, optional_fields)}``; ``FIELD_TYPES`` gives a
     field's JSON type for the instructions (default "string"); ``INSTRUCTION_NOTE`` is appended to
-    every description."""
+    every description; ``FIELD_ALIASES`` (``{older name: current name}``) are the ``aliases`` of every
+    action that has the current field."""
 
     ACTIONS: dict[str, tuple[str, list[str], list[str]]] = {}
     FIELD_TYPES: dict[str, str] = {}
     INSTRUCTION_NOTE: str = ""
+    FIELD_ALIASES: dict[str, str] = {}
 
     @classmethod
     def get_supported_action_types(cls) -> list[str]:
         return list(cls.ACTIONS)
 
     def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": list(r), "optional_fields": list(o)}
-                for t, (d, r, o) in self.ACTIONS.items()}
+        out = {}
+        for t, (d, r, o) in self.ACTIONS.items():
+            aliases = {old: new for old, new in self.FIELD_ALIASES.items() if new in (*r, *o)}
+            out[t] = {"description": d, "required_fields": list(r), "optional_fields": list(o),
+                      **({"aliases": aliases} if aliases else {})}
+        return out
 
     def get_prompt_instructions(self, action_name: str) -> dict:
         if action_name not in self.ACTIONS:
