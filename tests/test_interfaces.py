@@ -240,6 +240,20 @@ def test_telegram_destination_mistakes_are_refused_clearly_and_nothing_is_sent(c
     assert tg.sends(chat) == [] and tg.sends(other) == []
 
 
+def test_the_originals_interfaces_that_are_not_here_are_refused_naming_the_ones_that_are(chat_stack: Stack) -> None:
+    sends = [("message_webui", {"text": "hi"}, "webui"), ("message_x", {"text": "hi", "target_user": "bob"}, "x"),
+             ("x_timeline_read", {}, "x"), ("x_search", {"query": "rekku"}, "x"),
+             ("message_myspace", {"text": "hi"}, "myspace")]
+    resp = chat_stack.post("/v1/actions", {"actions": [{"type": t, "payload": p} for t, p, _ in sends],
+                                           "context": {**TG, "chat_id": _chat()}})
+    assert resp.status_code == 422, resp.text
+    here = "available: discord_bot, outbox, telegram_bot, webhook (not configured: reddit)"
+    assert [r["errors"] for r in resp.json()["rejected"]] == [
+        [f"Unsupported type '{t}' - no plugin or interface found to handle it: interface '{i}' is not available "
+         f"here; {here}"] for t, _, i in sends]
+    assert "interface 'webui' is not available here" in json.dumps(resp.json()["correction"])
+
+
 # ----------------------------------------------------------------------------- never twice
 def _redeliver(stack: Stack, run: dict) -> None:
     from celery import Celery
