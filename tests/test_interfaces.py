@@ -254,6 +254,57 @@ def test_the_originals_interfaces_that_are_not_here_are_refused_naming_the_ones_
     assert "interface 'webui' is not available here" in json.dumps(resp.json()["correction"])
 
 
+# ----------------------------------------------------------------------------- a reply with no JSON at all
+def test_a_plain_prose_reply_is_a_message_to_the_chat_it_answers(chat_stack: Stack, tg) -> None:
+    from celery import Celery
+
+    chat = _chat()
+    resp = chat_stack.post("/v1/actions", {"text": "Ciao! Come stai?\n",
+                                           "context": {**TG, "chat_id": chat, "thread_id": "5"}})
+    assert resp.status_code == 202, resp.text
+    [accepted] = resp.json()["accepted"]
+    assert accepted["type"] == "message_telegram_bot" and resp.json()["rejected"] == []
+    run = chat_stack.wait_action(accepted["id"])
+    assert run["status"] == "succeeded" and run["payload"] == {"text": "Ciao! Come stai?"}, run
+    [sent] = tg.sends(chat)
+    assert sent.data["text"] == "Ciao! Come stai?" and _thread_of(sent) == "5"
+    # rekku.ingest too; a context with a chat and no interface uses REKKU_DEFAULT_INTERFACE (the outbox)
+    web = f"web-{uuid.uuid4().hex[:8]}"
+    app = Celery(broker=chat_stack.broker_url, backend=chat_stack.broker_url)
+    try:
+        answer = app.send_task("rekku.ingest", kwargs={"body": "Sounds good, see you at 8.", "context": {
+            "chat_id": web}}, queue="default").get(timeout=20)
+    finally:
+        app.close()
+    assert [a["type"] for a in answer["accepted"]] == ["message_outbox"], answer
+    assert chat_stack.wait_action(answer["accepted"][0]["id"])["status"] == "succeeded"
+    messages = chat_stack.get("/v1/outbox", params={"chat_id": web}).json()["messages"]
+    assert [m["text"] for m in messages] == ["Sounds good, see you at 8."]
+
+
+def test_json_that_is_not_actions_and_prose_from_no_chat_stay_corrections(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    for text in ('Sure! {"type": "message_telegram_bot", "payload": {"text": "hi"',  # cut off
+                 'Here you go: {"mood": "happy"}', "```json\nI will answer later\n```"):
+        resp = chat_stack.post("/v1/actions", {"text": text, "context": {**TG, "chat_id": chat}})
+        assert resp.status_code == 422, (text, resp.text)
+        assert resp.json()["accepted"] == [] and "No JSON actions found" in resp.json()["rejected"][0]["errors"][0]
+        assert resp.json()["correction"]["system_message"]["your_reply"] == text
+    alone = chat_stack.post("/v1/actions", {"text": "Hello?", "context": {"user_id": "5"}})
+    assert alone.status_code == 422 and "No JSON actions found" in alone.json()["rejected"][0]["errors"][0]
+    assert alone.json()["correction"] is not None
+    assert tg.sends(chat) == []
+
+
+def test_plain_prose_replies_can_be_turned_off(make_stack) -> None:
+    stack = make_stack(REKKU_PLAIN_REPLY_AS_MESSAGE="false")
+    resp = stack.post("/v1/actions", {"text": "Ciao!", "context": {"interface": "outbox", "chat_id": "web-1"}})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["rejected"] == [{"index": None, "type": None, "errors": [
+        "No JSON actions found in the reply (Expecting value: line 1 column 1 (char 0))"]}]
+    assert resp.json()["correction"]["system_message"]["your_reply"] == "Ciao!"
+
+
 # ----------------------------------------------------------------------------- never twice
 def _redeliver(stack: Stack, run: dict) -> None:
     from celery import Celery
