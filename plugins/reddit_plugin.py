@@ -4,6 +4,11 @@
 order). No ``thread_id``: a self post in ``target`` (``r/name`` or ``name``; upstream's
 ``lstrip("r/")`` ate leading r's and slashes) with ``title`` and optional ``flair_id``.
 
+The original Rekku also had a Reddit *interface* whose ``message_reddit`` took ``reply_message_id``:
+here it is the older name of ``thread_id`` (the same reply to a comment, renamed at the ingress). Its
+other two meanings are refused clearly, never guessed: a reply to a private message (a ``t4_`` id) and a
+direct message to a user (a ``u/name`` target).
+
 Endpoints come from ``REDDIT_URL`` (token) and ``REDDIT_OAUTH_URL`` (API), so tests run praw
 against a local fake. One account, one rate limit (``REDDIT_RATE_LIMIT``, a Celery rate limit per
 worker node). A post is recorded in ``interface_deliveries`` as ``sending`` before the call and
@@ -87,7 +92,8 @@ class RedditPlugin(AIPluginBase):
     def get_supported_actions(self) -> dict:
         return {"message_reddit": {
             "description": "Post on Reddit: reply to a comment or post (thread_id), or submit a new self post",
-            "required_fields": ["text", "target"], "optional_fields": ["title", "thread_id", "flair_id"]}}
+            "required_fields": ["text", "target"], "optional_fields": ["title", "thread_id", "flair_id"],
+            "aliases": {"reply_message_id": "thread_id"}}}
 
     def get_prompt_instructions(self, action_name: str) -> dict:
         return {"description": "Reply on Reddit when 'thread_id' (a comment or post id) is given; otherwise "
@@ -120,7 +126,12 @@ class RedditPlugin(AIPluginBase):
         if errors:
             return errors
         if not SUBREDDIT.match(subreddit_name(payload.get("target") or "")):
-            errors.append(f"Field 'target' must be a subreddit like r/name for action '{action_type}'")
+            user = re.match(r"^/?u(?:ser)?/", (payload.get("target") or "").strip(), flags=re.IGNORECASE)
+            errors.append(f"Field 'target' must be a subreddit like r/name for action '{action_type}'"
+                          + (" (direct messages to users are not sent here)" if user else ""))
+        if (payload.get("thread_id") or "").strip().lower().startswith("t4_"):
+            errors.append(f"Field 'thread_id' is a private message (t4_) for action '{action_type}': replies to "
+                          "private messages are not sent here; give a comment (t1_) or post (t3_) id")
         if len(payload.get("text") or "") > MAX_TEXT:
             errors.append(f"Field 'text' is longer than {MAX_TEXT} characters for action '{action_type}'")
         if not payload.get("thread_id"):

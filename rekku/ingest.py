@@ -31,7 +31,7 @@ from rekku.limits import (
     printable_value,
 )
 from rekku.metrics import count_submission
-from rekku.parsing import parse_text, parse_value
+from rekku.parsing import ParseResult, parse_text, parse_value
 from rekku.plugin_base import ActionSpec
 from rekku.registry import Registry, get_registry
 from rekku.settings import Settings, get_settings
@@ -127,6 +127,8 @@ class Ingress:
             if earlier is not None:
                 return self._again(idempotency_key, earlier, fingerprint)
         parsed = parse_text(body) if isinstance(body, (str, bytes)) else parse_value(body)
+        if parsed.plain_text is not None:
+            parsed = self._plain_reply(parsed, ctx)
         limit = self.settings.max_actions_per_request
         if len(parsed.actions) > limit:
             raise TooManyActions(f"{len(parsed.actions)} actions in one request; at most {limit} "
@@ -167,6 +169,15 @@ class Ingress:
             raise ServiceUnavailable(f"the broker is unreachable; {len(unsent)} of {len(runs)} actions "
                                      f"were not enqueued (marked failed in batch {batch_id})")
         return answer
+
+    def _plain_reply(self, parsed: ParseResult, ctx: dict) -> ParseResult:
+        """A reply with no JSON at all, as the original Rekku took it: a message to the chat the request
+        came from (its interface, else REKKU_DEFAULT_INTERFACE; its thread), validated like any action.
+        With REKKU_PLAIN_REPLY_AS_MESSAGE off, or no chat in the context, the parse errors stand."""
+        if not self.settings.plain_reply_as_message or not ctx.get("chat_id") or parsed.plain_text is None:
+            return parsed
+        interface = ctx.get("interface") or self.settings.default_interface
+        return ParseResult(actions=[{"type": f"message_{interface}", "payload": {"text": parsed.plain_text}}])
 
     def refusal(self, ctx: dict) -> str | None:
         """The first plugin's reason to refuse the whole request (trainers are never refused)."""

@@ -4,6 +4,11 @@ Accepted: ``{"actions": [...]}``, a bare list of actions, one action object, or 
 prose and code fences. A bare array keeps all of its actions (upstream kept only the first), and a
 top-level ``system_message`` is never executed: it is an echo of our own messages.
 Nothing here raises on bad input: every problem becomes a message in ``ParseResult.errors``.
+
+A reply with no JSON at all (plain prose: no code fence, no bracket that starts a JSON value or looks
+like the start of one) is still an error here, and is also returned as ``plain_text``: the ingress may
+send it to the requesting chat as a message, as the original Rekku did (REKKU_PLAIN_REPLY_AS_MESSAGE).
+Text holding JSON that is not actions, or broken JSON, never counts as prose: it stays a correction.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ MAX_CANDIDATES = 64
 _TOO_DEEP = "JSON nested too deeply"
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
+#: What no plain prose holds: a code fence, or a bracket opening what looks like JSON (``{"``, ``{'``,
+#: ``{}``, ``[{``, ``[[``, ``["``, ``[]``), even broken JSON a model meant as actions.
+_JSON_SIGNS = re.compile(r"```|\{\s*[\"'}]|\[\s*[\[{\]\"]")
 
 
 class _DuplicateKey(ValueError):
@@ -33,6 +41,8 @@ class ParseResult:
     actions: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ignored_system_message: bool = False
+    #: The reply, stripped, when it holds no JSON at all (plain prose); ``errors`` says so too.
+    plain_text: str | None = None
 
 
 def _no_constants(name: str) -> Any:
@@ -106,6 +116,27 @@ def _find_json(text: str) -> tuple[Any, str | None]:
     return None, f"No JSON actions found in the reply ({first_error})"
 
 
+def is_plain_prose(text: str) -> bool:
+    """True when ``text`` holds no JSON at all: not JSON as a whole, no code fence, nothing that looks
+    like the start of a JSON object or list, and no bracket where a JSON value decodes."""
+    if _JSON_SIGNS.search(text):
+        return False
+    try:
+        decode_json(text.strip())
+        return False
+    except ValueError:
+        pass
+    for tried, match in enumerate(re.finditer(r"[\[{]", text)):
+        if tried >= MAX_CANDIDATES:
+            return False  # too many brackets to be sure: not taken as prose
+        try:
+            _DECODER.raw_decode(text, match.start())
+            return False
+        except (ValueError, RecursionError):
+            continue
+    return True
+
+
 def extract_actions(value: Any, result: ParseResult) -> None:
     """Flatten one of the three accepted top-level forms into ``result.actions``."""
     if isinstance(value, list):
@@ -142,6 +173,8 @@ def parse_text(text: str | bytes) -> ParseResult:
     value, error = _find_json(text)
     if error:
         result.errors.append(error)
+        if text.strip() and is_plain_prose(text):
+            result.plain_text = text.strip()
         return result
     extract_actions(value, result)
     return result

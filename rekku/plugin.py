@@ -29,7 +29,7 @@ from rekku.feed import append_now as feed_append_now
 from rekku.feed import send_output
 from rekku.ingest import default_ingress
 from rekku.interfaces.delivery import deliver, deliver_to_outbox_at_once
-from rekku.interfaces.links import Chat, chats_named, is_known_chat_id, looks_like_id, resolve_chat
+from rekku.interfaces.links import Chat, chats_named, is_known_chat_id, looks_like_id, resolve_chat, resolve_thread
 from rekku.interfaces.models import SENDING as DELIVERY_SENDING
 from rekku.interfaces.models import SENT as DELIVERY_SENT
 from rekku.interfaces.models import ChatForward, ChatLink, Delivery
@@ -81,6 +81,7 @@ __all__ = [
     "get_interfaces",     # the configured interfaces (telegram, discord, webhook, outbox...) by name
     "Chat",               # an (interface, chat, thread) destination, as deliver() takes it
     "resolve_chat",       # a chat given by id or by name -> (interface, chat_id)
+    "resolve_thread",     # a thread of a chat given by its stored name -> its thread id
     "looks_like_id",      # whether a string is a chat id (or @handle) rather than a name
     "is_known_chat_id",   # whether a request came from this chat or the directory holds it
     "chats_named",        # every stored chat with this name, to ask which one when it is ambiguous

@@ -82,19 +82,25 @@ class TablePlugin(AIPluginBase):
     """A plugin whose actions are a table, so schema and instructions are written once:
     ``ACTIONS = {type: (description, required_fields, optional_fields)}``; ``FIELD_TYPES`` gives a
     field's JSON type for the instructions (default "string"); ``INSTRUCTION_NOTE`` is appended to
-    every description."""
+    every description; ``FIELD_ALIASES`` (``{older name: current name}``) are the ``aliases`` of every
+    action that has the current field."""
 
     ACTIONS: dict[str, tuple[str, list[str], list[str]]] = {}
     FIELD_TYPES: dict[str, str] = {}
     INSTRUCTION_NOTE: str = ""
+    FIELD_ALIASES: dict[str, str] = {}
 
     @classmethod
     def get_supported_action_types(cls) -> list[str]:
         return list(cls.ACTIONS)
 
     def get_supported_actions(self) -> dict:
-        return {t: {"description": d, "required_fields": list(r), "optional_fields": list(o)}
-                for t, (d, r, o) in self.ACTIONS.items()}
+        out = {}
+        for t, (d, r, o) in self.ACTIONS.items():
+            aliases = {old: new for old, new in self.FIELD_ALIASES.items() if new in (*r, *o)}
+            out[t] = {"description": d, "required_fields": list(r), "optional_fields": list(o),
+                      **({"aliases": aliases} if aliases else {})}
+        return out
 
     def get_prompt_instructions(self, action_name: str) -> dict:
         if action_name not in self.ACTIONS:
@@ -123,6 +129,13 @@ class ActionSpec:
     restricted: bool = False
     trainer_only: bool = False
     disabled: str | None = None
+    #: Older names of payload fields, each with the current name it stands for (the original Rekku's
+    #: ``message_thread_id`` for ``thread_id``): validation renames them, so handlers, authorization and
+    #: the action log see only the current names (rekku.validation).
+    aliases: tuple[tuple[str, str], ...] = ()
+    #: Fields the action may carry on the action object itself, with no ``payload`` (the original's
+    #: legacy form of ``bio_update``); validation moves them into the payload.
+    fields_on_action: tuple[str, ...] = ()
 
     @property
     def task_name(self) -> str:
@@ -163,5 +176,17 @@ def build_spec(plugin_name: str, plugin: Any, action_type: str, schema: dict) ->
         optional_fields=tuple(schema.get("optional_fields", ()) or ()),
         instructions=instructions,
         disabled=reason,
+        aliases=_aliases(action_type, schema.get("aliases")),
+        fields_on_action=tuple(str(f) for f in schema.get("fields_on_action", ()) or ()),
         **options,
     )
+
+
+def _aliases(action_type: str, declared: Any) -> tuple[tuple[str, str], ...]:
+    """A schema's ``aliases`` (``{old name: current name}``) as pairs, checked once at registration."""
+    if not declared:
+        return ()
+    if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v
+                                                 for k, v in declared.items()):
+        raise ValueError(f"action '{action_type}' declares 'aliases' that are not {{old name: current name}}")
+    return tuple(declared.items())

@@ -174,6 +174,9 @@ class Settings(DocumentedSettings):
     telegram_trainer_id: str | None = Field(None, validation_alias=_env("TELEGRAM_TRAINER_ID"))
     restrict_actions: str = Field("trainer_only", validation_alias=_env("RESTRICT_ACTIONS"))
     corrector_retries: int = Field(2, validation_alias=_env("CORRECTOR_RETRIES"))
+    #: A reply with no JSON at all (plain prose) is a message to the requesting chat, as the original
+    #: Rekku sent it; off, or with no chat in the request's context, it is refused with a correction.
+    plain_reply_as_message: bool = Field(True, validation_alias=_env("REKKU_PLAIN_REPLY_AS_MESSAGE"))
 
     tz: str = Field("UTC", validation_alias=_env("TZ"))
     prompt_location: str | None = Field(None, validation_alias=_env("PROMPT_LOCATION"))

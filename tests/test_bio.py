@@ -197,3 +197,33 @@ def test_participants_injection_lists_the_asking_user_and_the_chat_s_users(memor
     assert people[0] == {"id": known, "likes": ["tea"], "user_name": "known_" + known}
     assert people[1] == {"id": stranger, "user_name": "stranger_" + stranger, "bio": "none yet"}
 
+
+
+def test_the_original_legacy_form_with_fields_on_the_action_works_for_the_two_bio_actions_only(
+        memory_stack: Stack) -> None:
+    """The original's prompts wrote bio_update/bio_full_request with their fields on the action and no
+    payload: a model reply in that form (raw text, as a model writes it) runs; any other type still needs
+    its payload."""
+    person = uid()
+    reply = json.dumps({"actions": [
+        {"type": "bio_update", "target": person, "fields": {"likes": ["jazz"], "known_as": ["Legacy " + person]}},
+        {"type": "create_personal_diary_entry", "interaction_summary": "talked about jazz"},
+        {"type": "echo", "text": "hi"}]})
+    resp = memory_stack.post("/v1/actions", {"text": f"Sure.\n```json\n{reply}\n```"})
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert [(a["index"], a["type"]) for a in body["accepted"]] == [(0, "bio_update")]
+    assert [(r["index"], r["errors"]) for r in body["rejected"]] == [(1, ["Missing 'payload'"]),
+                                                                     (2, ["Missing 'payload'"])]
+    update = memory_stack.wait_action(body["accepted"][0]["id"])
+    assert update["status"] == "succeeded", update
+    assert update["payload"] == {"target": person, "fields": {"likes": ["jazz"], "known_as": ["Legacy " + person]}}
+    assert read_bio(memory_stack, person)["likes"] == ["jazz"]
+    resp = memory_stack.post("/v1/actions", {"actions": [{"type": "bio_full_request",
+                                                          "targets": ["legacy " + person]}]})
+    assert resp.status_code == 202, resp.text
+    read = memory_stack.wait_action(resp.json()["accepted"][0]["id"])
+    assert read["status"] == "succeeded" and [b["id"] for b in read["result"]["bios"]] == [person], read
+    both = memory_stack.submit([{"type": "bio_full_request", "targets": [person], "payload": {"targets": ["x"]}}])
+    assert both["rejected"][0]["errors"] == ["Give the fields of action 'bio_full_request' either in 'payload' or "
+                                             "on the action itself, not both ('targets' on the action)"]

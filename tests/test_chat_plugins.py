@@ -115,6 +115,40 @@ def test_a_message_target_may_be_a_stored_chat_name(chat_stack: Stack, tg) -> No
     assert [r.data["text"] for r in tg.sends("-100900")] == ["by name"]
 
 
+def test_chat_link_takes_the_original_thread_field_names(chat_stack: Stack) -> None:
+    chat, name = "-100950", f"News {uuid.uuid4().hex[:6]}"
+    stored = chat_stack.run("store_link", {"chat_id": chat, "link": "https://t.me/c/950/7", "interface": "telegram_bot",
+                                           "message_thread_id": 7, "message_thread_name": name}, TRAINER)
+    assert ok(stored)["thread_id"] == 7 and stored["result"]["thread_name"] == name
+    assert stored["payload"] == {"chat_id": chat, "link": "https://t.me/c/950/7", "interface": "telegram_bot",
+                                 "thread_id": 7, "thread_name": name}  # the log keeps the current names
+    expected = {"found": True, "interface": "telegram_bot", "chat_id": chat, "thread_id": "7",
+                "link": "https://t.me/c/950/7", "chat_name": None, "thread_name": name}
+    assert ok(chat_stack.run("get_link", {"chat_id": chat, "message_thread_id": "7"}, TRAINER)) == expected
+    assert ok(chat_stack.run("get_link", {"chat_id": chat, "message_thread_name": name.lower()}, TRAINER)) == expected
+    renamed = chat_stack.run("update_chat_names", {"chat_id": chat, "interface": "telegram_bot",
+                                                   "message_thread_id": 7, "message_thread_name": f"Old {name}"},
+                             TRAINER)
+    assert ok(renamed)["thread_name"] == f"Old {name}"
+    assert ok(chat_stack.run("get_link", {"chat_id": chat, "thread_id": 7}, TRAINER))["thread_name"] == f"Old {name}"
+    unknown = chat_stack.run("get_link", {"chat_id": chat, "thread_name": "Nothing here"}, TRAINER)
+    assert unknown["status"] == "failed" and f"Unknown thread 'Nothing here' in chat telegram_bot:{chat}" in \
+        unknown["error"]
+    # Both names of one field, with different values: refused at the ingress, nothing stored.
+    answer = chat_stack.submit([{"type": t, "payload": {"chat_id": chat, "link": "l", "thread_id": 7,
+                                                        "message_thread_id": 8}}
+                                for t in ("store_link", "update_chat_names", "get_link")], TRAINER)
+    assert not answer["accepted"]
+    assert [r["errors"] for r in answer["rejected"]] == [
+        [f"Fields 'thread_id' and 'message_thread_id' (its older name) differ for action '{t}': give only one"]
+        for t in ("store_link", "update_chat_names", "get_link")]
+    names = chat_stack.submit([{"type": "store_link", "payload": {"chat_id": chat, "link": "l", "thread_id": 7,
+                                                                  "thread_name": "A", "message_thread_name": "B"}}],
+                              TRAINER)
+    assert names["rejected"][0]["errors"] == [
+        "Fields 'thread_name' and 'message_thread_name' (its older name) differ for action 'store_link': give only one"]
+
+
 # ----------------------------------------------------------------------------- message_map
 def test_message_map_stores_finds_counts_and_cleans_up(chat_stack: Stack) -> None:
     asking, trainer_message = _chat(), f"tm-{uuid.uuid4().hex[:6]}"

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import TELEGRAM_TOKEN, WEBHOOK_SECRET
+from tests.conftest import TELEGRAM_TOKEN, TRAINER, WEBHOOK_SECRET
 from tests.support import Stack, stop_process, twice, wait_until
 
 TG = {"interface": "telegram_bot"}
@@ -152,6 +152,157 @@ def test_telegram_voice_file_is_uploaded_with_send_voice(chat_stack: Stack, tg) 
 def test_telegram_refusal_fails_the_action_without_retrying(chat_stack: Stack, tg) -> None:
     run = chat_stack.run("message_telegram_bot", {"text": "x" * 10, "target": " "})
     assert run["status"] == "failed" and "chat_id is empty" in run["error"] and run["attempts"] == 1
+
+
+# ----------------------------------------------------------------------------- the original Rekku's payloads
+def _thread_of(request: object) -> str | None:
+    thread = request.data.get("message_thread_id")
+    return None if thread is None else str(thread)
+
+
+def _named_chat_with_a_topic(stack: Stack) -> tuple[str, str]:
+    """A Telegram chat stored with a name, and its topic 12 stored as "Announcements" (by a trainer)."""
+    chat, name = _chat(), f"Club {uuid.uuid4().hex[:6]}"
+    for payload in ({"chat_id": chat, "link": "l", "chat_name": name},
+                    {"chat_id": chat, "link": "l", "thread_id": "12", "thread_name": "Announcements"}):
+        stored = stack.run("store_link", {**payload, "interface": "telegram_bot"}, TRAINER)
+        assert stored["status"] == "succeeded", stored
+    return chat, name
+
+
+def test_telegram_takes_every_way_the_original_named_a_destination(chat_stack: Stack, tg) -> None:
+    chat, name = _named_chat_with_a_topic(chat_stack)
+    sends = [
+        ("by chat_name", {"chat_name": name.lower()}, None),
+        ("int target, message_thread_id", {"target": int(chat), "message_thread_id": 12}, "12"),
+        ("object target, message_thread_name", {"target": {"chat_id": chat, "message_thread_name": "announcements"}},
+         "12"),
+        ("chat_name, message_thread_name", {"chat_name": name, "message_thread_name": "Announcements"}, "12"),
+        ("object target, message_thread_id", {"target": {"chat_id": int(chat), "message_thread_id": 12}}, "12"),
+        ("object target, thread_id", {"target": {"chat_id": chat, "thread_id": "12"}}, "12"),
+        ("thread_name", {"target": chat, "thread_name": "ANNOUNCEMENTS"}, "12"),
+        ("the same thread twice", {"target": {"chat_id": chat, "thread_id": 12}, "message_thread_id": "12"}, "12"),
+        ("target and its own chat_name", {"target": chat, "chat_name": name}, None),
+    ]
+    runs = [chat_stack.run("message_telegram_bot", {"text": text, **fields}, TG) for text, fields, _ in sends]
+    assert [r["status"] for r in runs] == ["succeeded"] * len(sends), [r["error"] for r in runs]
+    assert runs[1]["payload"] == {"text": "int target, message_thread_id", "target": int(chat), "thread_id": 12}
+    got = {r.data["text"]: _thread_of(r) for r in tg.sends(chat)}
+    assert got == {text: thread for text, _, thread in sends}
+
+
+def test_telegram_destination_mistakes_are_refused_clearly_and_nothing_is_sent(chat_stack: Stack, tg) -> None:
+    chat, name = _named_chat_with_a_topic(chat_stack)
+    other, other_name = _named_chat_with_a_topic(chat_stack)
+    stored = chat_stack.run("store_link", {"chat_id": chat, "interface": "telegram_bot", "link": "l",
+                                           "thread_id": "13", "thread_name": "Twins"}, TRAINER)
+    twin = chat_stack.run("store_link", {"chat_id": chat, "interface": "telegram_bot", "link": "l",
+                                         "thread_id": "14", "thread_name": "twins"}, TRAINER)
+    assert stored["status"] == twin["status"] == "succeeded"
+    at_the_ingress = [
+        ({"target": chat, "thread_id": 5, "message_thread_id": 6},
+         "Fields 'thread_id' and 'message_thread_id' (its older name) differ for action 'message_telegram_bot': "
+         "give only one"),
+        ({"target": {"chat_id": chat, "thread_id": 5}, "thread_id": 6},
+         "Fields 'target.thread_id' and 'thread_id' differ for action 'message_telegram_bot': give the thread once"),
+        ({"target": {"chat_id": chat, "thread_id": 5, "message_thread_id": 6}},
+         "Fields 'target.thread_id' and 'target.message_thread_id' differ for action 'message_telegram_bot': "
+         "give the thread once"),
+        ({"target": {"message_thread_id": 5}},
+         "Field 'target.chat_id' is missing for action 'message_telegram_bot' (an object target names its chat)"),
+        ({"target": {"chat_id": chat, "topic": 5}},
+         "Field 'target' has unknown keys 'topic' for action 'message_telegram_bot' (an object target takes "
+         "chat_id, thread_id or message_thread_id, thread_name or message_thread_name)"),
+        ({"chat_name": 5}, "Field 'chat_name' must be a string for action 'message_telegram_bot'"),
+        ({"target": chat, "message_thread_name": ["x"]},
+         "Field 'thread_name' must be a string for action 'message_telegram_bot'"),
+    ]
+    answer = chat_stack.submit([{"type": "message_telegram_bot", "payload": {"text": "no", **fields}}
+                                for fields, _ in at_the_ingress], TG)
+    assert answer["accepted"] == []
+    assert [r["errors"] for r in answer["rejected"]] == [[error] for _, error in at_the_ingress]
+    in_the_worker = [
+        ({"target": chat, "thread_name": "Nope"}, f"Unknown thread 'Nope' in chat telegram_bot:{chat}"),
+        ({"target": chat, "thread_name": "TWINS"},
+         f"Ambiguous thread name 'TWINS' in chat telegram_bot:{chat}: it matches threads 13, 14; use the numeric "
+         "thread_id instead"),
+        ({"chat_name": f"Nobody {uuid.uuid4().hex[:6]}"}, "no stored chat has that id or name"),
+        ({"target": chat, "chat_name": other_name},
+         f"Fields 'target' and 'chat_name' name different chats for action 'message_telegram_bot': target is "
+         f"{chat}, chat '{other_name}' is {other}; give one"),
+        ({"chat_name": name, "thread_id": 13, "thread_name": "Announcements"},
+         "Fields 'thread_id' and 'thread_name' name different threads for action 'message_telegram_bot': "
+         "thread_id is 13, thread 'Announcements' is 12; give one"),
+    ]
+    for fields, error in in_the_worker:
+        run = chat_stack.run("message_telegram_bot", {"text": "no", **fields}, TG)
+        assert run["status"] == "failed" and error in run["error"], (fields, run["error"])
+    assert tg.sends(chat) == [] and tg.sends(other) == []
+
+
+def test_the_originals_interfaces_that_are_not_here_are_refused_naming_the_ones_that_are(chat_stack: Stack) -> None:
+    sends = [("message_webui", {"text": "hi"}, "webui"), ("message_x", {"text": "hi", "target_user": "bob"}, "x"),
+             ("x_timeline_read", {}, "x"), ("x_search", {"query": "rekku"}, "x"),
+             ("message_myspace", {"text": "hi"}, "myspace")]
+    resp = chat_stack.post("/v1/actions", {"actions": [{"type": t, "payload": p} for t, p, _ in sends],
+                                           "context": {**TG, "chat_id": _chat()}})
+    assert resp.status_code == 422, resp.text
+    here = "available: discord_bot, outbox, telegram_bot, webhook (not configured: reddit)"
+    assert [r["errors"] for r in resp.json()["rejected"]] == [
+        [f"Unsupported type '{t}' - no plugin or interface found to handle it: interface '{i}' is not available "
+         f"here; {here}"] for t, _, i in sends]
+    assert "interface 'webui' is not available here" in json.dumps(resp.json()["correction"])
+
+
+# ----------------------------------------------------------------------------- a reply with no JSON at all
+def test_a_plain_prose_reply_is_a_message_to_the_chat_it_answers(chat_stack: Stack, tg) -> None:
+    from celery import Celery
+
+    chat = _chat()
+    resp = chat_stack.post("/v1/actions", {"text": "Ciao! Come stai?\n",
+                                           "context": {**TG, "chat_id": chat, "thread_id": "5"}})
+    assert resp.status_code == 202, resp.text
+    [accepted] = resp.json()["accepted"]
+    assert accepted["type"] == "message_telegram_bot" and resp.json()["rejected"] == []
+    run = chat_stack.wait_action(accepted["id"])
+    assert run["status"] == "succeeded" and run["payload"] == {"text": "Ciao! Come stai?"}, run
+    [sent] = tg.sends(chat)
+    assert sent.data["text"] == "Ciao! Come stai?" and _thread_of(sent) == "5"
+    # rekku.ingest too; a context with a chat and no interface uses REKKU_DEFAULT_INTERFACE (the outbox)
+    web = f"web-{uuid.uuid4().hex[:8]}"
+    app = Celery(broker=chat_stack.broker_url, backend=chat_stack.broker_url)
+    try:
+        answer = app.send_task("rekku.ingest", kwargs={"body": "Sounds good, see you at 8.", "context": {
+            "chat_id": web}}, queue="default").get(timeout=20)
+    finally:
+        app.close()
+    assert [a["type"] for a in answer["accepted"]] == ["message_outbox"], answer
+    assert chat_stack.wait_action(answer["accepted"][0]["id"])["status"] == "succeeded"
+    messages = chat_stack.get("/v1/outbox", params={"chat_id": web}).json()["messages"]
+    assert [m["text"] for m in messages] == ["Sounds good, see you at 8."]
+
+
+def test_json_that_is_not_actions_and_prose_from_no_chat_stay_corrections(chat_stack: Stack, tg) -> None:
+    chat = _chat()
+    for text in ('Sure! {"type": "message_telegram_bot", "payload": {"text": "hi"',  # cut off
+                 'Here you go: {"mood": "happy"}', "```json\nI will answer later\n```"):
+        resp = chat_stack.post("/v1/actions", {"text": text, "context": {**TG, "chat_id": chat}})
+        assert resp.status_code == 422, (text, resp.text)
+        assert resp.json()["accepted"] == [] and "No JSON actions found" in resp.json()["rejected"][0]["errors"][0]
+        assert resp.json()["correction"]["system_message"]["your_reply"] == text
+    alone = chat_stack.post("/v1/actions", {"text": "Hello?", "context": {"user_id": "5"}})
+    assert alone.status_code == 422 and "No JSON actions found" in alone.json()["rejected"][0]["errors"][0]
+    assert alone.json()["correction"] is not None
+    assert tg.sends(chat) == []
+
+
+def test_plain_prose_replies_can_be_turned_off(make_stack) -> None:
+    stack = make_stack(REKKU_PLAIN_REPLY_AS_MESSAGE="false")
+    resp = stack.post("/v1/actions", {"text": "Ciao!", "context": {"interface": "outbox", "chat_id": "web-1"}})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["rejected"] == [{"index": None, "type": None, "errors": [
+        "No JSON actions found in the reply (Expecting value: line 1 column 1 (char 0))"]}]
+    assert resp.json()["correction"]["system_message"]["your_reply"] == "Ciao!"
 
 
 # ----------------------------------------------------------------------------- never twice

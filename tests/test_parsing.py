@@ -82,3 +82,20 @@ def test_arbitrary_bytes_never_raise(data) -> None:
 def test_huge_string_is_parsed_without_trouble() -> None:
     text = json.dumps({"actions": [{"type": "echo", "payload": {"text": "x" * 900_000}}]})
     assert len(parse_text("noise " + text).actions[0]["payload"]["text"]) == 900_000
+
+
+# ----------------------------------------------------------------------------- a reply with no JSON at all
+def test_plain_prose_is_told_apart_from_json_that_is_not_actions() -> None:
+    for text in ("Ciao! Come stai?", "Sure [laughs], {this} is fine.", "The answer is 42.\n"):
+        result = parse_text(text)
+        assert result.plain_text == text.strip() and result.errors and not result.actions, text
+    for text in ('Sure! {"type": "message_telegram_bot", "payload": {"text": "hi"',  # broken JSON, cut off
+                 'I feel {"mood": "ok"}', "Numbers [1, 2]", "```json\nnot json\n```", "{'type': 'echo'}",
+                 "a [] b", "42", '"just a string"', "true", "", "   ", '{"actions": "echo"}'):
+        assert parse_text(text).plain_text is None, text
+
+
+@given(prose, st.sampled_from(['{"', "{'", "[{", '["', "```", "{}", "[]", "[[", "{ \""]), prose)
+@settings(max_examples=200)
+def test_nothing_that_looks_like_json_is_ever_taken_for_prose(before, sign, after) -> None:
+    assert parse_text(before + sign + after).plain_text is None

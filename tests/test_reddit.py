@@ -37,6 +37,29 @@ def test_a_reply_goes_to_the_comment_or_falls_back_to_the_submission(plugin_stac
     assert to_post["result"]["parent"] == "t3_abc123"
 
 
+def test_the_original_interfaces_reply_message_id_is_a_reply_and_its_other_meanings_are_refused(
+        plugin_stack: Stack, fake_reddit: object) -> None:
+    fake_reddit.reset()
+    run = plugin_stack.run("message_reddit", {"text": "re", "target": "r/rekku", "reply_message_id": "t1_cmt456"}, CTX)
+    assert run["status"] == "succeeded", run
+    assert run["payload"] == {"text": "re", "target": "r/rekku", "thread_id": "t1_cmt456"}
+    assert [(p["parent"], p["text"]) for p in fake_reddit.posts] == [("t1_cmt456", "re")]
+    refused = [
+        ({"target": "r/rekku", "thread_id": "cmt456", "reply_message_id": "abc123"},
+         "Fields 'thread_id' and 'reply_message_id' (its older name) differ for action 'message_reddit': "
+         "give only one"),
+        ({"target": "r/rekku", "reply_message_id": "t4_msg1"},
+         "Field 'thread_id' is a private message (t4_) for action 'message_reddit': replies to private messages are "
+         "not sent here; give a comment (t1_) or post (t3_) id"),
+        ({"target": "u/someone", "title": "hi"},
+         "Field 'target' must be a subreddit like r/name for action 'message_reddit' (direct messages to users are "
+         "not sent here)"),
+    ]
+    answer = plugin_stack.submit([{"type": "message_reddit", "payload": {"text": "x", **p}} for p, _ in refused], CTX)
+    assert answer["accepted"] == [] and [r["errors"] for r in answer["rejected"]] == [[e] for _, e in refused]
+    assert len(fake_reddit.posts) == 1
+
+
 def test_a_new_post_needs_a_title_and_a_subreddit(plugin_stack: Stack) -> None:
     no_title = {"text": "x", "target": "r/ok"}
     bad_name = {"text": "x", "target": "r/a b", "title": "t"}

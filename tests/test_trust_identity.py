@@ -350,6 +350,11 @@ def test_a_non_trainer_cannot_re_point_the_trainers_chat_name_to_their_chat(chat
                 ("update_chat_names", {"chat_id": evil, "chat_name": name.lower()}, "already used by another chat"),
                 ("store_link", {"chat_id": evil, "link": "l", "chat_name": name}, "already used by another chat"),
                 ("store_link", {"chat_id": evil, "link": "l", "thread_id": "5", "thread_name": name},
+                 "already used by another chat"),
+                # the original's field names are the same fields: the same rule reads them
+                ("store_link", {"chat_id": evil, "link": "l", "message_thread_id": 5, "message_thread_name": name},
+                 "already used by another chat"),
+                ("update_chat_names", {"chat_id": evil, "message_thread_id": 5, "message_thread_name": name},
                  "already used by another chat")]
     for action_type, payload, why in attempts:
         resp = chat_stack.post("/v1/actions", {"actions": [{"type": action_type, "payload": payload}],

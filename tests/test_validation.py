@@ -135,3 +135,92 @@ def test_every_payload_string_is_bounded_even_nested(registry, tmp_path) -> None
     _, rejected = errors_of(registry, [{"type": "send", "payload": payload}], tmp_path, REKKU_MAX_FIELD_CHARS="100")
     assert rejected[0][2] == ["Field 'text' is too long for action 'send' (101 characters; at most 100)",
                               "Field 'extra.deep[1]' is too long for action 'send' (150 characters; at most 100)"]
+
+
+# ----------------------------------------------------------------------------- the original Rekku's older forms
+class Older(AIPluginBase):
+    """Declares the older forms the original Rekku's prompts use: renamed fields and fields on the action."""
+
+    @staticmethod
+    def get_supported_action_types():
+        return ["linkish", "legacy", "message_outbox", "audio_outbox", "message_chatty"]
+
+    def get_supported_actions(self):
+        return {
+            "linkish": {"required_fields": ["chat_id"], "optional_fields": ["thread_id", "thread_name"],
+                        "aliases": {"message_thread_id": "thread_id", "message_thread_name": "thread_name"}},
+            "legacy": {"required_fields": ["target", "fields"], "fields_on_action": ["target", "fields"]},
+            "message_outbox": {"required_fields": ["text"]},
+            "audio_outbox": {"required_fields": ["audio"]},
+            "message_chatty": {"required_fields": ["text"]},
+        }
+
+    def validate_payload(self, action_type, payload):
+        return ["thread_id must not be 'x'"] if payload.get("thread_id") == "x" else []
+
+
+class ChattyOff(AIPluginBase):
+    @staticmethod
+    def get_supported_action_types():
+        return ["message_sleepy"]
+
+    def unavailable_reason(self):
+        return "SLEEPY_TOKEN is not set"
+
+
+@pytest.fixture
+def older() -> Registry:
+    reg = Registry()
+    reg.add_plugin("older", Older())
+    reg.add_plugin("sleepy", ChattyOff())
+    return reg
+
+
+def test_an_older_field_name_is_renamed_before_any_check_reads_the_payload(older, tmp_path) -> None:
+    accepted, rejected = validate_actions([
+        {"type": "linkish", "payload": {"chat_id": "1", "message_thread_id": 5, "message_thread_name": "News"}},
+        {"type": "linkish", "payload": {"chat_id": "1", "thread_id": "5", "message_thread_id": 5}},
+        {"type": "linkish", "payload": {"chat_id": "1", "message_thread_id": "x"}},
+    ], older, {}, settings(tmp_path))
+    assert [a.payload for a in accepted] == [{"chat_id": "1", "thread_id": 5, "thread_name": "News"},
+                                             {"chat_id": "1", "thread_id": "5"}]
+    assert [(r.index, r.errors) for r in rejected] == [(2, ["thread_id must not be 'x'"])]  # the plugin saw it renamed
+
+
+def test_an_older_and_a_current_name_that_differ_are_an_error(older, tmp_path) -> None:
+    _, rejected = errors_of(older, [{"type": "linkish", "payload": {"chat_id": "1", "thread_id": 5,
+                                                                    "message_thread_id": 6}}], tmp_path)
+    assert rejected == [(0, "linkish", ["Fields 'thread_id' and 'message_thread_id' (its older name) differ for "
+                                        "action 'linkish': give only one"])]
+
+
+def test_fields_on_the_action_itself_only_for_the_types_that_declare_them(older, tmp_path) -> None:
+    accepted, rejected = validate_actions([
+        {"type": "legacy", "target": "7", "fields": {"likes": ["jazz"]}},
+        {"type": "legacy", "target": "7"},
+        {"type": "linkish", "chat_id": "1"},
+        {"type": "legacy", "target": "7", "payload": {"target": "8", "fields": {}}},
+    ], older, {}, settings(tmp_path))
+    assert [(a.index, a.payload) for a in accepted] == [(0, {"target": "7", "fields": {"likes": ["jazz"]}})]
+    assert [(r.index, r.errors) for r in rejected] == [
+        (1, ["Missing required field 'fields' for action 'legacy'"]),
+        (2, ["Missing 'payload'"]),
+        (3, ["Give the fields of action 'legacy' either in 'payload' or on the action itself, not both "
+             "('target' on the action)"]),
+    ]
+
+
+def test_a_send_through_an_interface_not_here_names_the_ones_that_are(older, tmp_path) -> None:
+    _, rejected = errors_of(older, [{"type": t, "payload": {"text": "hi"}} for t in (
+        "message_webui", "x_search", "audio_chatty", "message_sleepy", "audio_sleepy", "webui_thing")], tmp_path)
+    start = "Unsupported type '{}' - no plugin or interface found to handle it"
+    assert [r[2][0] for r in rejected] == [
+        start.format("message_webui") + ": interface 'webui' is not available here; available: chatty, outbox "
+                                        "(not configured: sleepy)",
+        start.format("x_search") + ": interface 'x' is not available here; available: chatty, outbox "
+                                   "(not configured: sleepy)",
+        start.format("audio_chatty") + ": interface 'chatty' sends no audio here; audio goes through: outbox",
+        "Action 'message_sleepy' is unavailable: SLEEPY_TOKEN is not set",
+        start.format("audio_sleepy") + ": interface 'sleepy' is not configured here (SLEEPY_TOKEN is not set)",
+        start.format("webui_thing"),
+    ]

@@ -10,6 +10,10 @@ active person can still be updated (upstream counted reads as updates: a bug).
 Targets are ids or names: an exact id first, then ``user_name`` (with or without ``@``), then any of
 ``known_as``, case-insensitively. A name that matches several people is an error asking for the id;
 a ``bio_update`` target that names nobody starts a new bio with that id.
+
+The original Rekku's prompts also wrote these two actions in a legacy form, with ``target``/``fields``
+(or ``targets``) on the action itself and no ``payload``; it is accepted for these two types only
+(``fields_on_action``; the ingress moves the fields into the payload).
 """
 
 from __future__ import annotations
@@ -268,9 +272,11 @@ class BioPlugin(AIPluginBase):
     def get_supported_actions(self) -> dict:
         return {
             "bio_update": {"description": "Remember facts about a person (merged into their bio)",
-                           "required_fields": ["target", "fields"], "optional_fields": []},
+                           "required_fields": ["target", "fields"], "optional_fields": [],
+                           "fields_on_action": ["target", "fields"]},
             "bio_full_request": {"description": "Read the full bios of people, by id or name",
-                                 "required_fields": ["targets"], "optional_fields": [], "idempotent": True},
+                                 "required_fields": ["targets"], "optional_fields": [], "idempotent": True,
+                                 "fields_on_action": ["targets"]},
         }
 
     def get_prompt_instructions(self, action_name: str) -> dict:

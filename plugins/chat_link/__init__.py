@@ -6,6 +6,9 @@ Upstream's actions and ``chat_link`` table are kept (docs/plugins.md §2); ``lin
 every message send (rekku/interfaces/delivery.py) with loop protection: a message reaches each chat
 at most once, so A↔B or A→B→C→A never echo. A name matching several chats is an error that asks for
 the numeric id. Query results also go back to the asking chat as a ``system_message`` of type output.
+The original Rekku's field names ``message_thread_id`` and ``message_thread_name`` are accepted for
+``thread_id`` and ``thread_name`` (renamed when the action is validated; both, with different values,
+is an error), and ``get_link`` finds a thread by its stored name too.
 
 Who may change what (``authorize_payload``, checked at the ingress and again in the worker): the
 request context says who speaks and from which chat; the payload is the model's. A trainer may link,
@@ -37,6 +40,7 @@ from rekku.plugin import (
     looks_like_id,
     register_plugin,
     resolve_chat,
+    resolve_thread,
     send_output,
     session_factory,
     utcnow,
@@ -45,7 +49,8 @@ from rekku.plugin import (
 ACTIONS = {
     "store_link": ("Remember a chat's (or thread's) link and names", ["chat_id", "link"],
                    ["thread_id", "interface", "chat_name", "thread_name"]),
-    "get_link": ("Get the stored link of a chat, by id or name", ["chat_id"], ["thread_id", "interface"]),
+    "get_link": ("Get the stored link of a chat, by id or name (and of a thread, by id or name)", ["chat_id"],
+                 ["thread_id", "thread_name", "interface"]),
     "resolve_chat": ("Find a chat's interface and numeric id from its name (or id)", ["identifier"], ["interface"]),
     "update_chat_names": ("Update a chat's stored names (fetched from the platform when none are given)",
                           ["chat_id"], ["thread_id", "interface", "chat_name", "thread_name"]),
@@ -76,6 +81,8 @@ def _row(link: ChatLink) -> dict:
 class ChatLinkPlugin(TablePlugin):
     ACTIONS = ACTIONS
     FIELD_TYPES = {"bidirectional": "boolean"}
+    #: The original Rekku's names of the thread fields (renamed when an action is validated).
+    FIELD_ALIASES = {"message_thread_id": "thread_id", "message_thread_name": "thread_name"}
     INSTRUCTION_NOTE = " Chats may be named by id or by stored name; an ambiguous name needs the numeric id."
     idempotent = True
 
@@ -116,9 +123,16 @@ class ChatLinkPlugin(TablePlugin):
 
     def get_link(self, p: dict) -> dict:
         interface, chat_id = resolve_chat(p["chat_id"], p.get("interface"))
+        thread = _s(p.get("thread_id"))
+        if p.get("thread_name") not in (None, ""):
+            named = resolve_thread(interface, chat_id, str(p["thread_name"]))
+            if thread and thread != named:
+                raise PluginError(f"Fields 'thread_id' and 'thread_name' name different threads for action "
+                                  f"'get_link': thread '{p['thread_name']}' is {named}, not {thread}; give one")
+            thread = named
         with session_factory()() as s:
             link = s.scalar(sa.select(ChatLink).where(ChatLink.interface == interface, ChatLink.chat_id == chat_id,
-                                                      ChatLink.thread_id == _s(p.get("thread_id"))))
+                                                      ChatLink.thread_id == thread))
         if link is None:
             return {"found": False, "interface": interface or None, "chat_id": chat_id}
         return {"found": True, **_row(link)}

@@ -1,7 +1,8 @@
 """The chat directory chat_link keeps: chats addressed by name, and cross-platform forwards.
 
-Used by the chat_link plugin (its actions), by message sends (a ``target`` may be a chat's name) and
-by delivery (a message sent to a chat is also delivered to the chats it is linked to).
+Used by the chat_link plugin (its actions), by message sends (a ``target`` may be a chat's name, a
+``thread_name`` a thread's) and by delivery (a message sent to a chat is also delivered to the chats it
+is linked to).
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ def resolve_chat(identifier: str | int, interface: str | None = None, *, strict:
         raise PluginError(f"Ambiguous name '{ident}': it matches {len(chats)} chats ({listed}); "
                           "use the numeric chat_id instead")
     return chats[0]
+
+
+def resolve_thread(interface: str, chat_id: str, name: str) -> str:
+    """The id of the thread (topic) of chat ``(interface, chat_id)`` stored with the name ``name``
+    (``store_link`` with ``thread_id`` and ``thread_name``), matched case-insensitively. No such thread,
+    or several threads of that chat with that name, is an error that asks for the thread id."""
+    wanted = str(name).strip()
+    where = f"{interface}:{chat_id}" if interface else str(chat_id)
+    with session_factory()() as s:
+        rows = s.scalars(sa.select(ChatLink.thread_id).where(
+            ChatLink.interface == (interface or ""), ChatLink.chat_id == str(chat_id), ChatLink.thread_id != "",
+            sa.func.lower(ChatLink.thread_name) == wanted.lower())).all()
+    threads = sorted(set(rows))
+    if not threads:
+        raise PluginError(f"Unknown thread '{wanted}' in chat {where}: no stored thread of that chat has that "
+                          "name (store it with store_link, giving thread_id and thread_name, or use the thread_id)")
+    if len(threads) > 1:
+        raise PluginError(f"Ambiguous thread name '{wanted}' in chat {where}: it matches threads "
+                          f"{', '.join(threads)}; use the numeric thread_id instead")
+    return threads[0]
 
 
 def _heard_from(session: Any, chat_id: str) -> str | None:
