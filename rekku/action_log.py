@@ -164,6 +164,11 @@ class ActionLog:
     def __init__(self, engine: Engine | None = None) -> None:
         self._engine = engine or get_engine()
 
+    @property
+    def engine(self) -> Engine:
+        """The database this log writes to (the feed's items of a request go there too)."""
+        return self._engine
+
     def _do(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
         """Run ``work`` in a transaction (or a read), again on a fresh connection when the database
         dropped the one it had (server restart, killed connection): the worker's state changes are

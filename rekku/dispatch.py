@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from rekku.action_log import NewRun
 from rekku.celery_app import app
@@ -14,7 +15,7 @@ log = logging.getLogger(__name__)
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
 
 
-def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
+def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[str]:
     """Publish one ``rekku.action.<type>`` message per run, task id = action id.
 
     Published by name (``send_task``): the ingress holds no task objects (rekku.celery_app), and the
@@ -22,8 +23,9 @@ def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
 
     Returns the ids that could not be published (the broker is unreachable)."""
     failed: list[str] = []
+    sender = publisher if publisher is not None else app
     try:
-        with app.producer_or_acquire() as producer:
+        with sender.producer_or_acquire() as producer:
             for run in runs:
                 if failed:
                     failed.append(run.id)
@@ -31,7 +33,7 @@ def enqueue(runs: list[NewRun], batch_id: str) -> list[str]:
                 kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
                 try:
                     # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
-                    app.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
+                    sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
                                   task_id=run.id, queue=run.queue, producer=producer, retry=True,
                                   retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
                 except Exception:

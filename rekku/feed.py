@@ -105,9 +105,9 @@ def append(connection: sa.Connection, items: list[NewItem]) -> list[int | None]:
     return ids
 
 
-def append_now(items: list[NewItem]) -> list[int | None]:
-    """:func:`append` in a transaction of its own."""
-    with get_engine().begin() as connection:
+def append_now(items: list[NewItem], engine: sa.Engine | None = None) -> list[int | None]:
+    """:func:`append` in a transaction of its own (on ``engine``, default the configured database)."""
+    with (engine or get_engine()).begin() as connection:
         return append(connection, items)
 
 

@@ -79,10 +79,12 @@ class Ingress:
     """The ingress's work, independent of transport (HTTP or Celery)."""
 
     def __init__(self, settings: Settings, registry: Registry, action_log: ActionLog,
-                 redis_client: Any | None = None) -> None:
+                 redis_client: Any | None = None, publisher: Any | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.log = action_log
+        #: What publishes the messages (a Celery app; default the process's, rekku.celery_app.app).
+        self.publisher = publisher
         self.corrections = CorrectionCounter(redis_client) if redis_client is not None else None
 
     def submit(self, body: Any, context: dict | None = None, idempotency_key: str | None = None) -> Answer:
@@ -161,7 +163,7 @@ class Ingress:
         if earlier is not None:  # lost a race on the same idempotency key
             key = idempotency_key or ""
             return self._again(key, self.log.find_batch(key) or EarlierBatch(earlier, None), fingerprint)
-        unsent = dispatch.enqueue(runs, batch_id)
+        unsent = dispatch.enqueue(runs, batch_id, self.publisher)
         if unsent:
             self.log.fail_unsent(unsent, "could not enqueue: the broker is unreachable")
             if idempotency_key:
@@ -243,7 +245,7 @@ class Ingress:
                                       retries=self.settings.corrector_retries)
         if correction is not None and ctx.get("chat_id"):
             # the model of that chat hears it on its feed too (the caller has it in the answer)
-            feed.append_now([feed.NewItem.about(feed.CORRECTION, ctx, correction)])
+            feed.append_now([feed.NewItem.about(feed.CORRECTION, ctx, correction)], self.log.engine)
         return correction
 
 
