@@ -14,6 +14,8 @@ import redis
 
 from tests.support import (
     MARIADB,
+    REDIS_HOST,
+    REDIS_PORT,
     Stack,
     claim_redis_db,
     create_mariadb,
@@ -29,9 +31,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Service tests never skip: a missing service is a failure with the command that fixes it."""
     problems = []
     try:
-        redis.Redis("127.0.0.1", 6379, socket_connect_timeout=2).ping()
+        redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
-        problems.append(f"Redis at 127.0.0.1:6379 is not reachable ({exc}); `make services` starts it")
+        problems.append(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable ({exc}); `make services` starts it")
     try:
         import MySQLdb
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = ROOT / "tests" / "plugins"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+#: The Redis the suite uses (one db per stack). REKKU_TEST_REDIS_PORT points a run at another server, e.g.
+#: a second one started for a private run while other suites hold the 14 dbs of the usual one.
+REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("REKKU_TEST_REDIS_PORT", "6379"))
 MARIADB = dict(host="127.0.0.1", port=3306, user="root", password="")
 #: Redis db numbers the tests may take (14 and 15 are left to the benchmarks and people).
 TEST_DBS = range(1, 14)
@@ -494,3 +497,43 @@ class Stack:
         was taken by a worker and acknowledged (after its run: the actions acknowledge late)."""
         wanted = set(task_ids)
         return not any(m["id"] in wanted for m in self.broker_messages())
+
+
+def race_with_poller(writers: list[Any], read_after: Any) -> tuple[list[int], list[BaseException]]:
+    """Run ``writers`` (callables) in threads started at the same moment, while a poller follows the
+    ids they make: ``read_after(after)`` returns the ids greater than ``after``, in order, as a reader of
+    ``?after=`` sees them. Returns every id the poller saw (with repeats, if any) and the writers'
+    errors. The poller makes one last read after the writers ended, so a test compares ``seen`` with
+    everything that was written: an id committed late below one already read would be missing."""
+    start, done = threading.Barrier(len(writers) + 1), threading.Event()
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def write(work: Any) -> None:
+        start.wait()
+        try:
+            work()
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    def poll() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()  # read before polling: a last poll after the writers ended
+            page = read_after(after)
+            seen.extend(page)
+            after = page[-1] if page else after
+            if finished and not page:
+                return
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    poller = threading.Thread(target=poll)
+    for thread in threads:
+        thread.start()
+    poller.start()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    done.set()
+    poller.join(60)
+    return seen, errors

@@ -264,10 +264,13 @@ def _restart_redis_db(stack: Stack, how: str = "restart") -> None:
                 pass
 
 
-#: Known and not fixed yet (strict: the test fails once it passes, so the mark goes with the fix). The
-#: cure is a dispatch generation per action, carried in its message, so that the claim refuses an
-#: out-of-date copy (a fence); the same fence would stop a paused, not dead, predecessor's run.
-FLUSH_WHILE_HELD = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+#: Known and not fixed yet. Not strict: the double run needs the reconciler's grace to pass while the
+#: holder still runs its copy, which a loaded machine sometimes does not give it (seen once in a full
+#: run on a machine with four other suites), and a strict mark then failed the run. The cure is a
+#: dispatch generation per action, carried in its message, so that the claim refuses an out-of-date
+#: copy (a fence); the same fence would stop a paused, not dead, predecessor's run; the mark goes
+#: with the fix.
+FLUSH_WHILE_HELD = pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "a FLUSHDB under a live worker empties kombu's unacknowledged set; after the grace the reconciler "
     "re-enqueues the actions the worker still holds in memory, and the claim accepts a running action"))
 

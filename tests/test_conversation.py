@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import TRAINER
-from tests.support import Stack
+from tests.support import Stack, race_with_poller
 from tests.test_event_dispatch import event_db  # noqa: F401 - a MariaDB and a SQLite database, migrated
 
 
@@ -175,42 +175,17 @@ def test_a_feed_poller_following_after_sees_every_item_once_while_writers_race()
     from rekku import feed
     from rekku.messages import IncomingMessage, receive
 
-    start, done = threading.Barrier(WRITERS + 1), threading.Event()
-    errors: list[BaseException] = []
-
-    def write(n: int) -> None:
-        start.wait()
-        try:
+    def writer(n: int) -> Any:
+        def write() -> None:
             for i in range(ITEMS):
                 if n % 2:
                     receive(IncomingMessage(**_message(f"c{n}", message_id=i)))
                 else:
                     feed.append_now([feed.NewItem("output", {"n": n, "i": i}, dedupe_key=f"w{n}:{i}")])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        return write
 
-    seen: list[int] = []
-
-    def poll() -> None:
-        after = 0
-        while True:
-            finished = done.is_set()
-            page = feed.read(after, 1000)
-            seen.extend(i["id"] for i in page)
-            after = page[-1]["id"] if page else after
-            if finished and not page:
-                return
-
-    writers = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
-    poller = threading.Thread(target=poll)
-    for thread in writers:
-        thread.start()
-    poller.start()
-    start.wait()
-    for thread in writers:
-        thread.join()
-    done.set()
-    poller.join(60)
+    seen, errors = race_with_poller([writer(n) for n in range(WRITERS)],
+                                    lambda after: [i["id"] for i in feed.read(after, 1000)])
     assert not errors
     everything = [i["id"] for i in feed.read(0, 10_000)]
     assert len(everything) == WRITERS * ITEMS

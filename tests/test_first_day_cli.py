@@ -22,6 +22,8 @@ import requests
 
 from rekku.settings import Settings
 from tests.support import (
+    REDIS_HOST,
+    REDIS_PORT,
     ROOT,
     TEST_PLUGINS,
     Stack,
@@ -136,7 +138,7 @@ def test_ingress_listens_on_rekku_port_with_the_token_in_cwd_rekku(day: dict[str
     db = claim_redis_db()
     port = free_port()
     env = clean_env(day["home"], day["junk"], REKKU_PORT=str(port),
-                    REKKU_BROKER_URL=f"redis://127.0.0.1:6379/{db}")
+                    REKKU_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
     log = day["work"].parent / "ingress.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "rekku", "ingress"], cwd=str(day["work"]), env=env,
@@ -281,7 +283,7 @@ def test_doctor_reports_missing_optional_configuration_as_info_and_exits_0(day: 
     """A working setup without Telegram: the Telegram actions are 'not configured' (info), not a failure."""
     db = claim_redis_db()
     try:
-        env = clean_env(day["home"], REKKU_BROKER_URL=f"redis://127.0.0.1:6379/{db}")
+        env = clean_env(day["home"], REKKU_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
         assert rekku("migrate", cwd=day["work"], env=env).returncode == 0
         done = rekku("doctor", cwd=day["work"], env=env)
     finally:
@@ -290,7 +292,7 @@ def test_doctor_reports_missing_optional_configuration_as_info_and_exits_0(day: 
     row = _row(done.stdout, "TELEGRAM_BOT_TOKEN")
     assert "info" in row and "warn" not in row and "FAIL" not in row, done.stdout
     assert "FAIL" not in done.stdout
-    assert "ok" in _row(done.stdout, "broker") and f"redis://127.0.0.1:6379/{db}" in done.stdout
+    assert "ok" in _row(done.stdout, "broker") and f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}" in done.stdout
 
 
 def test_status_stuck_on_an_unmigrated_database_says_to_run_migrate(day: dict[str, Path]) -> None:

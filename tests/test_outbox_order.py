@@ -9,11 +9,12 @@ path and the event chunk path — against a poller on MariaDB and SQLite.
 
 from __future__ import annotations
 
-import threading
+import functools
 import uuid
 
 import pytest
 
+from tests.support import race_with_poller
 from tests.test_event_dispatch import event_db  # noqa: F401 - a MariaDB and a SQLite database, migrated
 
 WRITERS, MESSAGES = 4, 40
@@ -37,49 +38,20 @@ def test_a_poller_following_after_sees_every_message_once_while_writers_race() -
         add_event({"date": "2026-03-28", "time": "09:00"}, chat=chat)
     due = datetime(2026, 3, 28, 9, 0, tzinfo=timezone.utc)
     items = [[e, o.isoformat()] for _, e, o in run_clock(due, due, timedelta(seconds=1))]
-    start, done = threading.Barrier(WRITERS + EVENT_WRITERS + 1), threading.Event()
-    errors: list[BaseException] = []
 
     def write(n: int) -> None:
-        start.wait()
-        try:
-            for i in range(MESSAGES):
-                deliver(Chat("outbox", chat), str(uuid.uuid4()), text=f"w{n} m{i}")
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(MESSAGES):
+            deliver(Chat("outbox", chat), str(uuid.uuid4()), text=f"w{n} m{i}")
 
-    def write_events(n: int) -> None:  # the chunk path: reminders and system messages, one transaction each
-        start.wait()
-        try:
-            mine = items[n * CHUNKS * PER_CHUNK:(n + 1) * CHUNKS * PER_CHUNK]
-            for c in range(CHUNKS):
-                assert ev.deliver_task(mine[c * PER_CHUNK:(c + 1) * PER_CHUNK])["delivered"] == PER_CHUNK
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def write_events(n: int) -> None:  # the chunk path: a chunk's reminders in one transaction each
+        mine = items[n * CHUNKS * PER_CHUNK:(n + 1) * CHUNKS * PER_CHUNK]
+        for c in range(CHUNKS):
+            assert ev.deliver_task(mine[c * PER_CHUNK:(c + 1) * PER_CHUNK])["delivered"] == PER_CHUNK
 
-    seen: list[int] = []
-
-    def poll() -> None:
-        after = 0
-        while True:
-            finished = done.is_set()  # read before polling: a last poll after the writers ended
-            page = get_outbox(chat_id=chat, thread_id=None, after=after, limit=1000)["messages"]
-            seen.extend(m["id"] for m in page)
-            after = page[-1]["id"] if page else after
-            if finished and not page:
-                return
-
-    writers = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
-    writers += [threading.Thread(target=write_events, args=(n,)) for n in range(EVENT_WRITERS)]
-    poller = threading.Thread(target=poll)
-    for thread in writers:
-        thread.start()
-    poller.start()
-    start.wait()
-    for thread in writers:
-        thread.join()
-    done.set()
-    poller.join(60)
+    writers = [functools.partial(write, n) for n in range(WRITERS)]
+    writers += [functools.partial(write_events, n) for n in range(EVENT_WRITERS)]
+    seen, errors = race_with_poller(writers, lambda after: [
+        m["id"] for m in get_outbox(chat_id=chat, thread_id=None, after=after, limit=1000)["messages"]])
     assert not errors
     everything = [m["id"] for m in get_outbox(chat_id=chat, thread_id=None, after=0, limit=1000)["messages"]]
     assert len(everything) == WRITERS * MESSAGES + EVENT_WRITERS * CHUNKS * PER_CHUNK  # the reminders (system
