@@ -111,9 +111,11 @@ def test_metrics_count_accepted_rejected_runs_durations_and_queue_depth(stack: S
     stack.submit([{"type": "nope", "payload": {}}])
     stack.run("echo")
     stack.run("tk_fail")
-    # workers send their run metrics every REKKU_METRICS_FLUSH_SECONDS (1 s)
-    failed = 'rekku_action_runs_total{status="failed",type="tk_fail"}'
-    text = wait_until(lambda: failed in (t := stack.get("/metrics").text) and t, timeout=10,
+    # workers send their run metrics every REKKU_METRICS_FLUSH_SECONDS (1 s); the stack is shared, so an
+    # earlier test's runs may already be counted: wait for every run this test made to be
+    runs = ['rekku_action_runs_total{status="failed",type="tk_fail"}',
+            'rekku_action_runs_total{status="succeeded",type="echo"}']
+    text = wait_until(lambda: all(r in (t := stack.get("/metrics").text) for r in runs) and t, timeout=30,
                       what="the workers' run metrics")
     assert 'rekku_actions_accepted_total{type="echo"}' in text
     assert 'rekku_actions_rejected_total{type="(unknown)"}' in text  # invented types share one label
