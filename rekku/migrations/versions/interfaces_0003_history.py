@@ -1,0 +1,31 @@
+"""Interfaces: what each delivered part said (its thread, text and audio), and the chat's deliveries by
+time, so the prompt's chat history shows what Rekku really sent (rekku.prompt.chat_history).
+
+Rows written before this revision keep an empty thread and no text: the history leaves them out.
+
+Revision ID: interfaces_0003_history
+Revises: interfaces_0002
+Create Date: 2026-12-02
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "interfaces_0003_history"
+down_revision = "interfaces_0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("interface_deliveries", sa.Column("thread_id", sa.String(191), nullable=False, server_default=""))
+    op.add_column("interface_deliveries", sa.Column("text", sa.Text))
+    op.add_column("interface_deliveries", sa.Column("audio", sa.Text))
+    op.create_index("ix_interface_deliveries_chat_created", "interface_deliveries", ["chat_id", "created_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_interface_deliveries_chat_created", table_name="interface_deliveries")
+    with op.batch_alter_table("interface_deliveries") as batch:
+        batch.drop_column("audio")
+        batch.drop_column("text")
+        batch.drop_column("thread_id")
