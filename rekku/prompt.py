@@ -194,7 +194,7 @@ def _user_messages(c: sa.Connection, interface: str | None, chat_id: str, thread
         query = query.where(table.c.thread_id == thread_id)
     return [((row.date, 0, row.id), _user_entry(row, interface, thread_id)) for row in c.execute(query)
             if row.chat_id == chat_id  # exact, whatever the collation
-            and not (answering and row.message_id == answering and row.interface == interface)][:limit]
+            and not (answering and row.message_id == answering and interface in (None, row.interface))][:limit]
 
 
 def _rekku_messages(c: sa.Connection, interface: str | None, chat_id: str, thread_id: str | None, since: Any,

@@ -11,12 +11,16 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rekku.models import Base, UTCDateTime, utcnow
 
 #: Auto-increment ids: BIGINT on MariaDB, INTEGER (the rowid) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+#: Text of up to 16 MB on MariaDB (TEXT stops at 65 535 bytes; an outbox part may be 100 000 characters).
+LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
 
 #: Delivery states: the platform call is under way (or its outcome is unknown), or it is done.
 SENDING, SENT = "sending", "sent"
@@ -43,7 +47,7 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(sa.String(16))
     remote_id: Mapped[str | None] = mapped_column(sa.String(191))
     #: The part's text and audio as sent (None for a record that says nothing a chat shows: a Reddit post's).
-    text: Mapped[str | None] = mapped_column(sa.Text)
+    text: Mapped[str | None] = mapped_column(LongText)
     audio: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -58,7 +62,7 @@ class OutboxMessage(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     chat_id: Mapped[str] = mapped_column(sa.String(191))
     thread_id: Mapped[str] = mapped_column(sa.String(191), default="")
-    text: Mapped[str | None] = mapped_column(sa.Text)
+    text: Mapped[str | None] = mapped_column(LongText)
     audio_url: Mapped[str | None] = mapped_column(sa.Text)
     reply_to: Mapped[str | None] = mapped_column(sa.String(191))
     action_id: Mapped[str | None] = mapped_column(sa.String(36))
