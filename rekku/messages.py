@@ -36,7 +36,8 @@ BLOCKED, DUPLICATE = "blocked", "duplicate"
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (sa.UniqueConstraint("interface", "chat_id", "message_id", name="uq_messages_platform_id"),
-                      sa.Index("ix_messages_chat", "interface", "chat_id", "thread_id", "id"))
+                      sa.Index("ix_messages_chat", "interface", "chat_id", "thread_id", "id"),
+                      sa.Index("ix_messages_chat_date", "chat_id", "date"))  # the chat history (0006)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     interface: Mapped[str] = mapped_column(sa.String(64))

@@ -34,6 +34,7 @@ from rekku.interfaces.models import SENDING as DELIVERY_SENDING
 from rekku.interfaces.models import SENT as DELIVERY_SENT
 from rekku.interfaces.models import ChatForward, ChatLink, Delivery
 from rekku.interfaces.registry import get_interfaces
+from rekku.messages import find as find_message
 from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.plugin_settings import PluginSettings
@@ -78,6 +79,7 @@ __all__ = [
     "FEED_EVENT_REMINDER",  # the feed item type of a due reminder's system message
     "deliver",            # send a message to a chat (and to the chats linked to it), exactly once
     "deliver_to_outbox_at_once",  # many one-part outbox messages in the caller's transaction, exactly once
+    "find_message",       # a stored user message by (interface, chat_id, message_id), e.g. the one an action answers
     "get_interfaces",     # the configured interfaces (telegram, discord, webhook, outbox...) by name
     "Chat",               # an (interface, chat, thread) destination, as deliver() takes it
     "resolve_chat",       # a chat given by id or by name -> (interface, chat_id)

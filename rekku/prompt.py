@@ -7,8 +7,9 @@ latest_diary_entries, chat_history, ...}, "input": {...}, "instructions": ..., "
   each in a thread, sharing one deadline (``REKKU_INJECTION_TIMEOUT``). A plugin that is late,
   raises or returns something other than an object is left out, logged, and named in
   ``meta.skipped_injections``; the prompt never waits longer than the deadline.
-- **Chat history** is :func:`chat_history` (the action log); it is the one place other sources
-  (the outbox, incoming messages) are to be merged.
+- **Chat history** is :func:`chat_history`: the chat's user messages, what Rekku sent there (on
+  any interface, the outbox included) and its other actions there, in time order; the one place a
+  new source of the conversation is merged.
 - **Budget**: the whole answer, as JSON, stays within ``REKKU_PROMPT_MAX_CHARS`` (or ``max_chars``):
   first the diary goes (oldest entries first), then older chat history, then participants, then
   the other plugins' context. ``meta`` says what was dropped.
@@ -32,12 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from rekku.corrections import JSON_INSTRUCTIONS
 from rekku.db import get_engine
 from rekku.ingest import capabilities
+from rekku.interfaces.models import SENT, Delivery
+from rekku.messages import Message
 from rekku.models import ActionRun, chat_key, utcnow
 from rekku.registry import Registry, get_registry
 from rekku.schemas import Capability
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+#: The interface whose messages a service relays to the chat their id names, whatever its platform.
+OUTBOX = "outbox"
 
 #: Longest text kept of one chat-history payload, result or error, in characters.
 MAX_ITEM_CHARS = 600
@@ -47,8 +53,9 @@ KEEP_KEYS = ("time", "date", "location")
 INSTRUCTIONS = (
     "You are Rekku. 'input' is the message you are answering, from the chat in 'input.payload.source'; "
     "'context' is what you know right now: the time, place and weather, the people in the chat "
-    "('participants'), your own recent diary ('latest_diary_entries') and what you recently did in "
-    "this chat ('chat_history', oldest first). " + JSON_INSTRUCTIONS + " To reply in the chat, use the "
+    "('participants'), your own recent diary ('latest_diary_entries') and the recent conversation in "
+    "this chat ('chat_history', oldest first: what people said, from 'user', and what you said and did, "
+    "from 'rekku'). " + JSON_INSTRUCTIONS + " To reply in the chat, use the "
     "message action of its interface (e.g. message_telegram_bot with the chat as target). "
     "You may answer with several actions, or with {\"actions\": []} to stay silent."
 )
@@ -117,71 +124,182 @@ def _clip(value: Any, limit: int = MAX_ITEM_CHARS) -> Any:
     return text[:limit] + f"… [{len(text) - limit} more characters]"
 
 
-def _history_entry(run: Any) -> dict[str, Any]:
-    context = run.context or {}
-    entry: dict[str, Any] = {"time": run.created_at.isoformat(timespec="seconds"), "type": run.type,
-                             "status": run.status}
-    for key in ("user_id", "username", "thread_id"):
-        if context.get(key):
-            entry[key] = context[key]
-    payload = run.payload or {}
-    if run.type.startswith("message_") and isinstance(payload.get("text"), str):
-        entry["text"] = _clip(payload["text"])
-        if payload.get("target") not in (None, context.get("chat_id")):
-            entry["target"] = payload["target"]
-    else:
-        entry["payload"] = _clip(payload)
-        if run.result is not None:
-            entry["result"] = _clip(run.result)
-    if run.error:
-        entry["error"] = _clip(run.error, 200)
+#: Action types whose effect is a chat message: what they said is in the delivery records instead.
+MESSAGE_ACTION_PREFIXES = ("message_", "audio_")
+
+
+def _time(value: Any) -> str:
+    return value.isoformat(timespec="seconds")
+
+
+def _user_entry(row: Any, interface: str | None, thread_id: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"time": _time(row.date), "from": "user", "user_id": row.user_id}
+    if row.username:
+        entry["username"] = row.username
+    entry["text"] = _clip(row.text)
+    if row.message_id:
+        entry["message_id"] = row.message_id
+    if row.reply_to_message_id:
+        entry["reply_to_message_id"] = row.reply_to_message_id
+    if row.thread_id and not thread_id:
+        entry["thread_id"] = row.thread_id
+    if row.interface != interface:
+        entry["interface"] = row.interface
     return entry
 
 
-def chat_history(interface: str | None, chat_id: str | None, thread_id: str | None = None, *,
-                 limit: int = 30, days: float = 7.0, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """What happened in one chat, oldest first: the actions answered to it (from the action log).
+def _rekku_entry(parts: list[Any], interface: str | None, thread_id: str | None) -> dict[str, Any]:
+    first = parts[0]
+    entry: dict[str, Any] = {"time": _time(first.created_at), "from": "rekku"}
+    texts = [p.text for p in parts if p.text]
+    if texts:
+        entry["text"] = _clip("\n".join(texts))
+    audio = [p.audio for p in parts if p.audio]
+    if audio:
+        entry["audio"] = audio[0]
+    remote = next((p.remote_id for p in parts if p.remote_id not in (None, "", "None")), None)
+    if remote:
+        entry["message_id"] = remote
+    if first.thread_id and not thread_id:
+        entry["thread_id"] = first.thread_id
+    if first.interface != interface:
+        entry["interface"] = first.interface
+    return entry
 
-    THE chat-history builder: merge other sources (outbox messages, incoming messages) here, as
-    more entries with a ``time``, sorted together before the ``limit`` newest are kept.
 
-    An action counts for the chat when its request context names the chat (and the thread, when
-    one is given) and either no interface or this interface. Query outputs sent back to the chat
-    (context ``reply_to_action``) are left out: the query's own entry carries its result.
-    """
-    if not chat_id or limit <= 0:
+def _action_entry(run: Any, interface: str | None, thread_id: str | None) -> dict[str, Any]:
+    context = run.context or {}
+    entry: dict[str, Any] = {"time": _time(run.created_at), "from": "rekku", "action": run.type,
+                             "status": run.status, "payload": _clip(run.payload or {})}
+    if run.result is not None:
+        entry["result"] = _clip(run.result)
+    if run.error:
+        entry["error"] = _clip(run.error, 200)
+    if context.get("thread_id") and not thread_id:
+        entry["thread_id"] = context["thread_id"]
+    if interface and context.get("interface") not in (None, interface):
+        entry["interface"] = context["interface"]
+    return entry
+
+
+def _user_messages(c: sa.Connection, interface: str | None, chat_id: str, thread_id: str | None, since: Any,
+                   limit: int, answering: str | None) -> list[tuple[tuple, dict[str, Any]]]:
+    """The chat's newest user messages (index ix_messages_chat_date), but the one being answered."""
+    table = Message.__table__
+    query = (sa.select(table).where(table.c.chat_id == chat_id, table.c.date >= since)
+             .order_by(table.c.date.desc(), table.c.id.desc()).limit(limit + 1))
+    if interface:
+        query = query.where(table.c.interface == interface)
+    if thread_id:
+        query = query.where(table.c.thread_id == thread_id)
+    return [((row.date, 0, row.id), _user_entry(row, interface, thread_id)) for row in c.execute(query)
+            if row.chat_id == chat_id  # exact, whatever the collation
+            and not (answering and row.message_id == answering and interface in (None, row.interface))][:limit]
+
+
+def _rekku_messages(c: sa.Connection, interface: str | None, chat_id: str, thread_id: str | None, since: Any,
+                    limit: int) -> list[tuple[tuple, dict[str, Any]]]:
+    """What Rekku said in the chat: its delivery records ``sent`` with a text or audio, one entry per
+    message however many parts it took (index ix_interface_deliveries_chat_created, then the parts by
+    action id)."""
+    table = Delivery.__table__
+    where = [table.c.chat_id == chat_id, table.c.status == SENT]
+    if interface and interface != OUTBOX:
+        where.append(table.c.interface.in_([interface, OUTBOX]))
+    elif interface:
+        where.append(table.c.interface == interface)
+    if thread_id:
+        where.append(table.c.thread_id == thread_id)
+    at = sa.func.min(table.c.created_at).label("at")
+    groups = c.execute(sa.select(table.c.action_id, at)
+                       .where(*where, table.c.created_at >= since,
+                              sa.or_(table.c.text.is_not(None), table.c.audio.is_not(None)))
+                       .group_by(table.c.action_id).order_by(at.desc()).limit(limit)).all()
+    if not groups:
         return []
+    messages: dict[tuple, list[Any]] = {}
+    for row in c.execute(sa.select(table).where(*where, table.c.action_id.in_([g.action_id for g in groups]))
+                         .order_by(table.c.id)):
+        if row.chat_id == chat_id and (row.text or row.audio):
+            messages.setdefault((row.action_id, row.interface, row.thread_id), []).append(row)
+    return [((parts[0].created_at, 1, parts[0].id), _rekku_entry(parts, interface, thread_id))
+            for parts in messages.values() if parts[0].created_at >= since]
+
+
+def _actions(c: sa.Connection, interface: str | None, chat_id: str, thread_id: str | None, since: Any,
+             limit: int) -> list[tuple[tuple, dict[str, Any]]]:
+    """The chat's other actions (index ix_action_runs_chat_created; the context's chat is the exact test)."""
     runs = ActionRun.__table__
-    since = utcnow() - timedelta(days=days)
-    # the indexed column narrows to the chat; the context's own value is the exact test
     query = (sa.select(runs).where(runs.c.chat_id == chat_key(chat_id),
                                    runs.c.context["chat_id"].as_string() == str(chat_id),
-                                   runs.c.created_at >= since)
+                                   runs.c.created_at >= since,
+                                   *(~runs.c.type.startswith(prefix, autoescape=True)
+                                     for prefix in MESSAGE_ACTION_PREFIXES))
              .order_by(runs.c.created_at.desc(), runs.c.position.desc()).limit(limit * 3))
     if thread_id:
         query = query.where(runs.c.context["thread_id"].as_string() == str(thread_id))
-    url = (settings or get_settings()).resolved_database_url()
-    with get_engine(url).connect() as c:
-        rows = c.execute(query).all()
     entries = []
-    for run in rows:
+    for run in c.execute(query):
         context = run.context or {}
         if context.get("reply_to_action"):
             continue
         if interface and context.get("interface") not in (None, interface):
             continue
-        entries.append(_history_entry(run))
+        entries.append(((run.created_at, 2, run.position), _action_entry(run, interface, thread_id)))
         if len(entries) >= limit:
             break
-    entries.reverse()
     return entries
 
 
+def chat_history(interface: str | None, chat_id: str | None, thread_id: str | None = None, *,
+                 limit: int = 30, days: float = 7.0, settings: Settings | None = None,
+                 answering: str | None = None) -> list[dict[str, Any]]:
+    """The conversation in one chat, oldest first: the ``limit`` newest of its entries of the last
+    ``days`` days. THE chat-history builder: a new source of the conversation is merged here.
+
+    Three sources, each read newest first by an index, then merged by time:
+
+    - **user messages** (table ``messages``, ``POST /v1/messages``): ``{"time", "from": "user",
+      "user_id", "username"?, "text", "message_id"?, "reply_to_message_id"?}``. The message being
+      answered (``answering``, the prompt's ``message_id``) is left out: it is the prompt's ``input``.
+    - **Rekku's messages**: what was delivered to the chat (``interface_deliveries`` recorded
+      ``sent``, on the chat's interface or the outbox, whatever sent it: a reply, a reminder, a copy
+      forwarded from a linked chat), one entry per message however many parts it took:
+      ``{"time", "from": "rekku", "text"?, "audio"?, "message_id"?}``. What a message action meant to
+      send but did not is not there (its failure is on the feed).
+    - **Rekku's other actions** in the chat (the action log, not ``message_*`` / ``audio_*``, whose
+      text is the entry above): ``{"time", "from": "rekku", "action", "status", "payload",
+      "result"?, "error"?}``. Kept because nothing else in the prompt says what Rekku *did* here: the
+      reminder it set, the bio it updated, a query and its result; without them the model repeats
+      itself. Query outputs sent back to the chat (context ``reply_to_action``) are left out: the
+      query's own entry carries its result.
+
+    Any entry may also say ``thread_id`` (when no thread was asked for) and ``interface`` (when it is
+    not the one asked for: the outbox, or any when none was). A chat is its interface and id; with no
+    interface, the id on every interface. With ``thread_id`` only that thread. Texts, payloads and
+    results are clipped to :data:`MAX_ITEM_CHARS`; :func:`fit_budget` drops the oldest entries when
+    the prompt is too long.
+    """
+    if not chat_id or limit <= 0:
+        return []
+    chat_id = str(chat_id)
+    thread_id = str(thread_id) if thread_id else None
+    since = utcnow() - timedelta(days=days)
+    url = (settings or get_settings()).resolved_database_url()
+    with get_engine(url).connect() as c:
+        entries = (_user_messages(c, interface, chat_id, thread_id, since, limit, answering)
+                   + _rekku_messages(c, interface, chat_id, thread_id, since, limit)
+                   + _actions(c, interface, chat_id, thread_id, since, limit))
+    entries.sort(key=lambda item: item[0])
+    return [entry for _, entry in entries[-limit:]]
+
+
 def participants_of(history: list[dict[str, Any]], user_id: str | None, username: str | None) -> list[dict]:
-    """Who is in the chat: the asking user first, then the users of the history, newest first."""
+    """Who is in the chat: the asking user first, then the authors of the history's user messages, newest first."""
     people: list[dict] = []
     seen: set[str] = set()
-    for uid, name in [(user_id, username)] + [(e.get("user_id"), e.get("username")) for e in reversed(history)]:
+    authors = [(e.get("user_id"), e.get("username")) for e in reversed(history) if e.get("from") == "user"]
+    for uid, name in [(user_id, username)] + authors:
         if uid and str(uid) not in seen:
             seen.add(str(uid))
             people.append({"user_id": str(uid), **({"username": name} if name else {})})
@@ -316,7 +434,7 @@ def build_prompt(*, interface: str | None = None, chat_id: str | None = None, th
     settings = settings or get_settings()
     registry = registry or get_registry()
     history = chat_history(interface, chat_id, thread_id, limit=settings.prompt_history_limit,
-                           days=settings.prompt_history_days, settings=settings)
+                           days=settings.prompt_history_days, settings=settings, answering=message_id)
     source = {"chat_id": chat_id, "message_id": message_id, "username": username,
               "usertag": f"@{username}" if username else None, "thread_id": thread_id,
               "interface": interface, "user_id": user_id}

@@ -54,7 +54,7 @@ SHARED = {"chat_stack": "chat", "memory_stack": "memory", "plugin_stack": "plugi
 XDIST_GROUPS = {
     "chat-and-events": ("test_chat_plugins", "test_interfaces", "test_discord", "test_trust_files",
                         "test_trust_identity", "test_event_delivery"),
-    "memory": ("test_bio", "test_diary", "test_prompt", "test_weather"),
+    "memory": ("test_bio", "test_diary", "test_history", "test_prompt", "test_weather"),
     "plugins": ("test_reddit", "test_selenium"),
 }
 

@@ -166,6 +166,23 @@ def test_message_map_stores_finds_counts_and_cleans_up(chat_stack: Stack) -> Non
     assert ok(chat_stack.run("get_original_message", {"trainer_message_id": trainer_message}))["found"] is False
 
 
+def test_get_original_message_resolves_a_stored_reply_to_a_forwarded_message(chat_stack: Stack) -> None:
+    trainer_chat, forwarded, reply = _chat("trainer"), str(uuid.uuid4().int % 10**9), str(uuid.uuid4().int % 10**9)
+    ok(chat_stack.run("store_message_mapping", {"trainer_message_id": forwarded, "chat_id": "-1002",
+                                                "message_id": 66}, {"interface": "telegram_bot"}))
+    resp = chat_stack.post("/v1/messages", {"interface": "telegram_bot", "chat_id": trainer_chat, "message_id": reply,
+                                            "user_id": "42", "text": "tell them yes",
+                                            "reply_to_message_id": forwarded})
+    assert resp.status_code == 202, resp.text
+    context = {"interface": "telegram_bot", "chat_id": trainer_chat}
+    found = ok(chat_stack.run("get_original_message", {"trainer_message_id": reply}, context))
+    assert (found["found"], found["chat_id"], found["message_id"], found["reply_to"]) == (True, "-1002", "66",
+                                                                                          forwarded)
+    elsewhere = ok(chat_stack.run("get_original_message", {"trainer_message_id": reply},
+                                  {"interface": "telegram_bot", "chat_id": trainer_chat + "-x"}))
+    assert elsewhere == {"found": False, "trainer_message_id": reply}, "a reply is looked up in the asking chat"
+
+
 # ----------------------------------------------------------------------------- recent_chats
 def test_the_ingress_records_every_chat_it_hears_from(chat_stack: Stack) -> None:
     chat = _chat("recent")

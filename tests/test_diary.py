@@ -76,6 +76,34 @@ def test_the_summary_is_kept_without_content(memory_stack: Stack) -> None:
     assert row["involved_users"] == [] and row["emotions"] == []
 
 
+def test_an_entry_keeps_the_message_its_turn_answers_unless_the_payload_gives_one(memory_stack: Stack) -> None:
+    chat = "diary-" + uuid.uuid4().hex[:8]
+    message = {"interface": "telegram_bot", "chat_id": chat, "thread_id": "7", "message_id": "501", "user_id": "77",
+               "username": "marco", "text": "I adopted a cat!"}
+    resp = memory_stack.post("/v1/messages", message)
+    assert resp.status_code == 202 and resp.json()["dropped"] is None, resp.text
+    context = {k: message[k] for k in ("interface", "chat_id", "thread_id", "message_id", "user_id", "username")}
+
+    filled = memory_stack.run("create_personal_diary_entry", {"interaction_summary": "Marco's cat"}, context)
+    given = memory_stack.run("create_personal_diary_entry",
+                             {"interaction_summary": "quoted", "user_message": "my own quote"}, context)
+    unknown = memory_stack.run("create_personal_diary_entry", {"interaction_summary": "no such message"},
+                               {**context, "message_id": "502"})
+    other_chat = memory_stack.run("create_personal_diary_entry", {"interaction_summary": "another chat"},
+                                  {**context, "chat_id": chat + "-x"})
+    assert all(r["status"] == "succeeded" for r in (filled, given, unknown, other_chat))
+    by_summary = {row["interaction_summary"]: row["user_message"] for row in rows(memory_stack, chat_id=chat)}
+    assert by_summary == {"Marco's cat": "I adopted a cat!", "quoted": "my own quote", "no such message": None}
+    assert rows(memory_stack, chat_id=chat + "-x")[0]["user_message"] is None, "a message is found in its own chat"
+
+
+def test_a_user_message_that_is_not_text_is_rejected(memory_stack: Stack) -> None:
+    answer = memory_stack.submit([{"type": "create_personal_diary_entry",
+                                   "payload": {"interaction_summary": "x", "user_message": ["not", "text"]}}])
+    assert answer["accepted"] == [] and answer["rejected"][0]["errors"] == [
+        "Field 'user_message' must be a string for action 'create_personal_diary_entry'"]
+
+
 def test_invalid_entries_are_rejected_at_the_ingress(memory_stack: Stack) -> None:
     answer = memory_stack.submit([
         {"type": "create_personal_diary_entry", "payload": {"content": "no summary"}},

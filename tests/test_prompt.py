@@ -77,7 +77,9 @@ def test_a_slow_or_failing_injection_is_left_out_and_the_prompt_does_not_wait(me
         (records / "release").unlink()
 
 
-def test_chat_history_is_this_chat_s_actions_oldest_first(memory_stack: Stack) -> None:
+def test_chat_history_keeps_this_chat_s_other_actions_oldest_first(memory_stack: Stack) -> None:
+    """Actions that are not messages stay in the history (what Rekku did here, and a query's result);
+    the conversation itself is tests/test_history.py."""
     chat = "hist-" + uuid.uuid4().hex[:8]
     ctx = {"chat_id": chat, "interface": "telegram_bot", "user_id": "42", "username": "marco"}
     for text in ("one", "two"):
@@ -87,8 +89,9 @@ def test_chat_history_is_this_chat_s_actions_oldest_first(memory_stack: Stack) -
     memory_stack.run("echo", {"text": "other platform"}, {**ctx, "interface": "discord_bot"})
     history = prompt(memory_stack, interface="telegram_bot", chat_id=chat)["context"]["chat_history"]
     assert [h["payload"]["text"] for h in history] == ["one", "two", "other thread"]
-    assert history[0]["result"] == {"text": "one"} and history[0]["status"] == "succeeded"
-    assert history[0]["user_id"] == "42" and history[0]["type"] == "echo"
+    assert history[0] == {"time": history[0]["time"], "from": "rekku", "action": "echo", "status": "succeeded",
+                          "payload": {"text": "one"}, "result": {"text": "one"}}
+    assert history[2]["thread_id"] == "9"
     thread = prompt(memory_stack, interface="telegram_bot", chat_id=chat, thread_id="9")["context"]["chat_history"]
     assert [h["payload"]["text"] for h in thread] == ["other thread"]
 

@@ -1,10 +1,12 @@
 """ai_diary: Rekku's personal diary, and its recent entries as prompt context (docs/plugins.md §2).
 
 ``create_personal_diary_entry`` stores one entry with the chat it was written in (from the
-action's context). Upstream lost the summary when ``content`` was absent and had no
-``involved_users`` column; here every field is kept. The prompt gets ``latest_diary_entries``:
-newest first, whole entries only, at most ``REKKU_DIARY_MAX_CHARS`` characters (as JSON) and
-``REKKU_DIARY_MAX_DAYS`` days old. ``rekku diary reset`` empties the table (development).
+action's context) and, unless the payload gives ``user_message``, the text of the message the turn
+answers (the context's ``message_id``, looked up among the stored messages). Upstream lost the
+summary when ``content`` was absent and had no ``involved_users`` column; here every field is
+kept. The prompt gets ``latest_diary_entries``: newest first, whole entries only, at most
+``REKKU_DIARY_MAX_CHARS`` characters (as JSON) and ``REKKU_DIARY_MAX_DAYS`` days old. ``rekku diary
+reset`` empties the table (development).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rekku.plugin import (
     JSONType,
     UTCDateTime,
     current_action,
+    find_message,
     register_plugin,
     session_factory,
     utcnow,
@@ -64,7 +67,7 @@ def validation_errors(payload: dict) -> list[str]:
     summary = payload.get("interaction_summary")
     if summary is not None and not isinstance(summary, str):
         errors.append(f"Field 'interaction_summary' must be a string for action '{ACTION}'")
-    for name in ("content", "personal_thought"):
+    for name in ("content", "personal_thought", "user_message"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
             errors.append(f"Field '{name}' must be a string for action '{ACTION}'")
     emotions = payload.get("emotions")
@@ -162,7 +165,8 @@ class DiaryPlugin(AIPluginBase):
         return {ACTION: {
             "description": "Write a personal diary entry about the interaction that just happened",
             "required_fields": ["interaction_summary"],
-            "optional_fields": ["content", "personal_thought", "emotions", "context_tags", "involved_users"],
+            "optional_fields": ["content", "personal_thought", "emotions", "context_tags", "involved_users",
+                                "user_message"],
         }}
 
     def get_prompt_instructions(self, action_name: str) -> dict:
@@ -180,6 +184,8 @@ class DiaryPlugin(AIPluginBase):
                 "emotions": {"type": "array", "description": "[{\"type\": \"joy\", \"intensity\": 1-10}]"},
                 "context_tags": {"type": "array", "description": "Topics, e.g. [\"music\", \"work\"]"},
                 "involved_users": {"type": "array", "description": "Names or ids of the people involved"},
+                "user_message": {"type": "string", "description": "The message you are answering (left out, "
+                                 "it is taken from the chat)"},
             },
             "example": {"type": ACTION, "payload": {
                 "interaction_summary": "Helped Marco plan his trip to Kyoto",
@@ -194,6 +200,10 @@ class DiaryPlugin(AIPluginBase):
     def handle_custom_action(self, action_type: str, payload: dict) -> dict:
         ctx = current_action()
         context = {k: getattr(ctx, k) for k in ("interface", "chat_id", "thread_id")} if ctx else {}
+        if payload.get("user_message") is None and ctx is not None:
+            answered = find_message(ctx.interface, ctx.chat_id, ctx.message_id)
+            if answered is not None:
+                payload = {**payload, "user_message": answered["text"]}
         entry_id = add_entry(payload, context)
         return {"stored": True, "id": entry_id}
 

@@ -2,6 +2,9 @@
 
 Upstream's actions and ``message_map`` table (docs/plugins.md §2), with portable SQL (upstream's was
 SQLite-only). Query results also go back to the asking chat as a ``system_message`` of type output.
+
+``get_original_message`` also takes the id of a stored message (POST /v1/messages) of the asking chat
+that replies to a forwarded one: when no mapping has that id, the message it replies to is looked up.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from rekku.plugin import TablePlugin, UTCDateTime, current_action, register_plugin, send_output, session_factory, utcnow
+from rekku.plugin import (
+    TablePlugin,
+    UTCDateTime,
+    current_action,
+    find_message,
+    register_plugin,
+    send_output,
+    session_factory,
+    utcnow,
+)
 
 metadata = sa.MetaData()
 message_map = sa.Table(
@@ -70,12 +82,18 @@ class MessageMapPlugin(TablePlugin):
 
     def get_original_message(self, p: dict) -> dict:
         key = str(p["trainer_message_id"])
-        with session_factory()() as s:
-            row = s.execute(sa.select(message_map).where(message_map.c.trainer_message_id == key)).mappings().first()
+        row, via = _mapping(key), None
+        ctx = current_action()
+        if row is None and ctx is not None:  # a stored reply, in the asking chat, to a forwarded message?
+            reply = find_message(ctx.interface, ctx.chat_id, key)
+            if reply is not None and reply["reply_to_message_id"]:
+                via = reply["reply_to_message_id"]
+                row = _mapping(via)
         if row is None:
             return {"found": False, "trainer_message_id": key}
         return {"found": True, "trainer_message_id": key, "chat_id": row["chat_id"], "message_id": row["message_id"],
-                "interface": row["interface"], "timestamp": row["timestamp"].isoformat()}
+                "interface": row["interface"], "timestamp": row["timestamp"].isoformat(),
+                **({"reply_to": via} if via else {})}
 
     def cleanup_old_mappings(self, p: dict) -> dict:
         cutoff = utcnow() - timedelta(hours=float(p.get("older_than_hours", 24)))
@@ -89,6 +107,12 @@ class MessageMapPlugin(TablePlugin):
                                                         sa.func.max(message_map.c.timestamp))).one()
         return {"total": total, "oldest": oldest.isoformat() if oldest else None,
                 "newest": newest.isoformat() if newest else None}
+
+
+def _mapping(trainer_message_id: str) -> Any:
+    with session_factory()() as s:
+        return s.execute(sa.select(message_map).where(message_map.c.trainer_message_id == trainer_message_id)
+                         ).mappings().first()
 
 
 PLUGIN_CLASS = MessageMapPlugin

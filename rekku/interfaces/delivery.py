@@ -1,5 +1,8 @@
 """Sending a message: split it, deliver each part exactly once per action, and forward it to linked chats.
 
+Each part's record keeps what it said (thread, text, audio): the prompt's chat history is built from
+the records ``sent`` (rekku.prompt.chat_history).
+
 The guarantee, per part (``action id`` + destination + part index):
 
 * a part recorded ``sent`` is never sent again, whatever redelivers the task;
@@ -60,7 +63,8 @@ def _send_part(iface: Interface, message: Outgoing, chat: Chat, report: Report) 
     where = (Delivery.action_id == message.action_id, Delivery.part_key == message.key)
     now = utcnow()
     record = {"action_id": message.action_id, "part_key": message.key, "interface": chat.interface,
-              "chat_id": chat.chat_id, "created_at": now, "updated_at": now}
+              "chat_id": chat.chat_id, "thread_id": chat.thread_id or "", "text": message.text,
+              "audio": message.audio, "created_at": now, "updated_at": now}
     with sessions.begin() as s:
         status = s.scalar(sa.select(Delivery.status).where(*where))
         if status == SENT:
@@ -175,8 +179,9 @@ def deliver_to_outbox_at_once(connection: sa.Connection,
          "reply_to": None, "action_id": action_id, "created_at": now} for action_id, chat, text in messages])
     connection.execute(sa.insert(records), [
         {"action_id": action_id, "part_key": _part_key(chat, 0), "interface": "outbox", "chat_id": chat.chat_id,
-         "status": SENT, "remote_id": str(mid), "created_at": now, "updated_at": now}
-        for (action_id, chat, _), mid in zip(messages, ids, strict=True)])
+         "thread_id": chat.thread_id or "", "text": text, "audio": None, "status": SENT, "remote_id": str(mid),
+         "created_at": now, "updated_at": now}
+        for (action_id, chat, text), mid in zip(messages, ids, strict=True)])
     return [_summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1, sent=[mid]))
             for (_, chat, _), mid in zip(messages, ids, strict=True)]
 

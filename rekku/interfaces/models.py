@@ -1,7 +1,7 @@
 """Tables of the interfaces (delivery records, the outbox) and of the chat directory chat_link keeps.
 
 Their migrations: ``interfaces_0001`` (interface_deliveries, outbox_messages), ``interfaces_0002``
-(outbox_order) and the chat_link
+(outbox_order), ``interfaces_0003_history`` (what a delivered part said) and the chat_link
 plugin's branch ``chat_link_0001`` (chat_link, chat_link_forwards). Thread ids are stored as ''
 when absent, so the unique keys hold on SQLite and MariaDB alike (NULLs never collide there).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rekku.models import Base, UTCDateTime, utcnow
@@ -18,15 +19,22 @@ from rekku.models import Base, UTCDateTime, utcnow
 #: Auto-increment ids: BIGINT on MariaDB, INTEGER (the rowid) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+#: Text of up to 16 MB on MariaDB (TEXT stops at 65 535 bytes; an outbox part may be 100 000 characters).
+LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+
 #: Delivery states: the platform call is under way (or its outcome is unknown), or it is done.
 SENDING, SENT = "sending", "sent"
 
 
 class Delivery(Base):
-    """One part of one message to one chat, recorded before and after it is sent (never twice)."""
+    """One part of one message to one chat, recorded before and after it is sent (never twice).
+
+    A part recorded ``sent`` with its ``text`` (or ``audio``) is what Rekku said in that chat: the
+    prompt's chat history reads them (rekku.prompt.chat_history)."""
 
     __tablename__ = "interface_deliveries"
-    __table_args__ = (sa.UniqueConstraint("action_id", "part_key", name="uq_interface_deliveries_part"),)
+    __table_args__ = (sa.UniqueConstraint("action_id", "part_key", name="uq_interface_deliveries_part"),
+                      sa.Index("ix_interface_deliveries_chat_created", "chat_id", "created_at"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     action_id: Mapped[str] = mapped_column(sa.String(36))
@@ -34,8 +42,13 @@ class Delivery(Base):
     part_key: Mapped[str] = mapped_column(sa.String(191))
     interface: Mapped[str] = mapped_column(sa.String(64))
     chat_id: Mapped[str] = mapped_column(sa.String(191))
+    #: '' when the message went to no thread.
+    thread_id: Mapped[str] = mapped_column(sa.String(191), default="", server_default="")
     status: Mapped[str] = mapped_column(sa.String(16))
     remote_id: Mapped[str | None] = mapped_column(sa.String(191))
+    #: The part's text and audio as sent (None for a record that says nothing a chat shows: a Reddit post's).
+    text: Mapped[str | None] = mapped_column(LongText)
+    audio: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -49,7 +62,7 @@ class OutboxMessage(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     chat_id: Mapped[str] = mapped_column(sa.String(191))
     thread_id: Mapped[str] = mapped_column(sa.String(191), default="")
-    text: Mapped[str | None] = mapped_column(sa.Text)
+    text: Mapped[str | None] = mapped_column(LongText)
     audio_url: Mapped[str | None] = mapped_column(sa.Text)
     reply_to: Mapped[str | None] = mapped_column(sa.String(191))
     action_id: Mapped[str | None] = mapped_column(sa.String(36))
