@@ -65,6 +65,34 @@ def _stored(stack: Stack, chat: int, count: int = 1) -> list[dict]:
                       and found, timeout=30, what=f"{count} message(s) of chat {chat} on the feed")
 
 
+# ----------------------------------------------------------------------------- the one conversion
+def test_an_update_becomes_the_message_it_holds() -> None:
+    from rekku.telegram_updates import incoming_message
+
+    base = {"message_id": 5, "date": 1_700_000_000, "chat": {"id": -100, "type": "supergroup", "title": "Forum"},
+            "from": {"id": 9, "username": "eve", "first_name": "Eve"}}
+    # in a forum topic every message points at the topic's first message: that is no reply
+    topic, _ = incoming_message({"update_id": 1, "message": {**base, "text": "t", "message_thread_id": 40,
+                                                             "is_topic_message": True,
+                                                             "reply_to_message": {"message_id": 40}}})
+    assert topic.thread_id == "40" and topic.reply_to_message_id is None and topic.chat_name == "Forum"
+    reply, _ = incoming_message({"update_id": 2, "message": {**base, "text": "r", "message_thread_id": 40,
+                                                             "reply_to_message": {"message_id": 41}}})
+    assert reply.reply_to_message_id == "41" and reply.date.isoformat() == "2023-11-14T22:13:20+00:00"
+    anonymous, _ = incoming_message({"update_id": 3, "message": {
+        **{k: v for k, v in base.items() if k != "from"}, "text": "a",
+        "sender_chat": {"id": -100, "type": "supergroup", "title": "Forum"}}})
+    assert anonymous.user_id == "-100"
+    for update, why in (({"update_id": 4, "edited_message": {**base, "text": "e"}}, "not a message (edited_message)"),
+                        ({"update_id": 5, "message": {**base, "text": "   "}}, "a message without text (text)"),
+                        ({"update_id": 6, "message": {**base, "new_chat_members": [{"id": 1}]}},
+                         "a message without text (new_chat_members)"),
+                        ({"update_id": 7, "message": {**base, "chat": {}, "text": "x"}},
+                         "a message Rekku cannot take")):
+        message, skipped = incoming_message(update)
+        assert message is None and skipped.startswith(why), skipped
+
+
 # ----------------------------------------------------------------------------- the poller
 def test_the_receiver_stores_a_text_a_caption_and_skips_a_sticker(stack: Stack, tg: FakeTelegram,
                                                                   receiver: Callable) -> None:
