@@ -323,6 +323,20 @@ def test_without_a_webhook_secret_the_route_is_not_there(stack: Stack) -> None:
         assert resp.status_code == 404, resp.text
 
 
+def test_the_webhook_secret_is_checked_and_kept_out_of_logs(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from rekku.logs import configured_secrets
+    from rekku.settings import Settings
+
+    settings = Settings(_env_file=None, REKKU_HOME=str(tmp_path), TELEGRAM_WEBHOOK_SECRET=HOOK_SECRET)
+    assert HOOK_SECRET in configured_secrets(settings)
+    assert Settings(_env_file=None, TELEGRAM_WEBHOOK_SECRET="").telegram_webhook_secret is None
+    for bad in ("short", "has spaces in it, sixteen+", "x" * 257):
+        with pytest.raises(ValidationError, match="TELEGRAM_WEBHOOK_SECRET must be 16 to 256"):
+            Settings(_env_file=None, TELEGRAM_WEBHOOK_SECRET=bad)
+
+
 # ----------------------------------------------------------------------------- rekku up
 def test_rekku_up_polls_only_with_a_bot_token_and_no_webhook_secret(tmp_path: Path) -> None:
     from rekku.settings import Settings
