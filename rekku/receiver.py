@@ -87,11 +87,12 @@ class TelegramReceiver:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        offset = load_offset()
-        log.info("receiving Telegram messages with getUpdates from %s (long poll %s s, %s)", self.api_url,
-                 self.settings.receive_poll_timeout,
-                 f"next update {offset}" if offset is not None else "from the oldest unconfirmed update")
+        offset = None
         try:
+            offset = self._interruptibly(self._saved_offset)
+            log.info("receiving Telegram messages with getUpdates from %s (long poll %s s, %s)", self.api_url,
+                     self.settings.receive_poll_timeout,
+                     f"next update {offset}" if offset is not None else "from the oldest unconfirmed update")
             while not self.stopping:
                 try:
                     updates = self._interruptibly(self._poll, offset)
@@ -108,6 +109,17 @@ class TelegramReceiver:
             self.http.close()
         log.info("stopped (next update %s)", offset)
         return 0
+
+    def _saved_offset(self) -> int | None:
+        """The saved offset; while the database cannot be read, retried (a receiver that exited would stop
+        all of `rekku up`)."""
+        while True:
+            try:
+                return load_offset()
+            except Exception as exc:
+                delay = self._next_backoff()
+                log.error("cannot read the saved offset (%s: %s); retrying in %g s", type(exc).__name__, exc, delay)
+                time.sleep(delay)
 
     def _next_backoff(self) -> float:
         delay = self._backoff

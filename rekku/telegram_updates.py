@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: The interface (and the receiver source) Telegram's messages come in as.
 INTERFACE = "telegram_bot"
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+#: How a skipped update that held a message Rekku could not store (too long, malformed) is described.
+CANNOT_TAKE = "a message Rekku cannot take"
 
 
 class ReceiverOffset(Base):
@@ -86,7 +88,7 @@ def incoming_message(update: dict[str, Any]) -> tuple[IncomingMessage | None, st
     except (ValidationError, TypeError, ValueError, OverflowError) as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
             if isinstance(exc, ValidationError) else str(exc)
-        return None, f"a message Rekku cannot take ({problems})"
+        return None, f"{CANNOT_TAKE} ({problems})"
     return incoming, None
 
 
@@ -102,7 +104,9 @@ def receive_update(update: dict[str, Any], ingress: Ingress | None = None) -> di
     update_id = update.get("update_id")
     incoming, skipped = incoming_message(update)
     if incoming is None:
-        log.debug("telegram update %s skipped: %s", update_id, skipped)
+        # a message of a kind Rekku does not take is routine; one it cannot take is worth a look
+        level = logging.WARNING if skipped and skipped.startswith(CANNOT_TAKE) else logging.DEBUG
+        log.log(level, "telegram update %s skipped: %s", update_id, skipped)
         return {"update_id": update_id, "message": None, "dropped": None, "skipped": skipped}
     answer = receive(incoming, ingress)
     if answer["dropped"] is None:

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
-def require_webhook_secret(secret: Annotated[str | None, Header(alias=SECRET_HEADER, include_in_schema=False)]
-                           = None) -> None:
+_SECRET = Header(alias=SECRET_HEADER, description="setWebhook's secret_token: TELEGRAM_WEBHOOK_SECRET")
+
+
+def require_webhook_secret(secret: Annotated[str | None, _SECRET] = None) -> None:
     """404 without TELEGRAM_WEBHOOK_SECRET; 401 without the header, 403 with another value."""
     expected = get_settings().telegram_webhook_secret
     if not expected:
