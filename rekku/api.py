@@ -1,6 +1,7 @@
 """The HTTP ingress (docs/contracts.md §2): FastAPI routes over :mod:`rekku.ingest` and the action log.
 
-Every ``/v1`` route needs the bearer token; health checks don't. Every bad input gets a 4xx in
+Every ``/v1`` route needs the bearer token; health checks don't, and Telegram's webhook takes its own
+secret instead (rekku/telegram_webhook_api.py). Every bad input gets a 4xx in
 the one error shape ``{"detail", "errors"}``; a 500 means a bug.
 """
 
@@ -302,9 +303,10 @@ def _document_errors(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-#: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``).
+#: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``; the one
+#: exception is Telegram's webhook, which Telegram calls with a secret of its own instead: SECURITY.md).
 ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api", "rekku.artifacts_api",
-                                   "rekku.conversation_api")
+                                   "rekku.conversation_api", "rekku.telegram_webhook_api")
 
 
 def extra_routers() -> list[Any]:

@@ -118,6 +118,29 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
                 workers=workers, log_level=settings.log_level.lower(), access_log=False)
 
 
+@main.command()
+@click.option("--migrate/--no-migrate", default=True, help="run database migrations first")
+def receive(migrate: bool) -> None:
+    """Telegram's messages in: long-polls getUpdates and stores each message once (as POST /v1/messages
+    does). Needs TELEGRAM_BOT_TOKEN; not with TELEGRAM_WEBHOOK_SECRET (webhook mode)."""
+    settings = get_settings()
+    if not settings.telegram_bot_token:
+        raise click.ClickException("TELEGRAM_BOT_TOKEN is not set: there is no bot to receive messages for")
+    if settings.telegram_webhook_secret:
+        raise click.ClickException(
+            "TELEGRAM_WEBHOOK_SECRET is set: this deployment receives Telegram's updates through its webhook "
+            "(POST /v1/telegram/webhook), and Telegram delivers either to a webhook or to getUpdates, never both. "
+            "Unset it (and call Telegram's deleteWebhook) to poll with `rekku receive`.")
+    _setup_logging()
+    if migrate:
+        from rekku.migrate import upgrade
+
+        upgrade(settings.resolved_database_url())
+    from rekku.receiver import run_receiver
+
+    sys.exit(run_receiver(settings))
+
+
 def _node_name(value: str | None) -> str | None:
     """'#' separates a node from its incarnation in the action log and '@' a pool from its node."""
     if value is not None and (not value or set(value) & {"#", "@"} or value != value.strip()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -207,6 +208,15 @@ class Settings(DocumentedSettings):
     # interfaces and chat plugins
     telegram_bot_token: str | None = Field(None, validation_alias=_env("TELEGRAM_BOT_TOKEN"))
     telegram_api_url: str = Field("https://api.telegram.org", validation_alias=_env("TELEGRAM_API_URL"))
+    #: Webhook mode: ``POST /v1/telegram/webhook`` takes updates only with this value in Telegram's
+    #: ``X-Telegram-Bot-Api-Secret-Token`` header (setWebhook's ``secret_token``); unset, the route is a 404.
+    #: Set, `rekku up` starts no getUpdates poller (Telegram delivers one way or the other, never both).
+    telegram_webhook_secret: str | None = Field(None, validation_alias=_env("TELEGRAM_WEBHOOK_SECRET"))
+    #: Seconds one getUpdates long poll of `rekku receive` waits for an update (Telegram's ``timeout``).
+    receive_poll_timeout: int = Field(30, ge=0, le=600, validation_alias=_env("REKKU_RECEIVE_POLL_TIMEOUT"))
+    #: Longest pause, in seconds, between `rekku receive`'s retries after network errors and 5xx answers
+    #: (the pause doubles from 1 s; a 429's ``retry_after`` is always honoured).
+    receive_max_backoff: float = Field(60.0, ge=1, validation_alias=_env("REKKU_RECEIVE_MAX_BACKOFF"))
     #: Discord bot token: with it, discord_bot sends through the bot API to any channel the bot is in.
     discord_bot_token: str | None = Field(None, validation_alias=_env("DISCORD_BOT_TOKEN"))
     #: Base URL of Discord's REST API (the bot's ``/channels/{id}/messages``).
@@ -244,6 +254,17 @@ class Settings(DocumentedSettings):
         value = value.strip().lower()
         if value not in RESTRICT_POLICIES:
             raise ValueError(f"RESTRICT_ACTIONS must be one of {', '.join(RESTRICT_POLICIES)}")
+        return value
+
+    @field_validator("telegram_webhook_secret", mode="before")
+    @classmethod
+    def _webhook_secret_as_telegram_takes_it(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_-]{16,256}", value):
+            # setWebhook's secret_token: 1-256 of these characters; at least 16 here, as it is the route's only lock
+            raise ValueError("TELEGRAM_WEBHOOK_SECRET must be 16 to 256 letters, digits, '_' or '-' "
+                             "(what Telegram's setWebhook accepts as secret_token)")
         return value
 
     @field_validator("signing_key", "signing_cert", "signing_cert_store", mode="before")

@@ -1,5 +1,8 @@
 """`rekku up`: every part on one machine as child processes, and a clean stop on Ctrl-C.
 
+The parts: the ingress, a worker per pool, beat, Flower, and `rekku receive` (Telegram's messages in,
+by getUpdates) when TELEGRAM_BOT_TOKEN is set and TELEGRAM_WEBHOOK_SECRET is not.
+
 Each child runs in its own process group with PR_SET_PDEATHSIG, so even a SIGKILL of `rekku up`
 leaves no orphan behind. On Ctrl-C or SIGTERM every child's main process gets SIGTERM (Celery's
 warm shutdown: running actions finish, held ones go back to the queue), then whatever is left of
@@ -84,6 +87,9 @@ class Supervisor:
             plan[f"worker-{pool}"] = me + ["worker", "--pool", pool]
         plan["beat"] = me + ["beat"]
         plan["flower"] = me + ["flower", "--port", str(self.settings.flower_port), "--address", "127.0.0.1"]
+        receiving = receives_telegram(self.settings)
+        if receiving:
+            plan["receive"] = me + ["receive", "--no-migrate"]
         for name, argv in plan.items():
             self.children[name] = _spawn(argv, env, str(logs / f"{name}.log"))
         return {
@@ -94,6 +100,7 @@ class Supervisor:
             "Broker": broker,
             "Database": db_url.split("@")[-1] if "@" in db_url else db_url,
             "Logs": str(logs),
+            "Telegram": receiving_line(self.settings),
         }
 
     def watch(self) -> int:
@@ -135,6 +142,20 @@ class Supervisor:
                 pass
         if self.redis:
             self.redis.stop()
+
+
+def receives_telegram(settings: Settings) -> bool:
+    """`rekku up` runs `rekku receive` (getUpdates) when there is a bot token and no webhook secret:
+    Telegram delivers a bot's updates to getUpdates or to a webhook, never both."""
+    return bool(settings.telegram_bot_token) and not settings.telegram_webhook_secret
+
+
+def receiving_line(settings: Settings) -> str:
+    if receives_telegram(settings):
+        return "receiving messages with getUpdates (`rekku receive`, logs/receive.log)"
+    if settings.telegram_bot_token:
+        return "webhook mode (TELEGRAM_WEBHOOK_SECRET): updates come to POST /v1/telegram/webhook"
+    return "not receiving (TELEGRAM_BOT_TOKEN is not set)"
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

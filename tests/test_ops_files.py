@@ -150,7 +150,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- compose: the one image
 def test_every_rekku_service_runs_the_one_image_built_from_the_repository() -> None:
     rekku = rekku_services()
-    assert set(rekku) == {"ingress", "beat", "flower"} | {f"worker-{p}" for p in POOLS}
+    assert set(rekku) == {"ingress", "beat", "flower", "receive"} | {f"worker-{p}" for p in POOLS}
     images = {svc.get("image") for svc in rekku.values()}
     builds = {str(svc.get("build")) for svc in rekku.values()}
     assert len(images) == 1 and None not in images, f"one image name for every Rekku service, got {images}"
@@ -195,8 +195,19 @@ def test_the_other_services_run_ingress_beat_and_flower() -> None:
     assert resolve_invocation(command_argv(services()["ingress"]))[0] == "ingress"
     assert resolve_invocation(command_argv(services()["beat"]))[0] == "beat"
     assert resolve_invocation(command_argv(services()["flower"]))[0] == "flower"
+    assert resolve_invocation(command_argv(services()["receive"]))[0] == "receive"
     ingress = resolve_invocation(command_argv(services()["ingress"]))[1]
     assert ingress["migrate"], "the ingress runs migrations before the workers start"
+
+
+def test_the_telegram_receiver_runs_only_when_asked_for() -> None:
+    """`rekku receive` needs TELEGRAM_BOT_TOKEN and must not run beside a webhook: like `rekku up`, which
+    starts it only with a token, compose starts it only with its profile."""
+    svc = services()["receive"]
+    assert svc.get("profiles") == ["telegram"]
+    assert not svc.get("ports")
+    comment = (ROOT / "docker-compose.yml").read_text().split("\n  receive:")[0].rsplit("\n\n", 1)[-1]
+    assert "TELEGRAM_BOT_TOKEN" in comment and "TELEGRAM_WEBHOOK_SECRET" in comment and "--profile telegram" in comment
 
 
 # ----------------------------------------------------------------------------- compose: network

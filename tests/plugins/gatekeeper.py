@@ -1,4 +1,9 @@
-"""Test plugin for the ingress hooks (check_request, on_request) and plugin periodic tasks."""
+"""Test plugin for the ingress hooks (check_request, on_request) and plugin periodic tasks.
+
+``on_request`` hangs once per chat for the user :data:`HANG_USER`: it writes
+``$REKKU_HOME/testkit/hang-<chat>.log`` and sleeps :data:`MAX_HANG` seconds. ``rekku.messages.receive``
+calls it after the message is stored, so a test can kill the Telegram receiver between storing a
+message and saving its offset."""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ def _journal(name: str):
     path.mkdir(exist_ok=True)
     return path / name
 
+
+
+#: The user whose first request in a chat makes on_request hang (see the module's docstring), and how long.
+HANG_USER, MAX_HANG = "666013", 120.0
 
 
 class Gatekeeper(AIPluginBase):
@@ -29,6 +38,10 @@ class Gatekeeper(AIPluginBase):
         if context.get("chat_id"):
             with open(_journal(f"chat-{context['chat_id']}.log"), "a") as fh:
                 fh.write("seen\n")
+            hang = _journal(f"hang-{context['chat_id']}.log")
+            if context.get("user_id") == HANG_USER and not hang.exists():
+                hang.write_text("hanging\n")
+                time.sleep(MAX_HANG)
 
     def periodic_tasks(self) -> dict:
         return {"tick": {"every": 0.5, "run": self.tick, "pool": "default"}}
