@@ -225,17 +225,22 @@ def push_pass(settings: Settings | None = None) -> dict[str, Any]:
         return {"pushed": 0, "state": "off", "reason": reason}
     client = _client(settings)
     lock_seconds = RUN_SECONDS + 3 * settings.model_webhook_timeout + 30
-    lock = client.lock(LOCK_KEY, timeout=lock_seconds, blocking=False)
-    if not lock.acquire():
+    while True:
+        # "read again" before trying the lock: a holder that lets go after this still sees it (below)
         client.set(AGAIN_KEY, "1", ex=int(lock_seconds))
-        return {"pushed": 0, "state": "busy"}
-    try:
-        return _drain(settings, client, lock)
-    finally:
+        lock = client.lock(LOCK_KEY, timeout=lock_seconds, blocking=False)
+        if not lock.acquire():
+            return {"pushed": 0, "state": "busy"}
         try:
-            lock.release()
-        except redis.exceptions.LockError:
-            log.warning("the feed pusher's lock expired before its pass ended")
+            outcome = _drain(settings, client, lock)
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning("the feed pusher's lock expired before its pass ended")
+        # a wake-up that found the lock taken after the feed was read empty: read once more
+        if outcome["state"] != "idle" or not client.get(AGAIN_KEY):
+            return outcome
 
 
 def _drain(settings: Settings, client: redis.Redis, lock: Any) -> dict[str, Any]:
