@@ -259,6 +259,16 @@ class Settings(DocumentedSettings):
             raise ValueError(f"RESTRICT_ACTIONS must be one of {', '.join(RESTRICT_POLICIES)}")
         return value
 
+    @field_validator("model_webhook_url", "model_webhook_secret", mode="before")
+    @classmethod
+    def _model_webhook(cls, value: object, info: Any) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if info.field_name == "model_webhook_url" and isinstance(value, str) \
+                and not value.strip().lower().startswith(("https://", "http://")):
+            raise ValueError("REKKU_MODEL_WEBHOOK_URL must be an http(s) URL")
+        return value.strip() if isinstance(value, str) and info.field_name == "model_webhook_url" else value
+
     @field_validator("signing_key", "signing_cert", "signing_cert_store", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -205,3 +205,10 @@ def test_the_model_webhook_secret_is_redacted_from_logs(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, home=tmp_path, model_webhook_url="https://user:url-pass@hook.example/f",
                         model_webhook_secret=SECRET)
     assert {SECRET, "url-pass"} <= configured_secrets(settings)
+
+
+def test_the_model_webhook_url_must_be_http_and_empty_values_are_unset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="REKKU_MODEL_WEBHOOK_URL must be an http"):
+        Settings(_env_file=None, home=tmp_path, model_webhook_url="hook.example/feed")
+    unset = Settings(_env_file=None, home=tmp_path, model_webhook_url=" ", model_webhook_secret="")
+    assert unset.model_webhook_url is None and unset.model_webhook_secret is None
