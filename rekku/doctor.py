@@ -9,10 +9,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
 
+from rekku import feed_push
 from rekku.celery_app import app
 from rekku.embedded_redis import without_password
 from rekku.migrate import state
@@ -116,6 +118,30 @@ def _database(settings: Settings) -> Check:
     return Check("database", "ok", f"{shown} (schema {current})")
 
 
+def _model_webhook(settings: Settings) -> Check:
+    """The feed's push: off, refused (a URL without its secret: nothing is pushed), or how far it got."""
+    reason = feed_push.unavailable_reason(settings)
+    if not settings.model_webhook_url:
+        return Check("model webhook", "info", "off: the feed is read with GET /v1/feed or the stream",
+                     "optional: REKKU_MODEL_WEBHOOK_URL and REKKU_MODEL_WEBHOOK_SECRET push it (.env.example)")
+    parts = urlsplit(settings.model_webhook_url)
+    target = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")  # a path may be a token
+    if reason is not None:
+        return Check("model webhook", "fail", reason,
+                     "set REKKU_MODEL_WEBHOOK_SECRET (the receiver checks X-Rekku-Signature with it), "
+                     "or unset REKKU_MODEL_WEBHOOK_URL")
+    try:
+        at = feed_push.cursor()
+    except Exception as exc:
+        return Check("model webhook", "warn", f"pushing to {target}; cursor unreadable: {type(exc).__name__}",
+                     "run `rekku migrate`")
+    detail = f"pushing to {target}: acknowledged up to item {at.get('last_id', 0)}"
+    if at.get("failing_id") is not None:
+        return Check("model webhook", "warn", f"{detail}; item {at['failing_id']} failed {at['attempts']} times: "
+                     f"{at.get('last_error')}", "see the io workers' log; it is tried again with backoff")
+    return Check("model webhook", "ok", detail)
+
+
 def _workers() -> list[Check]:
     try:
         replies = app.control.inspect(timeout=1.5).active_queues() or {}
@@ -165,7 +191,7 @@ def run_checks(settings: Settings) -> list[Check]:
     checks = [signing, broker, _database(settings)]
     if broker.level != "fail":
         checks += _workers()
-    return checks + [_browser()] + _plugins()
+    return checks + [_model_webhook(settings), _browser()] + _plugins()
 
 
 def render(checks: list[Check], console: Console) -> None:

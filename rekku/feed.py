@@ -11,11 +11,18 @@ an item committed later with a smaller id: every transaction that adds items fir
 ``feed_order`` row (:func:`rekku.ordering.hold`), as the outbox does. Each item may carry a
 ``dedupe_key`` (``output:<action id>``, ``failure:<action id>``, ...): a query re-run after a
 redelivery, or a reminder delivered twice, adds its item once.
+
+With ``REKKU_MODEL_WEBHOOK_URL`` (and its secret) set, the pusher (rekku/feed_push.py, the task
+:data:`PUSH_TASK`) POSTs every item there in id order. It is woken from here, once the connection
+that added items goes back to its pool, so after the commit (:func:`_wake_pusher`): whoever adds
+items, through :func:`append` or :func:`append_now`, wakes it; beat wakes it every second besides.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,16 +30,28 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
+from rekku.celery_app import app
 from rekku.context import current_action
 from rekku.db import get_engine
 from rekku.models import Base, JSONType, UTCDateTime, utcnow
 from rekku.ordering import hold
+from rekku.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 #: The kinds of item the feed carries.
 MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE = "message", "output", "event_reminder", "correction", "failure"
 KINDS = (MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+
+#: The task that pushes the feed to the model's webhook (registered by the worker side, on the io pool).
+PUSH_TASK, PUSH_QUEUE = "rekku.feed.push", "io"
+#: Key, in the ``info`` of a database connection that added items, that wakes the pusher at its check-in.
+_ADDED = "rekku_feed_added"
+#: Seconds without wake-ups after one could not be published (the broker is down: beat's tick will do).
+_KICK_PAUSE = 5.0
+_kick_paused_until = 0.0
 
 
 class FeedItem(Base):
@@ -102,7 +121,37 @@ def append(connection: sa.Connection, items: list[NewItem]) -> list[int | None]:
             type=item.type, interface=item.interface, chat_id=item.chat_id, thread_id=item.thread_id,
             action_id=item.action_id, dedupe_key=item.dedupe_key, data=item.data, created_at=now))
         ids.append(result.inserted_primary_key[0])
+    if any(i is not None for i in ids):
+        _connection_of(connection).info[_ADDED] = True
     return ids
+
+
+def _connection_of(connection: Any) -> sa.Connection:
+    return connection if isinstance(connection, sa.Connection) else connection.connection()  # a Session
+
+
+def kick(settings: Settings | None = None) -> None:
+    """Wake the pusher now (when the feed is pushed at all); never raises, never waits on a broker
+    that is down for more than one try every few seconds."""
+    global _kick_paused_until
+    settings = settings or get_settings()
+    if not (settings.model_webhook_url and settings.model_webhook_secret) or time.monotonic() < _kick_paused_until:
+        return
+    try:
+        app.send_task(PUSH_TASK, queue=PUSH_QUEUE, ignore_result=True, retry=False,
+                      expires=max(10.0, 2 * settings.model_webhook_poll_seconds))
+    except Exception as exc:
+        _kick_paused_until = time.monotonic() + _KICK_PAUSE
+        log.warning("could not wake the feed pusher (%s); beat wakes it within %g s", type(exc).__name__,
+                    settings.model_webhook_poll_seconds)
+
+
+@sa.event.listens_for(sa.pool.Pool, "checkin")
+def _wake_pusher(_dbapi_connection: Any, record: Any) -> None:
+    """A connection that added items goes back to its pool: its transaction is over (committed, or
+    rolled back: then the pusher finds nothing new), so the pusher can read what it added."""
+    if record.info.pop(_ADDED, None):
+        kick()
 
 
 def append_now(items: list[NewItem], engine: sa.Engine | None = None) -> list[int | None]:

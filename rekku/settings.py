@@ -227,6 +227,19 @@ class Settings(DocumentedSettings):
     discord_webhook_url: str | None = Field(None, validation_alias=_env("DISCORD_WEBHOOK_URL"))
     webhook_url: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_URL"))
     webhook_secret: str | None = Field(None, validation_alias=_env("REKKU_WEBHOOK_SECRET"))
+    # the model's webhook: the feed pushed, item by item, in id order (rekku/feed_push.py)
+    #: URL every feed item is POSTed to; unset: the feed is only read (GET /v1/feed, the stream).
+    model_webhook_url: str | None = Field(None, validation_alias=_env("REKKU_MODEL_WEBHOOK_URL"))
+    #: HMAC-SHA256 secret of the pushes' X-Rekku-Signature; without it nothing is pushed (doctor says so).
+    model_webhook_secret: str | None = Field(None, validation_alias=_env("REKKU_MODEL_WEBHOOK_SECRET"))
+    #: Seconds one push may take (the connection at most 5 of them).
+    model_webhook_timeout: float = Field(10.0, gt=0, le=300, validation_alias=_env("REKKU_MODEL_WEBHOOK_TIMEOUT"))
+    #: Seconds between beat's wake-ups of the pusher (it is also woken as soon as items are added).
+    model_webhook_poll_seconds: float = Field(1.0, gt=0, validation_alias=_env("REKKU_MODEL_WEBHOOK_POLL_SECONDS"))
+    #: Longest wait, in seconds, between two tries of an item that failed (exponential, jittered, up to this).
+    model_webhook_max_backoff: float = Field(60.0, ge=1, validation_alias=_env("REKKU_MODEL_WEBHOOK_MAX_BACKOFF"))
+    #: Tries of an item the receiver refuses (a 4xx about the item: 400, 413, 422 ...) before it is skipped.
+    model_webhook_refused_attempts: int = Field(5, ge=1, validation_alias=_env("REKKU_MODEL_WEBHOOK_REFUSED_ATTEMPTS"))
     #: Interface of a request context that names a chat but no interface (query outputs go there).
     default_interface: str = Field("outbox", validation_alias=_env("REKKU_DEFAULT_INTERFACE"))
     #: Seconds one HTTP request to a messaging platform may take.
@@ -266,6 +279,16 @@ class Settings(DocumentedSettings):
             raise ValueError("TELEGRAM_WEBHOOK_SECRET must be 16 to 256 letters, digits, '_' or '-' "
                              "(what Telegram's setWebhook accepts as secret_token)")
         return value
+
+    @field_validator("model_webhook_url", "model_webhook_secret", mode="before")
+    @classmethod
+    def _model_webhook(cls, value: object, info: Any) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if info.field_name == "model_webhook_url" and isinstance(value, str) \
+                and not value.strip().lower().startswith(("https://", "http://")):
+            raise ValueError("REKKU_MODEL_WEBHOOK_URL must be an http(s) URL")
+        return value.strip() if isinstance(value, str) and info.field_name == "model_webhook_url" else value
 
     @field_validator("signing_key", "signing_cert", "signing_cert_store", mode="before")
     @classmethod

@@ -3,6 +3,8 @@
 * one task per action type, ``rekku.action.<type>``, routed to its pool's queue, which runs the
   handler through the runner and its hooks (rekku_workers.runner);
 * ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
+* ``rekku.feed.push`` (io pool): the feed POSTed to the model's webhook (rekku.feed_push), woken by
+  beat and by rekku.feed when items are added;
 * plugins' periodic tasks and the beat schedule (rekku_workers.periodic);
 * the worker's bootsteps (rekku_workers.node, rekku_workers.timer_sweep), its cancel command and its signal
   handlers (log format, metrics flush).
@@ -24,6 +26,7 @@ from rekku_workers.run_metrics import RUN_METRICS
 from rekku_workers.runner import execute, time_limit_of
 from rekku_workers.timer_sweep import TimerSweep
 
+from rekku import feed_push
 from rekku.celery_app import app
 from rekku.envelope import message_key
 from rekku.ingest import default_ingress
@@ -89,6 +92,13 @@ def reconcile() -> dict:
     return outcome
 
 
+@app.task(name=feed_push.TASK_NAME, queue="io", ignore_result=True)
+def push_feed() -> dict:
+    """One pass of the model webhook's pusher (see rekku.feed_push): what the cursor has not reached
+    yet, POSTed in id order; one pass at a time across every node."""
+    return feed_push.push_pass()
+
+
 def _register(app: Celery) -> None:
     settings = get_settings()
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
@@ -98,6 +108,11 @@ def _register(app: Celery) -> None:
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
         "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
         "options": {"queue": "default", "expires": settings.reconcile_seconds}}}
+    if settings.model_webhook_url:  # without the secret too: the pass then says, once, why nothing is pushed
+        every = settings.model_webhook_poll_seconds
+        app.conf.beat_schedule[feed_push.TASK_NAME] = {
+            "task": feed_push.TASK_NAME, "schedule": every,
+            "options": {"queue": "io", "expires": max(every, 1.0)}}
 
 
 @after_setup_logger.connect(weak=False)

@@ -75,7 +75,8 @@ def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
 class FakeServer:
     """Start with :meth:`start`; ``requests`` holds what arrived, oldest first."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """``port``: 0 for any free one; a fake started again on its former port takes it back."""
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
         fake = self
@@ -115,7 +116,7 @@ class FakeServer:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
