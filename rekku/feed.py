@@ -27,12 +27,19 @@ from rekku.context import current_action
 from rekku.db import get_engine
 from rekku.models import Base, JSONType, UTCDateTime, utcnow
 from rekku.ordering import hold
+from rekku.turns import request_turns_for
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 #: The kinds of item the feed carries.
 MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE = "message", "output", "event_reminder", "correction", "failure"
 KINDS = (MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+#: Kinds of item that start a model turn of their chat when the model loop is on (rekku/model_loop.py);
+#: a message starts one from rekku.messages, after its own transaction.
+TURN_KINDS = (OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+#: The dedupe key of a correction of the model loop's own reply: the loop sends it back to the model in
+#: the same turn, so it starts no turn and the next turn does not send it again.
+LOOP_CORRECTION_PREFIX = "correction:rekku:turn:"
 
 
 class FeedItem(Base):
@@ -106,9 +113,14 @@ def append(connection: sa.Connection, items: list[NewItem]) -> list[int | None]:
 
 
 def append_now(items: list[NewItem]) -> list[int | None]:
-    """:func:`append` in a transaction of its own."""
+    """:func:`append` in a transaction of its own; then, with the model loop on, asks for a turn of each
+    chat an added item is about (rekku.turns: coalesced, and nothing at all without REKKU_LLM_URL)."""
     with get_engine().begin() as connection:
-        return append(connection, items)
+        ids = append(connection, items)
+    request_turns_for([(i.interface, i.chat_id, i.thread_id) for i, new in zip(items, ids)
+                       if new is not None and i.chat_id and i.type in TURN_KINDS
+                       and not (i.dedupe_key or "").startswith(LOOP_CORRECTION_PREFIX)])
+    return ids
 
 
 def shown(row: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@
   handler through the runner and its hooks (rekku_workers.runner);
 * ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
 * plugins' periodic tasks and the beat schedule (rekku_workers.periodic);
+* with REKKU_LLM_URL, the model loop's ``rekku.model.turn`` (rekku_workers.model_turn);
 * the worker's bootsteps (rekku_workers.node, rekku_workers.timer_sweep), its cancel command and its signal
   handlers (log format, metrics flush).
 
@@ -95,6 +96,10 @@ def _register(app: Celery) -> None:
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
+    if settings.model_loop:  # the optional model loop: nothing of it is imported without REKKU_LLM_URL
+        from rekku_workers.model_turn import register_model_turn
+
+        register_model_turn(app)
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
         "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
         "options": {"queue": "default", "expires": settings.reconcile_seconds}}}
