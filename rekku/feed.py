@@ -117,10 +117,18 @@ def append_now(items: list[NewItem]) -> list[int | None]:
     chat an added item is about (rekku.turns: coalesced, and nothing at all without REKKU_LLM_URL)."""
     with get_engine().begin() as connection:
         ids = append(connection, items)
+    announce(items, ids)
+    return ids
+
+
+def announce(items: list[NewItem], ids: list[int | None]) -> None:
+    """After the commit of :func:`append`'s ``items`` (``ids``: what it returned): with the model loop
+    on, ask for a turn of each chat a newly added item is about (rekku.turns: coalesced; nothing at all
+    without REKKU_LLM_URL). :func:`append_now` does it itself; a caller of :func:`append` calls it after
+    its own transaction."""
     request_turns_for([(i.interface, i.chat_id, i.thread_id) for i, new in zip(items, ids)
                        if new is not None and i.chat_id and i.type in TURN_KINDS
                        and not (i.dedupe_key or "").startswith(LOOP_CORRECTION_PREFIX)])
-    return ids
 
 
 def shown(row: Any) -> dict[str, Any]:
