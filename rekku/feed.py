@@ -36,6 +36,7 @@ from rekku.db import get_engine
 from rekku.models import Base, JSONType, UTCDateTime, utcnow
 from rekku.ordering import hold
 from rekku.settings import Settings, get_settings
+from rekku.turns import request_turns_for
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 #: The kinds of item the feed carries.
 MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE = "message", "output", "event_reminder", "correction", "failure"
 KINDS = (MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+#: Kinds of item that start a model turn of their chat when the model loop is on (rekku/model_loop.py);
+#: a message starts one from rekku.messages, after its own transaction.
+TURN_KINDS = (OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE)
+#: The dedupe key of a correction of the model loop's own reply: the loop sends it back to the model in
+#: the same turn, so it starts no turn and the next turn does not send it again.
+LOOP_CORRECTION_PREFIX = "correction:rekku:turn:"
 
 #: The task that pushes the feed to the model's webhook (registered by the worker side, on the io pool).
 PUSH_TASK, PUSH_QUEUE = "rekku.feed.push", "io"
@@ -155,9 +162,23 @@ def _wake_pusher(_dbapi_connection: Any, record: Any) -> None:
 
 
 def append_now(items: list[NewItem], engine: sa.Engine | None = None) -> list[int | None]:
-    """:func:`append` in a transaction of its own (on ``engine``, default the configured database)."""
+    """:func:`append` in a transaction of its own (on ``engine``, default the configured database); then,
+    with the model loop on, asks for a turn of each chat an added item is about (rekku.turns: coalesced,
+    and nothing at all without REKKU_LLM_URL)."""
     with (engine or get_engine()).begin() as connection:
-        return append(connection, items)
+        ids = append(connection, items)
+    announce(items, ids)
+    return ids
+
+
+def announce(items: list[NewItem], ids: list[int | None]) -> None:
+    """After the commit of :func:`append`'s ``items`` (``ids``: what it returned): with the model loop
+    on, ask for a turn of each chat a newly added item is about (rekku.turns: coalesced; nothing at all
+    without REKKU_LLM_URL). :func:`append_now` does it itself; a caller of :func:`append` calls it after
+    its own transaction."""
+    request_turns_for([(i.interface, i.chat_id, i.thread_id) for i, new in zip(items, ids)
+                       if new is not None and i.chat_id and i.type in TURN_KINDS
+                       and not (i.dedupe_key or "").startswith(LOOP_CORRECTION_PREFIX)])
 
 
 def shown(row: Any) -> dict[str, Any]:

@@ -148,7 +148,7 @@ class Ingress:
                 if self.corrections is not None:
                     self.corrections.reset(ctx)
                 return Answer(None, [], [], None, status=202)
-        correction = self._correction(rejected, body, ctx)
+        correction = self._correction(rejected, body, ctx, idempotency_key)
         if not accepted:
             return Answer(None, [], [r.as_dict() for r in rejected], correction, status=422)
 
@@ -229,7 +229,8 @@ class Ingress:
                            "same body and context to get the first answer again")
         return Answer.from_dict(earlier.response)
 
-    def _correction(self, rejected: list[Rejection], body: Any, ctx: dict) -> dict | None:
+    def _correction(self, rejected: list[Rejection], body: Any, ctx: dict,
+                    idempotency_key: str | None = None) -> dict | None:
         if not rejected:
             if self.corrections is not None:
                 self.corrections.reset(ctx)
@@ -245,7 +246,11 @@ class Ingress:
                                       retries=self.settings.corrector_retries)
         if correction is not None and ctx.get("chat_id"):
             # the model of that chat hears it on its feed too (the caller has it in the answer)
-            feed.append_now([feed.NewItem.about(feed.CORRECTION, ctx, correction)], self.log.engine)
+            # the model loop's own requests mark theirs: it sends them back to the model itself, in the
+            # same turn (rekku/model_loop.py), and a redelivered turn adds no second item
+            feed.append_now([feed.NewItem.about(feed.CORRECTION, ctx, correction,
+                                                dedupe_key=_correction_key(idempotency_key))],
+                            self.log.engine)
         return correction
 
 
@@ -259,6 +264,15 @@ def default_ingress() -> Ingress:
         client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"),
                                       socket_timeout=2, socket_connect_timeout=2)
     return Ingress(settings, get_registry(), shared_log(), client)
+
+
+def _correction_key(idempotency_key: str | None) -> str | None:
+    """The feed dedupe key of the correction of one of the model loop's own requests (their keys are
+    ``rekku:turn:...``, short, and reserved: no client can take them): ``correction:<key>``. Other
+    corrections carry none, as before."""
+    if idempotency_key and idempotency_key.startswith("rekku:turn:") and len(idempotency_key) <= 170:
+        return f"correction:{idempotency_key}"
+    return None
 
 
 def _folded(key: str) -> str:

@@ -4,11 +4,12 @@ and batch id, so one action's story can be pulled out of several workers' logs.
 
 Configured secrets never reach a log line: :func:`redact_secrets` replaces every value Rekku knows
 to be secret (the Telegram and Discord bot tokens, the Discord webhooks' paths, the API token, the
-webhook secrets (ours and Telegram's), the model webhook's secret, the broker's and the database's
-passwords, Flower's password; and each plugin's ``SecretStr`` settings, such as Reddit's and
-ElevenLabs' passwords, from when the plugin's settings are read: rekku/plugin_settings.py) with
-``***`` in every record this process makes, whoever logs it: at DEBUG, urllib3 logs each request
-line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which carries the bot token in its path."""
+webhook secrets (ours and Telegram's), the model webhook's secret, the model endpoint's API key, the
+broker's and the database's passwords, Flower's password; and each plugin's ``SecretStr`` settings,
+such as Reddit's and ElevenLabs' passwords, from when the plugin's settings are read:
+rekku/plugin_settings.py) with ``***`` in every record this process makes, whoever logs it: at DEBUG,
+urllib3 logs each request line (``"POST /bot<token>/sendMessage HTTP/1.1" 200``), which carries the
+bot token in its path."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def configured_secrets(settings: Settings) -> set[str]:
     credentials, the embedded broker's password); read without creating anything."""
     values: list[str | None] = [
         settings.telegram_bot_token, settings.discord_bot_token, settings.api_token, settings.webhook_secret,
-        settings.telegram_webhook_secret, settings.db_pass, settings.model_webhook_secret,
+        settings.telegram_webhook_secret, settings.db_pass, settings.model_webhook_secret, settings.llm_api_key,
         _url_password(settings.database_url), _url_password(settings.broker_url),
         _url_password(settings.model_webhook_url)]
     # Discord webhooks (.../api/webhooks/<id>/<token>: the path is the credential), read as loosely as

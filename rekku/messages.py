@@ -5,7 +5,8 @@ A message is stored once per (interface, chat, message id) and, in the same tran
 ``message`` item of the feed, so the model hears it exactly once however often a platform or a client
 delivers it. A blocked user's message is dropped here, before any model is paid to read it: the
 plugins' ``check_request`` decides, as it does for action requests (trainers are never dropped), and
-their ``on_request`` sees the chat's activity (recent_chats).
+their ``on_request`` sees the chat's activity (recent_chats). With the model loop on (``REKKU_LLM_URL``),
+a stored message then asks for a turn of its chat (rekku.turns, rekku/model_loop.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rekku.ingest import Ingress, default_ingress
 from rekku.limits import is_valid_text
 from rekku.models import Base, UTCDateTime, utcnow
 from rekku.settings import get_settings
+from rekku.turns import request_turn
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ def receive(message: IncomingMessage, ingress: Ingress | None = None) -> dict[st
         stored = as_dict(row)
         feed.append(connection, [feed.NewItem.about(feed.MESSAGE, context, stored, dedupe_key=f"message:{new_id}")])
     ingress.observe(context)
+    request_turn(message.interface, message.chat_id, message.thread_id)  # committed: the model loop's turn, if on
     return {"message": stored, "dropped": None}
 
 

@@ -24,6 +24,7 @@ from rekku.db import get_engine, session_factory
 from rekku.errors import NotAuthorized, PluginError, RekkuError, TransientError, ValidationError
 from rekku.feed import EVENT_REMINDER as FEED_EVENT_REMINDER
 from rekku.feed import NewItem as NewFeedItem
+from rekku.feed import announce as feed_announce
 from rekku.feed import append as feed_append
 from rekku.feed import append_now as feed_append_now
 from rekku.feed import send_output
@@ -75,6 +76,7 @@ __all__ = [
     "send_output",        # give the model an action's result (an "output" item of the feed, not a chat message)
     "feed_append",        # add items to the model's feed in the caller's transaction (once per dedupe_key)
     "feed_append_now",    # the same in a transaction of its own
+    "feed_announce",      # after feed_append's transaction committed: start the model loop's turns, if on
     "NewFeedItem",        # an item to add: its type, its chat, what it says, its dedupe_key
     "FEED_EVENT_REMINDER",  # the feed item type of a due reminder's system message
     "deliver",            # send a message to a chat (and to the chats linked to it), exactly once

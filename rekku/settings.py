@@ -255,6 +255,19 @@ class Settings(DocumentedSettings):
     #: Seconds each plugin's prompt injection may take; a slower one is left out (and logged).
     injection_timeout: float = Field(3.0, gt=0, validation_alias=_env("REKKU_INJECTION_TIMEOUT"))
 
+    # the model loop (optional; rekku/model_loop.py): with REKKU_LLM_URL set, Rekku asks the model itself
+    #: Base URL of an OpenAI-compatible chat-completions API (``POST {url}/chat/completions``: OpenAI,
+    #: llama.cpp, vLLM, Ollama ``.../v1``). Unset: no model loop (no turn is published, nothing of it loads).
+    llm_url: str | None = Field(None, validation_alias=_env("REKKU_LLM_URL"))
+    #: The ``model`` of each completions request (left out when unset: a server with one model needs none).
+    llm_model: str | None = Field(None, validation_alias=_env("REKKU_LLM_MODEL"))
+    #: Sent as ``Authorization: Bearer <key>`` when set; never logged.
+    llm_api_key: str | None = Field(None, validation_alias=_env("REKKU_LLM_API_KEY"))
+    #: Seconds one completions request may take.
+    llm_timeout: float = Field(120.0, gt=0, validation_alias=_env("REKKU_LLM_TIMEOUT"))
+    #: Times a turn is retried (with backoff: 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
+    llm_retries: int = Field(5, ge=0, validation_alias=_env("REKKU_LLM_RETRIES"))
+
     # artifacts
     #: Where actions write files (speech audio); a volume shared by the workers and the ingress.
     artifact_dir: Path | None = Field(None, validation_alias=_env("REKKU_ARTIFACT_DIR"))
@@ -290,7 +303,8 @@ class Settings(DocumentedSettings):
             raise ValueError("REKKU_MODEL_WEBHOOK_URL must be an http(s) URL")
         return value.strip() if isinstance(value, str) and info.field_name == "model_webhook_url" else value
 
-    @field_validator("signing_key", "signing_cert", "signing_cert_store", mode="before")
+    @field_validator("signing_key", "signing_cert", "signing_cert_store", "llm_url", "llm_model", "llm_api_key",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -304,6 +318,11 @@ class Settings(DocumentedSettings):
         return self
 
     # ----------------------------------------------------------------- derived values
+    @property
+    def model_loop(self) -> bool:
+        """Rekku closes the loop itself against REKKU_LLM_URL (rekku/model_loop.py)."""
+        return bool(self.llm_url)
+
     @property
     def signing_enabled(self) -> bool:
         """Every task and control message is signed and verified (Celery's ``auth`` serializer)."""

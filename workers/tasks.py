@@ -6,6 +6,7 @@
 * ``rekku.feed.push`` (io pool): the feed POSTed to the model's webhook (rekku.feed_push), woken by
   beat and by rekku.feed when items are added;
 * plugins' periodic tasks and the beat schedule (rekku_workers.periodic);
+* with REKKU_LLM_URL, the model loop's ``rekku.model.turn`` (rekku_workers.model_turn);
 * the worker's bootsteps (rekku_workers.node, rekku_workers.timer_sweep), its cancel command and its signal
   handlers (log format, metrics flush).
 
@@ -105,6 +106,10 @@ def _register(app: Celery) -> None:
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
+    if settings.model_loop:  # the optional model loop: nothing of it is imported without REKKU_LLM_URL
+        from rekku_workers.model_turn import register_model_turn
+
+        register_model_turn(app)
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
         "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
         "options": {"queue": "default", "expires": settings.reconcile_seconds}}}

@@ -50,6 +50,7 @@ from rekku.plugin import (
     default_ingress,
     deliver,
     deliver_to_outbox_at_once,
+    feed_announce,
     feed_append,
     feed_append_now,
     get_engine,
@@ -486,6 +487,7 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
         marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)})
         if marked != len(rows):
             raise LookupError(f"{len(rows) - marked} occurrences already delivered or cancelled")
+    feed_announce([system_message(found[row.event_id], at) for row, at in rows], items)
     return len(rows)
 
 
