@@ -175,6 +175,9 @@ def _action_entry(run: Any, interface: str | None, thread_id: str | None) -> dic
         entry["result"] = _clip(run.result)
     if run.error:
         entry["error"] = _clip(run.error, 200)
+    for key in ("user_id", "username"):  # who asked for it
+        if context.get(key):
+            entry[key] = context[key]
     if context.get("thread_id") and not thread_id:
         entry["thread_id"] = context["thread_id"]
     if interface and context.get("interface") not in (None, interface):
@@ -269,10 +272,11 @@ def chat_history(interface: str | None, chat_id: str | None, thread_id: str | No
       send but did not is not there (its failure is on the feed).
     - **Rekku's other actions** in the chat (the action log, not ``message_*`` / ``audio_*``, whose
       text is the entry above): ``{"time", "from": "rekku", "action", "status", "payload",
-      "result"?, "error"?}``. Kept because nothing else in the prompt says what Rekku *did* here: the
-      reminder it set, the bio it updated, a query and its result; without them the model repeats
-      itself. Query outputs sent back to the chat (context ``reply_to_action``) are left out: the
-      query's own entry carries its result.
+      "result"?, "error"?, "user_id"?, "username"?}`` (the user: who asked for it). Kept because
+      nothing else in the prompt says what Rekku *did* here: the reminder it set, the bio it
+      updated, a query and its result; without them the model repeats itself. Query outputs sent
+      back to the chat (context ``reply_to_action``) are left out: the query's own entry carries
+      its result.
 
     Any entry may also say ``thread_id`` (when no thread was asked for) and ``interface`` (when it is
     not the one asked for: the outbox, or any when none was). A chat is its interface and id; with no
@@ -295,10 +299,11 @@ def chat_history(interface: str | None, chat_id: str | None, thread_id: str | No
 
 
 def participants_of(history: list[dict[str, Any]], user_id: str | None, username: str | None) -> list[dict]:
-    """Who is in the chat: the asking user first, then the authors of the history's user messages, newest first."""
+    """Who is in the chat: the asking user first, then the users of the history (the authors of its
+    messages, and who asked for its actions, for a service that sends actions only), newest first."""
     people: list[dict] = []
     seen: set[str] = set()
-    authors = [(e.get("user_id"), e.get("username")) for e in reversed(history) if e.get("from") == "user"]
+    authors = [(e.get("user_id"), e.get("username")) for e in reversed(history)]
     for uid, name in [(user_id, username)] + authors:
         if uid and str(uid) not in seen:
             seen.add(str(uid))

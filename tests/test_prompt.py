@@ -90,7 +90,8 @@ def test_chat_history_keeps_this_chat_s_other_actions_oldest_first(memory_stack:
     history = prompt(memory_stack, interface="telegram_bot", chat_id=chat)["context"]["chat_history"]
     assert [h["payload"]["text"] for h in history] == ["one", "two", "other thread"]
     assert history[0] == {"time": history[0]["time"], "from": "rekku", "action": "echo", "status": "succeeded",
-                          "payload": {"text": "one"}, "result": {"text": "one"}}
+                          "payload": {"text": "one"}, "result": {"text": "one"}, "user_id": "42",
+                          "username": "marco"}
     assert history[2]["thread_id"] == "9"
     thread = prompt(memory_stack, interface="telegram_bot", chat_id=chat, thread_id="9")["context"]["chat_history"]
     assert [h["payload"]["text"] for h in thread] == ["other thread"]
