@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,38 @@ def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
     return handler.rfile.read(length) if length else b""
 
 
+class _Server(ThreadingHTTPServer):
+    """Keeps its open connections, so that stopping the fake closes them too: a client's keep-alive
+    connection must not go on being served by a fake that was stopped (it is down)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        with self.connections_lock:
+            open_now, self.connections = list(self.connections), set()
+        for connection in open_now:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+
 class FakeServer:
     """Start with :meth:`start`; ``requests`` holds what arrived, oldest first."""
 
@@ -116,8 +149,7 @@ class FakeServer:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def start(self) -> FakeServer:
@@ -127,6 +159,7 @@ class FakeServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.drop_connections()
 
     def answer(self, request: Recorded) -> tuple[int, Any, dict | None]:
         return 200, {}, None
