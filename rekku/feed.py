@@ -33,14 +33,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 from rekku.celery_app import app
 from rekku.context import current_action
 from rekku.db import get_engine
-from rekku.models import Base, JSONType, UTCDateTime, utcnow
+from rekku.models import Base, BigId, JSONType, UTCDateTime, utcnow
 from rekku.ordering import hold
 from rekku.settings import Settings, get_settings
 from rekku.turns import request_turns_for
 
 log = logging.getLogger(__name__)
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 #: The kinds of item the feed carries.
 MESSAGE, OUTPUT, EVENT_REMINDER, CORRECTION, FAILURE = "message", "output", "event_reminder", "correction", "failure"

@@ -50,7 +50,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from rekku import feed
 from rekku.db import get_engine
 from rekku.interfaces.webhook import signature
-from rekku.models import Base, UTCDateTime, utcnow
+from rekku.models import Base, BigId, UTCDateTime, utcnow
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ REFUSES_SENDER = frozenset({401, 403, 404, 405, 407, 410, 421})
 #: Longest part of an answer kept in the log and the cursor's last_error.
 EXCERPT = 200
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 class FeedPush(Base):

@@ -23,13 +23,12 @@ from rekku import feed
 from rekku.db import get_engine
 from rekku.ingest import Ingress, default_ingress
 from rekku.limits import is_valid_text
-from rekku.models import Base, UTCDateTime, utcnow
+from rekku.models import Base, BigId, UTCDateTime, utcnow
 from rekku.settings import get_settings
 from rekku.turns import request_turn
 
 log = logging.getLogger(__name__)
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 #: Why a message was not stored as new.
 BLOCKED, DUPLICATE = "blocked", "duplicate"

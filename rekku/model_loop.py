@@ -63,14 +63,13 @@ from rekku.db import get_engine
 from rekku.errors import RekkuError, ServiceUnavailable
 from rekku.ingest import Answer, default_ingress
 from rekku.messages import Message
-from rekku.models import Base, UTCDateTime, utcnow
+from rekku.models import Base, BigId, UTCDateTime, utcnow
 from rekku.prompt import build_prompt
 from rekku.settings import Settings, get_settings
 from rekku.turns import QUEUED_TTL, chat_hash, chat_of, finish, give_up_lock, keys, redis_client, release
 
 log = logging.getLogger(__name__)
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 #: Seconds a turn that found its chat's lock taken waits before it tries again.
 LOCK_WAIT = 2.0

@@ -41,6 +41,8 @@ class UTCDateTime(sa.types.TypeDecorator):
 
 #: JSON that becomes LONGTEXT-backed JSON on MariaDB and TEXT on SQLite.
 JSONType = sa.JSON().with_variant(mysql.JSON(), "mysql")
+#: Auto-increment ids: BIGINT on MariaDB, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements).
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):

@@ -26,13 +26,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 from rekku.db import get_engine
 from rekku.ingest import Ingress
 from rekku.messages import IncomingMessage, receive
-from rekku.models import Base, UTCDateTime, utcnow
+from rekku.models import Base, BigId, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
 #: The interface (and the receiver source) Telegram's messages come in as.
 INTERFACE = "telegram_bot"
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 #: How a skipped update that held a message Rekku could not store (too long, malformed) is described.
 CANNOT_TAKE = "a message Rekku cannot take"
 

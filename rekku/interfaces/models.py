@@ -14,10 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from rekku.models import Base, UTCDateTime, utcnow
-
-#: Auto-increment ids: BIGINT on MariaDB, INTEGER (the rowid) on SQLite.
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+from rekku.models import Base, BigId, UTCDateTime, utcnow
 
 #: Text of up to 16 MB on MariaDB (TEXT stops at 65 535 bytes; an outbox part may be 100 000 characters).
 LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
