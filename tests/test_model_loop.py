@@ -262,3 +262,24 @@ def test_the_api_key_is_a_secret_the_logs_hide() -> None:
     from rekku.settings import Settings
 
     assert API_KEY in configured_secrets(Settings(_env_file=None, llm_api_key=API_KEY))
+
+
+# ----------------------------------------------------------------------------- chains of outputs
+def test_outputs_alone_start_at_most_max_chained_turns(loop_stack: Stack, llm: FakeOpenAI) -> None:
+    """A model that answers every output with another query: the chat gets the message's turn and three
+    (REKKU_LLM_MAX_CHAINED_TURNS' default) more, not an endless loop; the next message asks it again and
+    carries the output held back."""
+    chat = _chat()
+    query = {"actions": [{"type": "list_events", "payload": {}}]}
+    llm.script(chat, *[query] * 8)
+    _say(loop_stack, chat, "what is planned?")
+    wait_until(lambda: len(loop_stack.feed(type="output", chat_id=chat)) == 4, timeout=90,
+               what="four list_events outputs")
+    wait_until(lambda: f"model turn of chat outbox:{chat} not started: 3 turns in a row" in loop_stack.worker_logs(),
+               timeout=60, what="the chain stopped")
+    assert len(llm.calls[chat]) == 4  # the message's turn and three chained ones
+    _say(loop_stack, chat, "and now?")
+    wait_until(lambda: len(llm.calls[chat]) >= 5, timeout=60, what="the next message's turn")
+    last = llm.system_messages(chat, 4)
+    assert [m["type"] for m in last] == ["output"]  # the fourth output, held back, went with the message
+    assert _prompts(llm, chat, 4)[0]["input"]["payload"]["text"] == "and now?"
