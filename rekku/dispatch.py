@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -13,33 +14,39 @@ log = logging.getLogger(__name__)
 
 #: How hard to try the broker before giving up on a publish.
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
+#: Redis commands one pipeline carries at most (a message and its task-sent event are two): a request
+#: holds at most REKKU_MAX_ACTIONS_PER_REQUEST actions, so a large one is sent in a few pipelines.
+BATCH_COMMANDS = 1000
+
+
+def _batch(producer: Any) -> contextlib.AbstractContextManager:
+    """kombu's publish batch (5.7+): the messages and their task-sent events go out in one Redis
+    pipeline when the producer's context ends, instead of one round trip each. A transport without it
+    publishes each message at once, as before."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=BATCH_COMMANDS) if batch is not None else contextlib.nullcontext()
 
 
 def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[str]:
-    """Publish one ``rekku.action.<type>`` message per run, task id = action id.
+    """Publish one ``rekku.action.<type>`` message per run, task id = action id, all of them in one
+    publish batch (one Redis round trip for a request's actions).
 
     Published by name (``send_task``): the ingress holds no task objects (rekku.celery_app), and the
     message is the one a registered task's ``apply_async`` would send, with the queue given here.
 
-    Returns the ids that could not be published (the broker is unreachable)."""
-    failed: list[str] = []
+    Returns the ids that could not be published (the broker is unreachable). A batch that fails when
+    it is sent counts as unsent as a whole: its actions are marked failed by the caller, and a message
+    of it that reached Redis anyway finds its action final and does not run."""
     sender = publisher if publisher is not None else app
     try:
-        with sender.producer_or_acquire() as producer:
+        with sender.producer_or_acquire() as producer, _batch(producer):
             for run in runs:
-                if failed:
-                    failed.append(run.id)
-                    continue
                 kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
-                try:
-                    # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
-                    sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
-                                  task_id=run.id, queue=run.queue, producer=producer, retry=True,
-                                  retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
-                except Exception:
-                    log.exception("could not publish action %s", run.id)
-                    failed.append(run.id)
+                # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
+                sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
+                                 task_id=run.id, queue=run.queue, producer=producer, retry=True,
+                                 retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
     except Exception:
-        log.exception("could not reach the broker")
-        return [r.id for r in runs if r.id not in failed] + failed
-    return failed
+        log.exception("could not publish the %d actions of batch %s: the broker is unreachable", len(runs), batch_id)
+        return [r.id for r in runs]
+    return []
