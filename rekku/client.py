@@ -133,7 +133,7 @@ def default_base_url() -> str:
 
     settings = get_settings()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
+    return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
 
 
 def default_token() -> str:
@@ -157,6 +157,10 @@ class Retry:
     attempts: int = 5
     backoff: float = 0.5
     max_backoff: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("a Retry needs at least one attempt and backoffs of zero seconds or more")
 
     def delay(self, retry: int) -> float:
         """Seconds before retry ``retry`` (0 for the first). Celery's helper counts whole units: milliseconds."""

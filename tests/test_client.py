@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ from rekku.client import (
 )
 from rekku.schemas import ActionState, BatchState, CancelResponse, SubmitResponse
 from tests.fakes.server import FakeServer, Recorded
-from tests.support import Stack, free_port, stop_process, wait_until
+from tests.support import Stack, child_env, free_port, stop_process, wait_until
 
 #: Quick retries for the tests: the policy, not its patience, is what they check.
 QUICK = Retry(attempts=3, backoff=0.01, max_backoff=0.05)
@@ -369,3 +371,14 @@ def test_the_backoff_is_jittered_and_bounded() -> None:
     delays = [policy.delay(n) for n in range(8) for _ in range(50)]
     assert all(0 <= d <= 4 for d in delays) and len(set(delays)) > 20
     assert max(policy.delay(0) for _ in range(200)) <= 0.5
+
+
+@pytest.mark.parametrize("host,url", [("0.0.0.0", "http://127.0.0.1:8123"), ("::1", "http://[::1]:8123"),
+                                      ("rekku.internal", "http://rekku.internal:8123")])
+def test_without_arguments_it_reaches_the_ingress_the_cli_would(tmp_path: Any, host: str, url: str) -> None:
+    program = "from rekku.client import Client\nc = Client()\nprint(c.base_url, c._auth['Authorization'])"
+    shown = subprocess.run(
+        [sys.executable, "-c", program],
+        env=child_env(REKKU_HOME=str(tmp_path), REKKU_HOST=host, REKKU_PORT="8123", REKKU_API_TOKEN="tok-1"),
+        capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert shown == [url, "Bearer", "tok-1"]
