@@ -670,3 +670,37 @@ def test_flower_healthcheck_passes_with_its_credentials_only(live: Stack) -> Non
     wait_until(lambda: run_healthcheck("flower", live.env(FLOWER_BASIC_AUTH="hc:right-password"), port) == 0,
                timeout=60, what="Flower's /healthcheck to answer")
     assert run_healthcheck("flower", live.env(FLOWER_BASIC_AUTH="hc:wrong-password"), port) != 0
+
+
+# ----------------------------------------------------------------------------- packaging
+def _requirements() -> dict[str, Any]:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {req.name: req for req in map(Requirement, project["dependencies"])}
+
+
+def test_kombu_and_flower_are_bounded_above_and_the_installed_versions_fit() -> None:
+    """Rekku uses their internals (workers/heartbeat.py, workers/timer_sweep.py, rekku/flower_guard.py): a
+    release that moves them must not install unnoticed."""
+    from importlib.metadata import version
+
+    for name in ("kombu", "flower"):
+        spec = _requirements()[name].specifier
+        assert any(s.operator == "<" for s in spec), f"{name} has no upper bound: {spec}"
+        assert spec.contains(version(name)), f"the installed {name} {version(name)} is outside {spec}"
+
+
+def test_the_package_is_mit_licensed_with_its_license_file() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Rekku-on-Celery contributors" in text
+
+
+def test_the_all_extra_is_every_runtime_feature_without_test_or_dev_tools() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (all_of,) = extras["all"]
+    included = set(re.fullmatch(r"rekku-on-celery\[([a-z,]+)\]", all_of).group(1).split(","))
+    assert included == set(extras) - {"all", "test", "dev"}, included
