@@ -10,15 +10,19 @@ a server whose browser cannot see that directory is refused at session start (la
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -197,6 +201,42 @@ def test_credentials_in_the_url_never_reach_the_error() -> None:
         holder.acquire()
     assert f"the WebDriver server at http://127.0.0.1:{port}/wd/hub is unreachable" in str(caught.value)
     assert "hunter2" not in str(caught.value) and "rekku@" not in str(caught.value)
+
+
+def test_credentials_go_as_basic_auth_and_a_refused_session_says_why() -> None:
+    """A server that answers every request with a W3C error (a Grid out of slots): a PluginError quoting
+    it; the URL's credentials reached the server only as an Authorization header."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Refusing(BaseHTTPRequestHandler):
+        def log_message(self, *_args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"value": {"error": "session not created", "message": "no free slot for chrome",
+                                         "stacktrace": ""}}).encode()
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with pytest.raises(PluginError) as caught:
+            _holder(f"http://rekku:hunter%3F2@127.0.0.1:{port}").acquire()
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(caught.value)
+    assert not isinstance(caught.value, TransientError)
+    assert f"the WebDriver server at http://127.0.0.1:{port} did not start a browser" in message, message
+    assert "no free slot for chrome" in message and "hunter" not in message, message
+    assert seen == [("/session", "Basic " + base64.b64encode(b"rekku:hunter?2").decode())], seen
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the server as another user, which needs root")

@@ -8,7 +8,11 @@ other than :class:`PageError` (a time limit on a hung page, a crash, a lost sess
 browser, so the next action starts from a clean one and the worker keeps serving.
 
 Each browser gets a fresh profile and download directory under the system temp dir, removed with
-it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a Selenium Grid instead.
+it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a W3C WebDriver server
+instead (a Selenium Grid, or chromedriver on a port), held, checked and replaced the same way. A
+remote browser downloads on its own machine: through a Grid with managed downloads the files are
+fetched over the protocol; otherwise they are read from our download directory, so a session whose
+browser cannot open a file there (another machine, another user) is refused when it starts.
 
 A local browser never outlives its worker process, however that process dies (a SIGKILLed worker
 once left Chromium running). chromedriver and every Chromium process run in a process group of their
@@ -271,6 +275,7 @@ def shown_url(url: str) -> str:
     if parts.username is None and parts.password is None:
         return url
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc))
 
