@@ -292,7 +292,7 @@ def _remote_driver(settings: SeleniumElevenLabsSettings, options: Any) -> Any:
 
     raw = settings.remote_url or ""
     url, parts = shown_url(raw), urlsplit(raw)
-    config = ClientConfig(remote_server_addr=url, timeout=int(settings.time_limit) + 1,
+    config = ClientConfig(remote_server_addr=url, timeout=settings.time_limit,
                           username=unquote(parts.username) if parts.username else None,
                           password=unquote(parts.password) if parts.password else None)
     try:
