@@ -6,6 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
+from rekku import held
 from rekku.action_log import NewRun
 from rekku.celery_app import app
 from rekku.redact import kwargs_repr
@@ -29,7 +30,8 @@ def _batch(producer: Any) -> contextlib.AbstractContextManager:
 
 def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[str]:
     """Publish one ``rekku.action.<type>`` message per run, task id = action id, all of them in one
-    publish batch (one Redis round trip for a request's actions).
+    publish batch (one Redis round trip for a request's actions), each counted as held (rekku.held)
+    in one round trip before.
 
     Published by name (``send_task``): the ingress holds no task objects (rekku.celery_app), and the
     message is the one a registered task's ``apply_async`` would send, with the queue given here.
@@ -39,14 +41,55 @@ def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[st
     of it that reached Redis anyway finds its action final and does not run."""
     sender = publisher if publisher is not None else app
     try:
-        with sender.producer_or_acquire() as producer, _batch(producer):
-            for run in runs:
-                kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
-                # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
-                sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
-                                 task_id=run.id, queue=run.queue, producer=producer, retry=True,
-                                 retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
+        with sender.producer_or_acquire() as producer:
+            counted = _count_up(producer, runs)
+            try:
+                _publish(sender, producer, runs, batch_id)
+            except Exception:
+                _count_down(counted, runs)
+                raise
     except Exception:
         log.exception("could not publish the %d actions of batch %s: the broker is unreachable", len(runs), batch_id)
         return [r.id for r in runs]
     return []
+
+
+def _redis_of(producer: Any) -> Any:
+    """The Redis client of a producer's channel (None for another transport, or no producer)."""
+    return getattr(getattr(producer, "channel", None), "client", None)
+
+
+def _count_up(producer: Any, runs: list[NewRun]) -> Any:
+    """Count each message as held (rekku.held) before it exists, in one round trip; returns the client."""
+    client = _redis_of(producer)
+    if client is None:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for run in runs:
+        held.count_up(pipe, run.queue, [run.id])
+    pipe.execute()
+    return client
+
+
+def _count_down(client: Any, runs: list[NewRun]) -> None:
+    """Undo :func:`_count_up` after a failed publish, if the broker still answers."""
+    if client is None:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        for run in runs:
+            held.count_down(pipe, run.queue, run.id)
+        pipe.execute()
+    except Exception:
+        log.warning("could not undo the held counts of %d unpublished actions (the reconciler repairs them)",
+                    len(runs))
+
+
+def _publish(sender: Any, producer: Any, runs: list[NewRun], batch_id: str) -> None:
+    with _batch(producer):
+        for run in runs:
+            kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
+            # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
+            sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
+                             task_id=run.id, queue=run.queue, producer=producer, retry=True,
+                             retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
