@@ -177,8 +177,9 @@ class Stack:
         return env
 
     # ------------------------------------------------------------------ start
-    def start(self) -> None:
-        """Flush the broker db, prepare the database, start ingress and both workers, wait until ready."""
+    def start(self, workers: bool = True) -> None:
+        """Flush the broker db, prepare the database, start the ingress and (unless ``workers`` is off)
+        Rekku's worker and the two baseline workers, wait until ready."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self._lease()
         self.redis().flushdb()
@@ -187,6 +188,8 @@ class Stack:
         me = [sys.executable, "-m", "rekku"]
         ingress = self._spawn("ingress", me + ["ingress", "--host", "127.0.0.1", "--port", str(self.port)])
         wait_until(self._ingress_ready, 90, "the ingress's /readyz", alive=ingress, log=self.logs / "ingress.log")
+        if not workers:
+            return
         # Workers start after the ingress: it has run the migrations they rely on.
         ours = self._spawn("worker-ours", me + ["worker", "--pool", POOL, "--concurrency", str(self.concurrency),
                                                 "--node", self.node])
@@ -215,6 +218,11 @@ class Stack:
         return ["-A", "bench.bare_app:plain_app", "worker", "-Q", PLAIN.queue, "-P", "prefork",
                 "-c", str(self.concurrency), "-n", self.baseline_node("plain"), "-E", "--loglevel", "INFO",
                 "--without-gossip", "--without-mingle"]
+
+    def spawn_worker(self, name: str, node: str, concurrency: int) -> subprocess.Popen:
+        """One more ``rekku worker --pool default`` process, as on a machine of its own (its own node name)."""
+        return self._spawn(name, [sys.executable, "-m", "rekku", "worker", "--pool", POOL, "--concurrency",
+                                  str(concurrency), "--node", node])
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "ab") as out:
