@@ -26,8 +26,9 @@ event plugin's ``event_deliveries``).
 **Small transactions.** Rows go ``REKKU_PRUNE_BATCH`` at a time (500 by default), each batch its own
 short transaction that reads one window of the primary key (or of an index on time) and deletes by
 primary key, so no statement scans the table and MariaDB locks only the rows it deletes (no gap lock in
-front of new inserts). After each batch the pruner pauses as long as the batch took, so SQLite's one
-writer lock is free at least half of the time for the ingress and the workers.
+front of new inserts). On SQLite, whose one writer lock every writer shares, the pruner pauses after each
+batch as long as the batch took, so the lock is free at least half of the time for the ingress and the
+workers.
 
 **One pass at a time** across every node: a Redis lock on the broker (:data:`LOCK_KEY`), renewed after
 every batch. Beat runs a pass every ``REKKU_PRUNE_SECONDS`` (task :data:`TASK_NAME`, registered by the
@@ -138,8 +139,8 @@ class Report:
 class _Pass:
     """One pass's clock and lock: each batch is timed, the lock renewed, and the pass stops at its deadline."""
 
-    def __init__(self, report: Report, lock: Any, deadline: float | None) -> None:
-        self.report, self.lock, self.deadline = report, lock, deadline
+    def __init__(self, report: Report, lock: Any, deadline: float | None, pause: bool) -> None:
+        self.report, self.lock, self.deadline, self.pause = report, lock, deadline, pause
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -153,8 +154,8 @@ class _Pass:
                 self.lock.reacquire()
             except redis.exceptions.LockError:
                 raise Busy("the pruning lock expired mid-pass; another pass may have started") from None
-        if not self.report.dry_run:
-            time.sleep(took)  # the database is free at least half of the time for everyone else
+        if self.pause and not self.report.dry_run:
+            time.sleep(took)  # SQLite's one writer lock is free at least half of the time for everyone else
 
     def out_of_time(self) -> bool:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -329,32 +330,32 @@ def _actions_going(engine: sa.Engine, cutoff: datetime | None) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- artifacts
-def _artifacts_named(connection: sa.Connection, names: list[str]) -> set[str]:
+def _artifacts_named(connection: sa.Connection, names: list[str], actions_going: set[str]) -> set[str]:
     """The names among ``names`` that a kept row names: an action by its id (``<id>.<ext>``) or in its
-    payload or result, an outbox message's audio link, a delivery record's audio."""
+    payload or result, an outbox message's audio link, a delivery record's audio. ``actions_going``: in a
+    dry run, the actions the pass would delete (they keep nothing)."""
     runs = ActionRun.__table__
     stems = {n: n.split(".", 1)[0] for n in names}
     named = set(connection.scalars(sa.select(runs.c.id).where(runs.c.id.in_(sorted(set(stems.values()))))))
-    found = {n for n, stem in stems.items() if stem in named}
+    found = {n for n, stem in stems.items() if stem in named - actions_going}
     rest = [n for n in names if n not in found]
-    if not rest:
-        return found
     outbox, deliveries = OutboxMessage.__table__, Delivery.__table__
-    texts = [
-        (runs, [sa.cast(runs.c.payload, sa.Text), sa.cast(runs.c.result, sa.Text)]),
-        (outbox, [outbox.c.audio_url]),
-        (deliveries, [deliveries.c.audio]),
-    ]
-    for table, columns in texts:
-        for column in columns:
-            rows = connection.execute(sa.select(column).where(sa.or_(
-                *(column.contains(n, autoescape=True) for n in rest)))).scalars()
-            for text in rows:
-                found.update(n for n in rest if text and n in text)
+    texts = [(runs.c.id, sa.cast(runs.c.payload, sa.Text)), (runs.c.id, sa.cast(runs.c.result, sa.Text)),
+             (outbox.c.id, outbox.c.audio_url), (deliveries.c.id, deliveries.c.audio)]
+    for key, column in texts:
+        if not rest:
+            break
+        rows = connection.execute(sa.select(key, column).where(sa.or_(
+            *(column.contains(n, autoescape=True) for n in rest)))).all()
+        for row_id, text in rows:
+            if text and not (key is runs.c.id and row_id in actions_going):
+                found.update(n for n in rest if n in text)
+        rest = [n for n in rest if n not in found]
     return found
 
 
-def _prune_artifacts(engine: sa.Engine, settings: Settings, now: datetime, run: _Pass) -> Tally:
+def _prune_artifacts(engine: sa.Engine, settings: Settings, now: datetime, run: _Pass,
+                     actions_going: set[str] | None = None) -> Tally:
     days = settings.retain_artifacts_days
     tally = Tally("artifacts", days, _cutoff(days, now))
     if tally.cutoff is None:
@@ -375,7 +376,7 @@ def _prune_artifacts(engine: sa.Engine, settings: Settings, now: datetime, run: 
             break
         chunk = old[start:start + ARTIFACT_CHUNK]
         with run.batch(), engine.connect() as connection:
-            named = _artifacts_named(connection, [n for n in chunk if not n.startswith(".")])
+            named = _artifacts_named(connection, [n for n in chunk if not n.startswith(".")], actions_going or set())
         tally.kept += len(named)
         for name in chunk:
             if name in named:
@@ -398,7 +399,8 @@ def prune(settings: Settings | None = None, *, dry_run: bool = False, lock: Any 
     engine = engine or get_engine()
     size = settings.prune_batch
     report = Report(dry_run)
-    run = _Pass(report, lock, None if max_seconds is None else time.monotonic() + max_seconds)
+    run = _Pass(report, lock, None if max_seconds is None else time.monotonic() + max_seconds,
+                pause=engine.dialect.name == "sqlite")
     started, now = time.monotonic(), utcnow()
     actions = _prune_actions(engine, settings.retain_actions_days, now, size, run)
     report.kinds.append(actions)
@@ -406,7 +408,7 @@ def prune(settings: Settings | None = None, *, dry_run: bool = False, lock: Any 
     report.kinds.append(_prune_batches(engine, settings.retain_actions_days, now, size, run, going))
     for spec in [*core_logs(settings), *plugin_logs()]:
         report.kinds.append(_prune_serial(engine, spec, now, size, run))
-    report.kinds.append(_prune_artifacts(engine, settings, now, run))
+    report.kinds.append(_prune_artifacts(engine, settings, now, run, going))
     report.seconds = time.monotonic() - started
     return report
 
