@@ -108,11 +108,12 @@ class Tally:
     cutoff: datetime | None
     count: int = 0
     kept: int = 0  # old rows kept because something still needs them
+    longest: float = 0.0  # seconds of this kind's longest batch transaction
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "retain_days": self.days,
                 "older_than": self.cutoff.isoformat() if self.cutoff else None, "count": self.count,
-                "kept_referenced": self.kept}
+                "kept_referenced": self.kept, "longest_batch_seconds": round(self.longest, 4)}
 
 
 @dataclass
@@ -143,12 +144,13 @@ class _Pass:
         self.report, self.lock, self.deadline, self.pause = report, lock, deadline, pause
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, tally: Tally) -> Iterator[None]:
         started = time.monotonic()
         yield
         took = time.monotonic() - started
         self.report.batches += 1
         self.report.longest_batch = max(self.report.longest_batch, took)
+        tally.longest = max(tally.longest, took)
         if self.lock is not None:
             try:
                 self.lock.reacquire()
@@ -233,7 +235,7 @@ def _prune_serial(engine: sa.Engine, spec: SerialLog, now: datetime, size: int, 
     top = newest - 1 if bound is None else min(newest - 1, bound)
     last = 0
     while last < top and not run.out_of_time():
-        with run.batch(), engine.begin() as connection:
+        with run.batch(tally), engine.begin() as connection:
             window = connection.execute(sa.select(pk, when, *(table.c[c] for c in spec.columns))
                                         .where(pk > last, pk <= top).order_by(pk).limit(size)).all()
             if not window:
@@ -265,62 +267,73 @@ def _delete(connection: sa.Connection, table: sa.Table, where: sa.ColumnElement[
 
 
 def _prune_actions(engine: sa.Engine, days: float, now: datetime, size: int, run: _Pass) -> Tally:
-    """Final actions whose last change is older than the cutoff, a status at a time along the index
-    (status, updated_at); the delete says the status again, so an action retried meanwhile stays."""
+    """Final actions whose last change is older than the cutoff, oldest first, a status at a time along
+    the index (status, updated_at); the delete says the status again, so an action retried meanwhile
+    stays. Every batch deletes what it read, so the next starts at the index's beginning again."""
     runs = ActionRun.__table__
     tally = Tally("actions", days, _cutoff(days, now))
     if tally.cutoff is None:
         return tally
     for status in FINAL_STATES:
-        after: tuple[datetime, str] | None = None
+        old = sa.and_(runs.c.status == status, runs.c.updated_at < tally.cutoff)
+        if run.report.dry_run:
+            with run.batch(tally), engine.connect() as connection:
+                tally.count += connection.scalar(sa.select(sa.func.count()).select_from(runs).where(old))
+            continue
         while not run.out_of_time():
-            query = sa.select(runs.c.id, runs.c.updated_at).where(runs.c.status == status,
-                                                                  runs.c.updated_at < tally.cutoff)
-            if after is not None:
-                query = query.where(runs.c.updated_at >= after[0],
-                                    sa.or_(runs.c.updated_at > after[0], runs.c.id > after[1]))
-            with run.batch(), engine.begin() as connection:
-                rows = connection.execute(query.order_by(runs.c.updated_at, runs.c.id).limit(size)).all()
-                if not rows:
-                    break
-                after = (rows[-1].updated_at, rows[-1].id)
-                tally.count += _delete(connection, runs, runs.c.id.in_([r.id for r in rows]),
-                                       runs.c.status == status, run.report.dry_run, len(rows))
+            with run.batch(tally), engine.begin() as connection:
+                found = list(connection.scalars(sa.select(runs.c.id).where(old).order_by(runs.c.updated_at)
+                                                .limit(size)))
+                deleted = connection.execute(sa.delete(runs).where(runs.c.id.in_(found), old)).rowcount \
+                    if found else 0
+            tally.count += deleted
+            if len(found) < size or not deleted:
+                break
     return tally
 
 
 def _prune_batches(engine: sa.Engine, days: float, now: datetime, size: int, run: _Pass,
-                   actions_gone: set[str] | None = None) -> Tally:
-    """Batches older than the cutoff none of whose actions is left (along ix_action_batches_created)."""
+                   action_days: float) -> Tally:
+    """Batches older than the cutoff none of whose actions is left, along ix_action_batches_created."""
     batches, runs = Batch.__table__, ActionRun.__table__
     tally = Tally("batches", days, _cutoff(days, now))
     if tally.cutoff is None:
         return tally
+    old = batches.c.created_at < tally.cutoff
+    if run.report.dry_run:  # the actions a real pass deletes first are still there: count as if they were gone
+        action_cutoff = _cutoff(action_days, now)
+        staying = sa.true() if action_cutoff is None else \
+            sa.not_(sa.and_(runs.c.status.in_(FINAL_STATES), runs.c.updated_at < action_cutoff))
+        has_runs = sa.exists().where(runs.c.batch_id == batches.c.id)
+        keeps = sa.exists().where(runs.c.batch_id == batches.c.id, staying)
+        with run.batch(tally), engine.connect() as connection:
+            tally.count = connection.scalar(sa.select(sa.func.count()).select_from(batches).where(old, ~keeps))
+            tally.kept = connection.scalar(sa.select(sa.func.count()).select_from(batches).where(old, has_runs, keeps))
+        return tally
     after: tuple[datetime, str] | None = None
     while not run.out_of_time():
-        query = sa.select(batches.c.id, batches.c.created_at).where(batches.c.created_at < tally.cutoff)
+        query = sa.select(batches.c.id, batches.c.created_at).where(old)
         if after is not None:
             query = query.where(batches.c.created_at >= after[0],
                                 sa.or_(batches.c.created_at > after[0], batches.c.id > after[1]))
-        with run.batch(), engine.begin() as connection:
+        with run.batch(tally), engine.begin() as connection:
             rows = connection.execute(query.order_by(batches.c.created_at, batches.c.id).limit(size)).all()
             if not rows:
                 break
             after = (rows[-1].created_at, rows[-1].id)
             ids = [r.id for r in rows]
-            with_runs = connection.execute(sa.select(runs.c.batch_id, runs.c.id).where(runs.c.batch_id.in_(ids))).all()
-            # in a dry run the actions counted as going are still there: a batch whose actions all go, goes too
-            busy = {b for b, action in with_runs if actions_gone is None or action not in actions_gone}
+            busy = set(connection.scalars(sa.select(runs.c.batch_id).where(runs.c.batch_id.in_(ids)).distinct()))
             tally.kept += len(busy)
             gone = [i for i in ids if i not in busy]
             if gone:
-                tally.count += _delete(connection, batches, batches.c.id.in_(gone), None, run.report.dry_run,
-                                       len(gone))
+                tally.count += connection.execute(sa.delete(batches).where(batches.c.id.in_(gone))).rowcount
+        if len(rows) < size:
+            break
     return tally
 
 
 def _actions_going(engine: sa.Engine, cutoff: datetime | None) -> set[str]:
-    """For a dry run: the ids of the actions a real pass would delete (so their batches are counted too)."""
+    """For a dry run: the ids of the actions a real pass would delete (what they name keeps no artifact)."""
     if cutoff is None:
         return set()
     runs = ActionRun.__table__
@@ -375,7 +388,7 @@ def _prune_artifacts(engine: sa.Engine, settings: Settings, now: datetime, run: 
         if run.out_of_time():
             break
         chunk = old[start:start + ARTIFACT_CHUNK]
-        with run.batch(), engine.connect() as connection:
+        with run.batch(tally), engine.connect() as connection:
             named = _artifacts_named(connection, [n for n in chunk if not n.startswith(".")], actions_going or set())
         tally.kept += len(named)
         for name in chunk:
@@ -404,10 +417,11 @@ def prune(settings: Settings | None = None, *, dry_run: bool = False, lock: Any 
     started, now = time.monotonic(), utcnow()
     actions = _prune_actions(engine, settings.retain_actions_days, now, size, run)
     report.kinds.append(actions)
-    going = _actions_going(engine, actions.cutoff) if dry_run else None
-    report.kinds.append(_prune_batches(engine, settings.retain_actions_days, now, size, run, going))
+    report.kinds.append(_prune_batches(engine, settings.retain_actions_days, now, size, run,
+                                       settings.retain_actions_days))
     for spec in [*core_logs(settings), *plugin_logs()]:
         report.kinds.append(_prune_serial(engine, spec, now, size, run))
+    going = _actions_going(engine, actions.cutoff) if dry_run else None
     report.kinds.append(_prune_artifacts(engine, settings, now, run, going))
     report.seconds = time.monotonic() - started
     return report
