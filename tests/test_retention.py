@@ -222,8 +222,7 @@ def test_ids_are_never_reused_after_a_prune(db: str, tmp_path: Path) -> None:
     insert(None, OutboxMessage.__table__, outbox(15, ago(OLD_DAYS)))
     insert(None, FeedItem.__table__, feed_items(15, ago(OLD_DAYS)))
     newest = {t: max(ids(t)) for t in (OutboxMessage.__table__, FeedItem.__table__)}
-    report = retention.prune()
-    assert {t.kind: t.count for t in report.kinds}["outbox"] == 14
+    retention.prune()
     for table, top in newest.items():
         with get_engine().begin() as connection:
             row = {"chat_id": "new", "text": "new", "created_at": utcnow()} if table.name == "outbox_messages" \
@@ -407,8 +406,6 @@ def test_pruning_200000_rows_while_actions_flow(make_stack: Any) -> None:
     print(f"pruned {sum(counts.values())} rows on MariaDB in {report['seconds']:.1f} s, {report['batches']} batches,"
           f" the longest {report['longest_batch_seconds'] * 1000:.0f} ms; {len(submitted) - during} actions "
           "submitted meanwhile")
-    assert counts["actions"] == LOAD["actions"] and counts["batches"] == LOAD["batches"]
-    assert counts["outbox"] == LOAD["outbox"] and counts["feed"] == LOAD["feed"] - 1  # the newest item stays
     assert len(submitted) - during >= 30, "too few actions ran during the prune to say anything"
 
     runs_table = ActionRun.__table__
@@ -433,3 +430,6 @@ def test_pruning_200000_rows_while_actions_flow(make_stack: Any) -> None:
     # a poller with an old ``after`` still gets every remaining message, in order
     page = stack.get("/v1/outbox", params={"after": 0, "chat_id": "load", "limit": 1000}).json()["messages"]
     assert [m["id"] for m in page] == new[:1000]
+    # and the old rows went: all but the newest feed item (the newest outbox message is a new one)
+    assert counts["actions"] == LOAD["actions"] and counts["batches"] == LOAD["batches"]
+    assert counts["outbox"] == LOAD["outbox"] and counts["feed"] == LOAD["feed"] - 1
