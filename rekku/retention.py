@@ -85,7 +85,7 @@ class Busy(Exception):
 class SerialLog:
     """A table that only grows, with an auto-increment ``id`` in insertion order and a time column:
     pruned by walking the id, oldest first. ``final`` (a SQL condition) says which old rows may go at all;
-    ``keep`` (given the connection and the old rows' ids) names rows to keep besides; ``ceiling`` gives
+    ``keep`` (given the connection and the old rows read) names the ids of rows to keep besides; ``ceiling`` gives
     the highest id that may go (default: below the newest row, which is never deleted)."""
 
     kind: str
