@@ -341,29 +341,77 @@ def _stuck_runs() -> list[dict]:
     or out of reach is a message saying what to do, not a traceback."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from rekku.embedded_redis import without_password
-    from rekku.migrate import state
     from rekku.reconciler import stuck as find_stuck
 
     settings = get_settings()
-    url = settings.resolved_database_url()
     try:
         return find_stuck(settings)
     except SQLAlchemyError as exc:
-        shown = without_password(url)
-        try:
-            current, head = state(url)
-        except Exception as inner:
-            raise click.ClickException(
-                f"cannot read the database {shown}: {type(inner).__name__}: {inner} "
-                "(check REKKU_DATABASE_URL, or DB_HOST/DB_USER/DB_PASS/DB_NAME)") from None
-        if current != head:
-            found = "has no Rekku tables yet" if current == "none" else f"is behind (schema at {current})"
-            raise click.ClickException(
-                f"the database {shown} {found}: run `rekku migrate` "
-                "(`rekku up` and `rekku ingress` migrate it too)") from None
-        raise click.ClickException(f"cannot read the action log in {shown}: "
-                                   f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}") from None
+        raise _database_problem(settings.resolved_database_url(), exc) from None
+
+
+def _database_problem(url: str, exc: Exception) -> click.ClickException:
+    """What to do about a database error: reach it, migrate it, or the error itself."""
+    from rekku.embedded_redis import without_password
+    from rekku.migrate import state
+
+    shown = without_password(url)
+    try:
+        current, head = state(url)
+    except Exception as inner:
+        return click.ClickException(
+            f"cannot read the database {shown}: {type(inner).__name__}: {inner} "
+            "(check REKKU_DATABASE_URL, or DB_HOST/DB_USER/DB_PASS/DB_NAME)")
+    if current != head:
+        found = "has no Rekku tables yet" if current == "none" else f"is behind (schema at {current})"
+        return click.ClickException(
+            f"the database {shown} {found}: run `rekku migrate` "
+            "(`rekku up` and `rekku ingress` migrate it too)")
+    return click.ClickException(f"cannot read the action log in {shown}: "
+                                f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="count what would go; delete nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def prune(dry_run: bool, as_json: bool) -> None:
+    """Delete rows and artifacts past their retention (REKKU_RETAIN_*), in small transactions."""
+    from contextlib import nullcontext
+
+    import redis as redis_lib
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rekku import retention
+    from rekku.embedded_redis import without_password
+
+    settings = get_settings()
+    try:
+        # a dry run deletes nothing, so it needs no lock (nor a broker)
+        with nullcontext() if dry_run else retention.holding_lock(settings) as lock:
+            report = retention.prune(settings, dry_run=dry_run, lock=lock)
+    except retention.Busy as exc:
+        raise click.ClickException(f"{exc}; try again when it is over") from None
+    except redis_lib.RedisError as exc:
+        raise click.ClickException(
+            f"cannot take the pruning lock on the broker {without_password(settings.resolved_broker_url())}: "
+            f"{type(exc).__name__} (check REKKU_BROKER_URL; `rekku prune --dry-run` needs no broker)") from None
+    except SQLAlchemyError as exc:
+        raise _database_problem(settings.resolved_database_url(), exc) from None
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    table = Table(title="Rekku retention" + (" (dry run: nothing deleted)" if dry_run else ""), header_style="bold")
+    for col in ("kind", "kept for", "older than", verb, "still needed"):
+        table.add_column(col, justify="right" if col in (verb, "still needed") else "left", no_wrap=True)
+    for tally in report.kinds:
+        table.add_row(tally.kind, f"{tally.days:g} days" if tally.days else "forever",
+                      tally.cutoff.strftime("%Y-%m-%d") if tally.cutoff else "-",
+                      str(tally.count), str(tally.kept))
+    console.print(table)
+    console.print(f"{report.total} rows and files {'would be deleted' if dry_run else 'deleted'}; "
+                  f"{report.batches} batches in {report.seconds:.1f} s, "
+                  f"the longest {report.longest_batch * 1000:.0f} ms")
 
 
 @main.command()

@@ -53,6 +53,8 @@ class Batch(Base):
     """One accepted request: its idempotency key and the answer it got."""
 
     __tablename__ = "action_batches"
+    #: Old batches by time, for the pruner (rekku/retention.py; migration 0006_retention_indexes).
+    __table_args__ = (sa.Index("ix_action_batches_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)

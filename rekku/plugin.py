@@ -40,6 +40,7 @@ from rekku.models import JSONType, UTCDateTime, utcnow
 from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.plugin_settings import PluginSettings
 from rekku.registry import core_initializer, get_registry, register_plugin
+from rekku.retention import SerialLog as PrunableLog
 from rekku.schedule import Rule, ScheduleError, build_rule, next_occurrence, upcoming
 from rekku.settings import Settings, get_settings, location_of
 from rekku.supervisor import die_with_parent
@@ -63,6 +64,7 @@ __all__ = [
     "NotAuthorized",      # this requester may not do this (not a trainer, another chat)
     # --- settings
     "PluginSettings",     # base of a plugin's own settings (its variables): subclass, then MySettings.get()
+    "PrunableLog",        # a log table the pruner may thin (offered by the optional hook prunable())
     "Settings",           # the core's typed settings object, for annotations and tests
     "get_settings",       # the process's core settings (TZ, trainers, API keys, limits)
     "location_of",        # the prompt's location from TZ / PROMPT_LOCATION, as time_plugin shows it

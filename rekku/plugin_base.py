@@ -71,6 +71,7 @@ class AIPluginBase:
     #   check_request(context) -> str | None   refuse a whole request (e.g. the user is blocked)
     #   on_request(context) -> None            observe every request that was accepted (e.g. chat activity)
     #   periodic_tasks() -> {name: {"every": s, "run": fn, "pool": q}}   work for celery beat (rekku_workers.periodic)
+    #   prunable() -> [PrunableLog]           a log table of the plugin's the pruner may thin (rekku.retention)
     #   get_static_injection(message=None, context_memory=None) -> dict  prompt context
 
     def unavailable_reason(self) -> str | None:

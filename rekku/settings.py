@@ -277,6 +277,24 @@ class Settings(DocumentedSettings):
     #: Largest artifact (e.g. a downloaded .mp3) an action may keep, in bytes.
     artifact_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, validation_alias=_env("REKKU_ARTIFACT_MAX_BYTES"))
 
+    # retention (rekku/retention.py): days each kind of record is kept; 0 keeps it forever
+    #: Finished actions (action_runs) and their batches (action_batches, once none of their actions is left).
+    retain_actions_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_ACTIONS_DAYS"))
+    #: Messages of the outbox interface (GET /v1/outbox).
+    retain_outbox_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_OUTBOX_DAYS"))
+    #: Interfaces' delivery records (interface_deliveries: also "what Rekku said" in the prompt's chat history).
+    retain_deliveries_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_DELIVERIES_DAYS"))
+    #: Incoming messages (table messages: the prompt's chat history reads the last REKKU_PROMPT_HISTORY_DAYS).
+    retain_messages_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_MESSAGES_DAYS"))
+    #: Feed items (never one the model webhook has not been given yet).
+    retain_feed_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_FEED_DAYS"))
+    #: Files in the artifact directory (never one a kept action or outbox message names).
+    retain_artifacts_days: float = Field(30.0, ge=0, validation_alias=_env("REKKU_RETAIN_ARTIFACTS_DAYS"))
+    #: Seconds between beat's pruning passes; 0: beat never prunes (`rekku prune` still does).
+    prune_seconds: float = Field(3600.0, ge=0, validation_alias=_env("REKKU_PRUNE_SECONDS"))
+    #: Rows deleted per transaction: small, so neither SQLite nor MariaDB holds its locks for long.
+    prune_batch: int = Field(500, ge=1, le=10_000, validation_alias=_env("REKKU_PRUNE_BATCH"))
+
     @field_validator("restrict_actions")
     @classmethod
     def _check_policy(cls, value: str) -> str:

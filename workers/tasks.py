@@ -3,6 +3,7 @@
 * one task per action type, ``rekku.action.<type>``, routed to its pool's queue, which runs the
   handler through the runner and its hooks (rekku_workers.runner);
 * ``rekku.ingest`` (actions from a service that speaks Celery) and ``rekku.reconcile`` (beat);
+* ``rekku.retention.prune`` (beat, every REKKU_PRUNE_SECONDS): rows and artifacts past their retention;
 * ``rekku.feed.push`` (io pool): the feed POSTed to the model's webhook (rekku.feed_push), woken by
   beat and by rekku.feed when items are added;
 * plugins' periodic tasks and the beat schedule (rekku_workers.periodic);
@@ -27,7 +28,7 @@ from rekku_workers.run_metrics import RUN_METRICS
 from rekku_workers.runner import execute, time_limit_of
 from rekku_workers.timer_sweep import TimerSweep
 
-from rekku import feed_push
+from rekku import feed_push, retention
 from rekku.celery_app import app
 from rekku.envelope import message_key
 from rekku.ingest import default_ingress
@@ -100,6 +101,14 @@ def push_feed() -> dict:
     return feed_push.push_pass()
 
 
+@app.task(name=retention.TASK_NAME, queue=retention.TASK_QUEUE, acks_late=True, ignore_result=True,
+          soft_time_limit=retention.PASS_SECONDS + 60, time_limit=retention.PASS_SECONDS + 90)
+def prune() -> dict:
+    """One pruning pass (see rekku.retention): rows and artifacts past their retention, in small
+    transactions; one pass at a time across every node."""
+    return retention.prune_pass()
+
+
 def _register(app: Celery) -> None:
     settings = get_settings()
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
@@ -113,6 +122,10 @@ def _register(app: Celery) -> None:
     app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), "rekku.reconcile": {
         "task": "rekku.reconcile", "schedule": settings.reconcile_seconds,
         "options": {"queue": "default", "expires": settings.reconcile_seconds}}}
+    if settings.prune_seconds:  # retention: a pass is at most this long, so passes never pile up
+        app.conf.beat_schedule[retention.TASK_NAME] = {
+            "task": retention.TASK_NAME, "schedule": settings.prune_seconds,
+            "options": {"queue": retention.TASK_QUEUE, "expires": settings.prune_seconds}}
     if settings.model_webhook_url:  # without the secret too: the pass then says, once, why nothing is pushed
         every = settings.model_webhook_poll_seconds
         app.conf.beat_schedule[feed_push.TASK_NAME] = {

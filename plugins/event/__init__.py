@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from rekku.plugin import (
     PluginError,
+    PrunableLog,
     Rejection,
     Rule,
     ScheduleError,
@@ -41,7 +42,10 @@ from rekku.plugin import (
 from .engine import ACTIVE as EVENT_ACTIVE
 from .engine import CANCELLED as EVENT_CANCELLED
 from .engine import CANCELLED_DELIVERY as EVENT_DELIVERY_CANCELLED
+from .engine import DELIVERED as EVENT_DELIVERED
 from .engine import DONE as EVENT_DONE
+from .engine import FAILED as EVENT_DELIVERY_FAILED
+from .engine import MAX_ATTEMPTS as EVENT_MAX_ATTEMPTS
 from .engine import PENDING as EVENT_DELIVERY_PENDING
 from .engine import deliveries as event_deliveries
 from .engine import events as scheduled_events
@@ -84,6 +88,15 @@ class EventPlugin(TablePlugin):
     # ------------------------------------------------------------------ beat
     def periodic_tasks(self) -> dict:
         return {"tick": {"every": EventSettings.get().tick_seconds, "run": event_tick, "pool": "default"}}
+
+    def prunable(self) -> list[PrunableLog]:
+        """Finished deliveries are a log of reminders sent (the pruner thins it, rekku/retention.py); the
+        events themselves, and deliveries still to be made or retried, are the user's and stay."""
+        d = event_deliveries
+        done = sa.or_(d.c.status.in_((EVENT_DELIVERED, EVENT_DELIVERY_CANCELLED)),
+                      sa.and_(d.c.status == EVENT_DELIVERY_FAILED, d.c.attempts >= EVENT_MAX_ATTEMPTS))
+        return [PrunableLog("event_deliveries", d, "updated_at", EventSettings.get().retain_deliveries_days,
+                            final=done)]
 
     # ------------------------------------------------------------------ validation
     def validate_payload(self, action_type: str, payload: dict) -> list[str]:
