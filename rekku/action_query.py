@@ -92,17 +92,22 @@ def shown(run: dict[str, Any], hide_secrets: bool) -> dict[str, Any]:
             "result": redact(run["result"])}
 
 
-def list_actions(engine: Engine, where: ActionFilter, limit: int, cursor: str | None = None,
-                 hide_secrets: bool = False) -> dict[str, Any]:
-    """``{"actions": [...], "next_cursor": str | None}``: the newest ``limit`` actions matching ``where``,
-    after ``cursor``; ``next_cursor`` is None on the last page."""
+def list_query(where: ActionFilter, limit: int, cursor: str | None = None) -> sa.Select:
+    """The SELECT of one page: ``limit`` rows matching ``where`` after ``cursor``, newest first."""
     query = sa.select(_runs).where(*where.where())
     if cursor:
         created_at, action_id = decode_cursor(cursor)
         # (created_at, id) < (c, i), written so that its first term is an index range on both backends
         query = query.where(_runs.c.created_at <= created_at,
                             (_runs.c.created_at < created_at) | (_runs.c.id < action_id))
-    query = query.order_by(_runs.c.created_at.desc(), _runs.c.id.desc()).limit(limit + 1)
+    return query.order_by(_runs.c.created_at.desc(), _runs.c.id.desc()).limit(limit)
+
+
+def list_actions(engine: Engine, where: ActionFilter, limit: int, cursor: str | None = None,
+                 hide_secrets: bool = False) -> dict[str, Any]:
+    """``{"actions": [...], "next_cursor": str | None}``: the newest ``limit`` actions matching ``where``,
+    after ``cursor``; ``next_cursor`` is None on the last page."""
+    query = list_query(where, limit + 1, cursor)
     with engine.connect() as c:
         rows = c.execute(query).all()
     runs = [run_as_dict(r) for r in rows[:limit]]
