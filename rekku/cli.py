@@ -268,8 +268,9 @@ def _get_json(path: str, params: dict[str, Any]) -> Any:
 def _runs_table(runs: list[dict], title: str) -> Table:
     """Actions as ``rekku list`` and ``rekku dead-letters`` show them (the newest first)."""
     table = Table(title=title, header_style="bold")
-    for col in ("created (UTC)", "id", "type", "status", "queue", "worker", "attempts", "error / result"):
-        table.add_column(col, overflow="fold")
+    for col in ("created (UTC)", "id", "type", "status", "queue", "worker", "attempts"):
+        table.add_column(col, no_wrap=True)  # an id is copied from here whole
+    table.add_column("error / result", overflow="fold", max_width=60)
     for r in runs:
         detail = r.get("error") if r["status"] in ("failed", "cancelled") else (
             json.dumps(r.get("result"), ensure_ascii=False)[:60] if r["status"] == "succeeded" else "")

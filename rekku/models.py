@@ -77,8 +77,8 @@ class ActionRun(Base):
 
     __tablename__ = "action_runs"
     __table_args__ = (sa.Index("ix_action_runs_status_updated", "status", "updated_at"),
-                      sa.Index("ix_action_runs_chat_created", "chat_id", "created_at"),
-                      # GET /v1/actions: newest first by (created_at, id), alone or within a status or type
+                      # GET /v1/actions: newest first by (created_at, id), alone or within a chat, status or type
+                      sa.Index("ix_action_runs_chat_created", "chat_id", "created_at", "id"),
                       sa.Index("ix_action_runs_created", "created_at", "id"),
                       sa.Index("ix_action_runs_status_created", "status", "created_at", "id"),
                       sa.Index("ix_action_runs_type_created", "type", "created_at", "id"))
