@@ -1,6 +1,6 @@
 // Rekku's read-only web view (rekku/view_api.py). Everything shown comes from the bearer-token JSON routes;
 // the token lives in this tab's sessionStorage only. Payloads are written by a model: every text goes
-// into the page with textContent (never innerHTML), so markup in them is shown, never run.
+// into the page with textContent (never parsed as HTML), so markup in them is shown, never run.
 "use strict";
 
 (() => {
@@ -15,6 +15,8 @@
   let pages = [null]; // the cursor of each page seen; the last one is shown
   let nextCursor = null;
   let timer = null;
+  let listAsked = 0; // answers to older requests than the newest are dropped (filters changed meanwhile)
+  let detailAsked = 0;
 
   class Unauthorized extends Error {}
 
@@ -176,8 +178,10 @@
   }
 
   async function loadActions() {
+    const asked = ++listAsked;
     let page;
-    try { page = await api(query()); } catch (err) { failed("list-error", err); return; }
+    try { page = await api(query()); } catch (err) { if (asked === listAsked) failed("list-error", err); return; }
+    if (asked !== listAsked) return;
     $("list-error").textContent = "";
     nextCursor = page.next_cursor;
     const body = $("actions").tBodies[0];
@@ -206,10 +210,12 @@
 
   // ------------------------------------------------------------------ one action
   async function loadDetail(id) {
+    const asked = ++detailAsked;
     let a;
     try { a = await api("/v1/actions/" + encodeURIComponent(id) + "?redact=true"); } catch (err) {
       failed("list-error", err); return;
     }
+    if (asked !== detailAsked) return;
     $("detail-id").textContent = a.id;
     const fields = [["status", a.status], ["type", a.type], ["queue", a.queue], ["worker", a.worker || ""],
       ["attempts", a.attempts], ["batch", a.batch_id], ["created", shortTime(a.created_at)],
