@@ -153,9 +153,12 @@
     });
     for (const [key, cls] of [["p50_seconds", "p50"], ["p99_seconds", "p99"]]) {
       const points = minutes.map((m, i) => [m[key], i]).filter(([v]) => v !== null)
-        .map(([v, i]) => `${(left + (i + 0.5) * step).toFixed(1)},${(top + plotH - (v / maxLatency) * plotH).toFixed(1)}`);
+        .map(([v, i]) => [left + (i + 0.5) * step, top + plotH - (v / maxLatency) * plotH]);
       if (points.length) {
-        chart.appendChild(svg("polyline", {points: points.join(" "), class: cls, "data-points": points.length}));
+        chart.appendChild(svg("polyline", {points: points.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" "),
+                                           class: cls, "data-points": points.length}));
+        // a dot per minute too: one minute alone draws no line
+        for (const [x, y] of points) chart.appendChild(svg("circle", {cx: x, cy: y, r: 2.5, class: cls + "-dot"}));
       }
     }
     chart.appendChild(svg("text", {x: 4, y: top + 10}, String(maxCount)));
