@@ -22,12 +22,14 @@ from sqlalchemy.engine import Engine
 
 from rekku.action_log import run_as_dict
 from rekku.errors import ValidationError
-from rekku.models import FAILED, ActionRun, chat_key, utcnow
+from rekku.models import FAILED, ActionRun, UTCDateTime, chat_key, utcnow
 from rekku.redact import redact
 
 _runs = ActionRun.__table__
 #: Most rows ``GET /v1/stats`` reads for its window; past it the answer covers the newest ones and says so.
 STATS_MAX_ROWS = 500_000
+#: Decimals of the latencies of ``GET /v1/stats``: microseconds, what the action log keeps.
+LATENCY_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,28 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     """The nearest-rank percentile of sorted values (None for none)."""
     if not ordered:
         return None
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return ordered[max(0, math.ceil(round(q * len(ordered), 9)) - 1)]  # round: 0.99 * 100 is 99.00000000000001
+
+
+def _minute_and_latency(dialect: str, start: datetime) -> tuple[Any, Any]:
+    """SQL for the minute of the window an action was created in (0 = the first) and its seconds from
+    creation to finish (NULL while unfinished): computed by the database, so a window of many actions
+    costs no date handling in Python (a third of the time at 100,000 actions)."""
+    since = sa.literal(start, UTCDateTime())
+    if dialect == "sqlite":
+        # SQLite's date functions round to milliseconds (59.9999 s is the next minute): its stored text,
+        # "YYYY-MM-DD HH:MM:SS.ffffff", is split into whole seconds and their fraction instead
+        def epoch(value: Any) -> Any:
+            return sa.cast(sa.func.strftime("%s", sa.func.substr(value, 1, 19)), sa.Integer)
+
+        def fraction(value: Any) -> Any:
+            return sa.cast(sa.func.substr(value, 20), sa.Float)
+
+        return ((epoch(_runs.c.created_at) - epoch(since)) // 60,
+                epoch(_runs.c.finished_at) - epoch(_runs.c.created_at)
+                + (fraction(_runs.c.finished_at) - fraction(_runs.c.created_at)))
+    return (sa.func.timestampdiff(sa.text("MINUTE"), since, _runs.c.created_at),
+            sa.func.timestampdiff(sa.text("MICROSECOND"), _runs.c.created_at, _runs.c.finished_at) / 1e6)
 
 
 def minute_stats(engine: Engine, minutes: int, now: datetime | None = None) -> dict[str, Any]:
@@ -129,29 +152,29 @@ def minute_stats(engine: Engine, minutes: int, now: datetime | None = None) -> d
     now = (now or utcnow()).astimezone(timezone.utc)
     end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     start = end - timedelta(minutes=minutes)
-    query = (sa.select(_runs.c.created_at, _runs.c.finished_at, _runs.c.status)
+    minute, latency = _minute_and_latency(engine.dialect.name, start)
+    query = (sa.select(minute, latency, _runs.c.status == FAILED)
              .where(_runs.c.created_at >= start).order_by(_runs.c.created_at.desc()).limit(STATS_MAX_ROWS + 1))
     with engine.connect() as c:
         rows = c.execute(query).all()
     truncated = len(rows) > STATS_MAX_ROWS
-    buckets = [{"created": 0, "finished": 0, "failed": 0, "latencies": []} for _ in range(minutes)]
-    for row in rows[:STATS_MAX_ROWS]:
-        index = int((row.created_at - start).total_seconds() // 60)
-        if not 0 <= index < minutes:
+    created, failed = [0] * minutes, [0] * minutes
+    latencies: list[list[float]] = [[] for _ in range(minutes)]
+    for index, seconds, is_failed in rows[:STATS_MAX_ROWS]:
+        if index is None or not 0 <= (index := int(index)) < minutes:
             continue
-        bucket = buckets[index]
-        bucket["created"] += 1
-        if row.finished_at is not None:
-            bucket["finished"] += 1
-            bucket["failed"] += row.status == FAILED
-            bucket["latencies"].append(max(0.0, (row.finished_at - row.created_at).total_seconds()))
+        created[index] += 1
+        if seconds is not None:
+            latencies[index].append(max(0.0, round(float(seconds), LATENCY_DIGITS)))
+            failed[index] += bool(is_failed)
     every: list[float] = []
     per_minute = []
-    for i, bucket in enumerate(buckets):
-        latencies = sorted(bucket.pop("latencies"))
-        every += latencies
-        per_minute.append({"minute": (start + timedelta(minutes=i)).isoformat(), **bucket,
-                           "p50_seconds": _percentile(latencies, 0.5), "p99_seconds": _percentile(latencies, 0.99)})
+    for i in range(minutes):
+        ordered = sorted(latencies[i])
+        every += ordered
+        per_minute.append({"minute": (start + timedelta(minutes=i)).isoformat(), "created": created[i],
+                           "finished": len(ordered), "failed": failed[i],
+                           "p50_seconds": _percentile(ordered, 0.5), "p99_seconds": _percentile(ordered, 0.99)})
     every.sort()
     return {"since": start.isoformat(), "until": end.isoformat(), "truncated": truncated, "per_minute": per_minute,
             "latency": {"finished": len(every), "p50_seconds": _percentile(every, 0.5),

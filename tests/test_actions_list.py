@@ -175,6 +175,50 @@ def test_stats_count_queued_actions_per_pool(stack: Stack) -> None:
             stack.post(f"/v1/actions/{action_id}/cancel")
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "mariadb"])
+def test_stats_buckets_and_percentiles_are_exact(kind: str, tmp_path: Path, monkeypatch) -> None:
+    """Known rows in a real database: each action in the minute it was created, finished and failed
+    counted there, nearest-rank p50/p99 of the time to finish, nothing from before the window."""
+    from rekku.action_query import minute_stats
+    from rekku.db import get_engine
+    from rekku.migrate import upgrade
+    from rekku.models import ActionRun
+
+    now = datetime.fromisoformat("2026-11-30T10:30:20+00:00")  # the window: 09:31 to 10:31 (excluded)
+    rows = []
+
+    def add(created: str, seconds: float | None, status: str = "succeeded") -> None:
+        at = datetime.fromisoformat(f"2026-11-30T{created}+00:00")
+        rows.append({"id": uuid.uuid4().hex, "batch_id": "b", "position": len(rows), "type": "echo", "queue": "default",
+                     "status": status if seconds is not None else "queued", "payload": {}, "context": {},
+                     "attempts": 1, "cancel_requested": False, "created_at": at, "updated_at": at,
+                     "finished_at": None if seconds is None else at + timedelta(seconds=seconds)})
+
+    for i in range(1, 101):  # 10:29: 100 actions taking 0.001 s to 0.100 s
+        add(f"10:29:{i % 60:02d}.{i:06d}", i / 1000, "failed" if i % 10 == 0 else "succeeded")
+    add("10:30:59.999999", 2.5)  # the last minute of the window
+    add("10:30:00", None)  # not finished: created, no latency
+    add("09:31:00", 1.25)  # the window's first instant
+    add("09:30:59.999999", 9)  # before the window
+    with scratch_database(kind, tmp_path, monkeypatch) as url:
+        upgrade(url)
+        engine = get_engine(url)
+        with engine.begin() as c:
+            c.execute(sa.insert(ActionRun.__table__), rows)
+        stats = minute_stats(engine, 60, now=now)
+    minutes = stats["per_minute"]
+    assert (stats["since"], stats["until"]) == ("2026-11-30T09:31:00+00:00", "2026-11-30T10:31:00+00:00")
+    assert len(minutes) == 60 and minutes[0]["minute"] == stats["since"]
+    assert minutes[0] == {"minute": "2026-11-30T09:31:00+00:00", "created": 1, "finished": 1, "failed": 0,
+                          "p50_seconds": 1.25, "p99_seconds": 1.25}
+    assert minutes[58] == {"minute": "2026-11-30T10:29:00+00:00", "created": 100, "finished": 100, "failed": 10,
+                           "p50_seconds": 0.05, "p99_seconds": 0.099}
+    assert minutes[59] == {"minute": "2026-11-30T10:30:00+00:00", "created": 2, "finished": 1, "failed": 0,
+                           "p50_seconds": 2.5, "p99_seconds": 2.5}
+    assert sum(m["created"] for m in minutes) == 103 and stats["truncated"] is False
+    assert stats["latency"] == {"finished": 102, "p50_seconds": 0.051, "p99_seconds": 1.25}
+
+
 # ----------------------------------------------------------------------------- the indexes
 def _plan(engine: sa.Engine, query: sa.Select) -> str:
     compiled = query.compile(dialect=engine.dialect)
