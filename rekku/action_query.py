@@ -45,6 +45,18 @@ class ActionFilter:
     since: datetime | None = None
     until: datetime | None = None
 
+    def index(self) -> str | None:
+        """The index a page of this filter reads (migration 0006_action_list_indexes); None for a batch's few rows."""
+        if self.batch_id:
+            return None
+        if self.chat_id is not None:
+            return "ix_action_runs_chat_created"
+        if self.type:
+            return "ix_action_runs_type_created"
+        if self.status:
+            return "ix_action_runs_status_created"
+        return "ix_action_runs_created"
+
     def where(self) -> list[Any]:
         clauses: list[Any] = []
         if self.status:
@@ -97,6 +109,11 @@ def shown(run: dict[str, Any], hide_secrets: bool) -> dict[str, Any]:
 def list_query(where: ActionFilter, limit: int, cursor: str | None = None) -> sa.Select:
     """The SELECT of one page: ``limit`` rows matching ``where`` after ``cursor``, newest first."""
     query = sa.select(_runs).where(*where.where())
+    if (index := where.index()) is not None:
+        # MariaDB otherwise reads a type's (or status's) whole index entry from its newest row, filtering out
+        # every row before the cursor (100 ms at 5,000 rows deep, against 1 ms as a range of the same index)
+        for dialect in ("mysql", "mariadb"):
+            query = query.with_hint(_runs, f"FORCE INDEX ({index})", dialect_name=dialect)
     if cursor:
         created_at, action_id = decode_cursor(cursor)
         # (created_at, id) < (c, i), written so that its first term is an index range on both backends
