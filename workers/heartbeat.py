@@ -2,7 +2,8 @@
 
 Each start of a worker is an *incarnation* (rekku.worker_identity); it beats its own key and its node's
 (rekku.reconciler says how the reconciler reads them), and writes its name into every unacknowledged
-delivery it holds, so what a dead incarnation held is told from a live one's at once.
+delivery it holds, so what a dead incarnation held is told from a live one's at once. Its
+acknowledgements also count the action's message down (rekku.held).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
-from rekku.reconciler import HEARTBEAT_PREFIX, OWNER_PROPERTY, broker_client
+from rekku import held
+from rekku.reconciler import ACTION_TASK_PREFIX, HEARTBEAT_PREFIX, OWNER_PROPERTY, broker_client
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,34 @@ def tag_deliveries(owner: str) -> None:
             finally:
                 message._raw = raw
 
+        # kombu's own two lines, with the action's held count (rekku.held) going down in the same
+        # pipeline as the unacknowledged entry: an acknowledged message is held no more.
+        def ack(self, delivery_tag: Any) -> None:
+            pipe = self._remove_from_indices(delivery_tag)
+            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
+            pipe.execute()
+            kombu_virtual.QoS.ack(self, delivery_tag)
+
+        def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+            if requeue:  # back in its queue: still held
+                return super().reject(delivery_tag, requeue=True)
+            pipe = self._remove_from_indices(delivery_tag)
+            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
+            pipe.execute()
+            kombu_virtual.QoS.ack(self, delivery_tag)
+
     kombu_redis.Channel.QoS = OwnedQoS
+
+
+def _count_down_delivery(pipe: Any, message: Any) -> None:
+    """Count an action's message down (rekku.held), if the delivery is one of an action task."""
+    try:
+        headers, info = message.headers, message.delivery_info
+        task, action_id, queue = headers.get("task"), headers.get("id"), info.get("routing_key")
+    except AttributeError:
+        return
+    if isinstance(task, str) and task.startswith(ACTION_TASK_PREFIX) and action_id and queue:
+        held.count_down(pipe, queue, action_id)
 
 
 # ----------------------------------------------------------------------------- worker heartbeat
