@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rekku.action_log import shared_log
+from rekku.action_query import shown
 from rekku.auth import require_token
 from rekku.cancel import request_stop
 from rekku.celery_app import app as celery
@@ -45,6 +46,7 @@ from rekku.schemas import (
     SubmitResponse,
 )
 from rekku.settings import Settings, get_settings
+from rekku.view_api import Redact
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +217,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             delay = min(delay * 1.5, 0.5)
 
     @app.get("/v1/actions/{action_id}", response_model=ActionState, dependencies=auth, responses=_ERRORS)
-    async def get_action(action_id: str, wait: Wait = 0) -> Any:
+    async def get_action(action_id: str, wait: Wait = 0, redact: Redact = False) -> Any:
         """One action's state; ``?wait=`` long-polls until it is finished."""
         run = await _wait_for(lambda: shared_log().get(action_id), wait)
         if run is None:
             raise NotFound(f"no action {action_id}")
-        return run
+        return shown(run, redact)
 
     @app.get("/v1/batches/{batch_id}", response_model=BatchState, dependencies=auth, responses=_ERRORS)
     async def get_batch(batch_id: str, wait: Wait = 0) -> Any:
@@ -310,7 +312,7 @@ def _document_errors(app: FastAPI) -> None:
 #: Modules that contribute routes (each exposes ``router``, an APIRouter using ``require_token``; the one
 #: exception is Telegram's webhook, which Telegram calls with a secret of its own instead: SECURITY.md).
 ROUTER_MODULES: tuple[str, ...] = ("rekku.outbox_api", "rekku.prompt_api", "rekku.ops_api", "rekku.artifacts_api",
-                                   "rekku.conversation_api", "rekku.telegram_webhook_api")
+                                   "rekku.conversation_api", "rekku.telegram_webhook_api", "rekku.view_api")
 
 
 def extra_routers() -> list[Any]:

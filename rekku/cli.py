@@ -249,6 +249,38 @@ def _request(method: str, path: str, **kwargs: Any) -> requests.Response:
         raise click.ClickException(f"cannot reach the ingress at {base} (is `rekku up` or `rekku ingress` running?)")
 
 
+#: ``--json`` of every command that lists something: the machine-readable answer, one JSON document on
+#: stdout (for ``list``, ``dead-letters`` and ``cancel`` exactly what the ingress answered).
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON (machine-readable) instead of a table")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
+
+
+def _get_json(path: str, params: dict[str, Any]) -> Any:
+    """GET ``path`` with the non-empty ``params``; a non-200 answer is the command's error."""
+    resp = _request("GET", path, params={k: v for k, v in params.items() if v not in (None, "")})
+    if resp.status_code != 200:
+        raise click.ClickException(_problem(resp))
+    return resp.json()
+
+
+def _runs_table(runs: list[dict], title: str) -> Table:
+    """Actions as ``rekku list`` and ``rekku dead-letters`` show them (the newest first)."""
+    table = Table(title=title, header_style="bold")
+    for col in ("created (UTC)", "id", "type", "status", "queue", "worker", "attempts"):
+        table.add_column(col, no_wrap=True)  # an id is copied from here whole
+    table.add_column("error / result", overflow="fold", max_width=60)
+    for r in runs:
+        detail = r.get("error") if r["status"] in ("failed", "cancelled") else (
+            json.dumps(r.get("result"), ensure_ascii=False)[:60] if r["status"] == "succeeded" else "")
+        table.add_row((r["created_at"] or "")[:23].replace("T", " "), r["id"], r["type"],
+                      f"[{_STYLE.get(r['status'], '')}]{r['status']}[/]", r["queue"], r["worker"] or "",
+                      str(r["attempts"]), str(detail or "")[:80])
+    return table
+
+
 def _progress_table(runs: list[dict]) -> Table:
     table = Table(show_header=True, header_style="bold")
     for col in ("#", "id", "type", "status", "progress / result"):
@@ -316,10 +348,14 @@ def submit(file: str, context_json: str | None, wait: bool, timeout: float, idem
 @click.argument("action_id", required=False)
 @click.option("--wait", type=float, default=0, help="long-poll up to this many seconds")
 @click.option("--stuck", is_flag=True, help="list unfinished actions untouched for longer than REKKU_RECONCILE_GRACE")
-def status(action_id: str | None, wait: float, stuck: bool) -> None:
+@JSON_OPTION
+def status(action_id: str | None, wait: float, stuck: bool, as_json: bool) -> None:
     """One action's state as JSON, or (--stuck) the actions that are not moving."""
     if stuck:
         runs = _stuck_runs()
+        if as_json:
+            _echo_json({"actions": runs})
+            sys.exit(1 if runs else 0)
         table = Table(title=f"{len(runs)} stuck actions", header_style="bold")
         for col in ("id", "type", "status", "queue", "worker", "attempts", "last change"):
             table.add_column(col)
@@ -333,7 +369,10 @@ def status(action_id: str | None, wait: float, stuck: bool) -> None:
     resp = _request("GET", f"/v1/actions/{action_id}", params={"wait": wait}, timeout=wait + 30)
     if resp.status_code != 200:
         raise click.ClickException(_problem(resp))
-    console.print_json(data=resp.json())
+    if as_json:
+        _echo_json(resp.json())
+    else:
+        console.print_json(data=resp.json())
 
 
 def _stuck_runs() -> list[dict]:
@@ -424,12 +463,72 @@ def retry(action_id: str) -> None:
     console.print(f"action {action_id} queued again on {resp.json()['queue']}")
 
 
+@main.command("list")
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]), default=None)
+@click.option("--type", "action_type", default=None, help="only this action type")
+@click.option("--chat-id", default=None, help="only actions asked from this chat")
+@click.option("--batch-id", default=None, help="only this request's actions")
+@click.option("--since", default=None, help="created at or after (ISO 8601, UTC without a zone)")
+@click.option("--until", default=None, help="created before (ISO 8601, UTC without a zone)")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--cursor", default=None, help="the next_cursor a previous page printed")
+@JSON_OPTION
+def list_actions(status: str | None, action_type: str | None, chat_id: str | None, batch_id: str | None,
+                 since: str | None, until: str | None, limit: int, cursor: str | None, as_json: bool) -> None:
+    """Actions, newest first, as GET /v1/actions lists them (one page; --cursor for the next)."""
+    page = _get_json("/v1/actions", {"status": status, "type": action_type, "chat_id": chat_id,
+                                     "batch_id": batch_id, "since": since, "until": until, "limit": limit,
+                                     "cursor": cursor})
+    if as_json:
+        _echo_json(page)
+        return
+    console.print(_runs_table(page["actions"], f"{len(page['actions'])} actions, newest first"))
+    if page["next_cursor"]:
+        console.print(f"older ones: rekku list --cursor {page['next_cursor']} (with the same filters)")
+
+
 @main.command()
-def actions() -> None:
+@click.argument("action_id")
+@JSON_OPTION
+def cancel(action_id: str, as_json: bool) -> None:
+    """Cancel a queued action, or ask a running one to stop (exit 1 when it is already finished)."""
+    resp = _request("POST", f"/v1/actions/{action_id}/cancel")
+    if resp.status_code != 200:
+        raise click.ClickException(_problem(resp))
+    if as_json:
+        _echo_json(resp.json())
+    else:
+        console.print(f"action {action_id}: {resp.json()['detail']}")
+
+
+@main.command("dead-letters")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--before", default=None, help="an action id: the failed actions older than it")
+@JSON_OPTION
+def dead_letters(limit: int, before: str | None, as_json: bool) -> None:
+    """Actions that failed for good, newest first (GET /v1/dead-letters); `rekku retry ID` runs one again."""
+    page = _get_json("/v1/dead-letters", {"limit": limit, "before": before})
+    if as_json:
+        _echo_json(page)
+        return
+    console.print(_runs_table(page["actions"], f"{len(page['actions'])} dead letters (failed for good)"))
+
+
+@main.command()
+@JSON_OPTION
+def actions(as_json: bool) -> None:
     """Every action type this deployment knows, as a table (read from the plugins, not the ingress)."""
     from rekku.registry import get_registry
 
     registry = get_registry()
+    if as_json:
+        _echo_json({"actions": [{"type": s.type, "plugin": s.plugin, "queue": s.pool,
+                                 "required_fields": list(s.required_fields), "optional_fields": list(s.optional_fields),
+                                 "description": s.description}
+                                for s in sorted(registry.actions.values(), key=lambda s: s.type)],
+                    "disabled": {s.type: s.disabled for s in sorted(registry.disabled.values(), key=lambda s: s.type)},
+                    "errors": list(registry.errors)})
+        return
     table = Table(title="Rekku actions", header_style="bold")
     for col in ("type", "plugin", "queue", "required", "optional", "description"):
         table.add_column(col)
@@ -445,12 +544,16 @@ def actions() -> None:
 
 
 @main.command()
-def doctor() -> None:
+@JSON_OPTION
+def doctor(as_json: bool) -> None:
     """Check broker, database, workers, browser and plugins, and say what to fix."""
     from rekku.doctor import render, run_checks
 
     checks = run_checks(get_settings())
-    render(checks, console)
+    if as_json:
+        _echo_json({"checks": [{"name": c.name, "level": c.level, "detail": c.detail, "fix": c.fix} for c in checks]})
+    else:
+        render(checks, console)
     sys.exit(1 if any(c.level == "fail" for c in checks) else 0)
 
 

@@ -79,12 +79,16 @@ class ActionRun(Base):
 
     __tablename__ = "action_runs"
     __table_args__ = (sa.Index("ix_action_runs_status_updated", "status", "updated_at"),
-                      sa.Index("ix_action_runs_chat_created", "chat_id", "created_at"))
+                      # GET /v1/actions: newest first by (created_at, id), alone or within a chat, status or type
+                      sa.Index("ix_action_runs_chat_created", "chat_id", "created_at", "id"),
+                      sa.Index("ix_action_runs_created", "created_at", "id"),
+                      sa.Index("ix_action_runs_status_created", "status", "created_at", "id"),
+                      sa.Index("ix_action_runs_type_created", "type", "created_at", "id"))
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     batch_id: Mapped[str] = mapped_column(sa.String(36), index=True)
     position: Mapped[int] = mapped_column(sa.Integer, default=0)
-    type: Mapped[str] = mapped_column(sa.String(128), index=True)
+    type: Mapped[str] = mapped_column(sa.String(128))
     queue: Mapped[str] = mapped_column(sa.String(128))
     status: Mapped[str] = mapped_column(sa.String(16), default=QUEUED)
     payload: Mapped[dict] = mapped_column(JSONType)

@@ -95,6 +95,7 @@ class Supervisor:
         return {
             "API": f"http://{host}:{port}  (docs: /docs)",
             "Messages": f"http://{host}:{port}/v1/outbox  (what Rekku says through the outbox interface)",
+            "Web view": f"http://{host}:{port}/ui  (what happened; log in with the API token)",
             "API token": token,
             "Flower": f"http://127.0.0.1:{self.settings.flower_port}  (user:password = {flower_auth})",
             "Broker": broker,

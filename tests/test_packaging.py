@@ -44,6 +44,8 @@ def test_the_wheel_holds_every_bundled_plugin_its_migrations_and_the_worker_side
     for path in (ROOT / "workers").glob("*.py"):
         assert f"rekku_workers/{path.name}" in names, path
     assert "rekku/celeryconfig.py" in names and "rekku/migrations/script.py.mako" in names
+    for path in (ROOT / "rekku" / "web").iterdir():  # the web view's files (rekku/view_api.py serves them)
+        assert f"rekku/web/{path.name}" in names, path
 
 
 def test_an_installed_copy_finds_its_plugins_and_migrations_without_the_checkout(wheel: Path,

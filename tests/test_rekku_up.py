@@ -37,6 +37,7 @@ def test_rekku_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         token = (home / "api_token").read_text().strip()
         assert token in printed and f"http://127.0.0.1:{port}" in printed  # URLs and token are shown
         assert "(embedded)" in printed and "sqlite" in printed
+        assert f"http://127.0.0.1:{port}/ui" in printed and requests.get(base + "/ui", timeout=5).status_code == 200
         headers = {"Authorization": f"Bearer {token}"}
         resp = requests.post(base + "/v1/actions", headers=headers, timeout=10,
                              json={"actions": [{"type": "echo", "payload": {"text": "up"}}]})
