@@ -114,8 +114,16 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
     from rekku.logs import redact_secrets
 
     redact_secrets(settings)  # again: the token may have been generated just now
-    uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port or settings.port,
-                workers=workers, log_level=settings.log_level.lower(), access_log=False)
+    port = port or settings.port
+    if workers > 1:  # N processes, one set of counters: prometheus-client's multiprocess mode (rekku.metrics)
+        from rekku.metrics import use_multiprocess_dir
+
+        use_multiprocess_dir(settings, port)
+    from rekku.logs import uvicorn_log_config
+
+    uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port,
+                workers=workers, log_level=settings.log_level.lower(), access_log=settings.access_log,
+                log_config=uvicorn_log_config(settings))
 
 
 @main.command()

@@ -13,14 +13,17 @@ bot token in its path."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+from pythonjsonlogger import core as jsonlogger_core
+from pythonjsonlogger import json as jsonlogger
 
 from rekku.context import current_action
 from rekku.settings import Settings, get_settings
@@ -169,22 +172,66 @@ class ActionFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+#: Attributes Rekku's own filters put on records that are not shown as keys of their own (the text
+#: format's tag; the redactor's mark) besides the standard ones.
+_NOT_KEYS = ("action_tag", "_rekku_redacted", "color_message")
+#: The keys every JSON line starts with (renamed from the record's attributes).
+_JSON_KEYS = {"asctime": "ts", "levelname": "level", "name": "logger", "message": "message",
+              "action_id": "action_id", "batch_id": "batch_id", "process": "process"}
+#: What uvicorn's access lines (``%s - "%s %s HTTP/%s" %d``) hold, as keys of their own.
+_ACCESS_KEYS = ("client", "method", "path", "http_version", "status")
+
+
+class JsonFormatter(jsonlogger.JsonFormatter):
+    """One JSON object per line (python-json-logger): ``ts``, ``level``, ``logger``, ``message``,
+    ``action_id``, ``batch_id``, ``process``, then every ``extra=`` field as a key of its own, an
+    ``exception`` when there is one, and uvicorn's access lines' parts as keys. The whole line is
+    redacted once more: an ``extra=`` value is not part of the message the record factory cleaned."""
+
+    def __init__(self) -> None:
+        super().__init__(list(_JSON_KEYS), rename_fields={**_JSON_KEYS, "exc_info": "exception"},
+                         reserved_attrs=[*jsonlogger_core.RESERVED_ATTRS, *_NOT_KEYS], json_default=str,
+                         json_ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return datetime.fromtimestamp(record.created, timezone.utc).isoformat()
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        if record.exc_text and record.exc_info:  # Redactor.scrub's redacted text, not a fresh traceback
+            message_dict = {**message_dict, "exc_info": record.exc_text}
+        super().add_fields(log_data, record, message_dict)
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            log_data.update(zip(_ACCESS_KEYS, record.args, strict=True))
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-            "action_id": getattr(record, "action_id", None), "batch_id": getattr(record, "batch_id", None),
-            "process": record.process,
-        }
-        if record.exc_info:  # exc_text when set: the redacted text (see Redactor.scrub)
-            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return REDACTOR.text(super().format(record))
 
 
 def formatter(settings: Settings | None = None) -> logging.Formatter:
     settings = settings or get_settings()
     return JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def stream_handler() -> logging.Handler:
+    """A stderr handler with Rekku's format, action ids and redaction: what :func:`uvicorn_log_config`
+    names, built in each uvicorn process (``--workers N`` starts fresh interpreters)."""
+    handler = logging.StreamHandler()
+    install([handler])
+    return handler
+
+
+def uvicorn_log_config(settings: Settings | None = None) -> dict[str, Any]:
+    """uvicorn's ``log_config``: its own loggers (``uvicorn``, ``uvicorn.error``, ``uvicorn.access``) go
+    to the root logger's one handler, so their lines have Rekku's format (JSON lines with
+    ``REKKU_LOG_FORMAT=json``) and redaction like every other line, in each of its processes."""
+    settings = settings or get_settings()
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"rekku": {"()": "rekku.logs.stream_handler"}},
+        "root": {"handlers": ["rekku"], "level": settings.log_level.upper()},
+        "loggers": {name: {"handlers": [], "propagate": True}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
 
 
 def install(handlers: list[logging.Handler], settings: Settings | None = None) -> None:

@@ -193,6 +193,8 @@ class Settings(DocumentedSettings):
     log_level: str = Field("INFO", validation_alias=_env("REKKU_LOG_LEVEL"))
     #: ``text`` or ``json`` (one JSON object per line, with action_id and batch_id).
     log_format: str = Field("text", pattern="^(text|json)$", validation_alias=_env("REKKU_LOG_FORMAT"))
+    #: The ingress logs a line per HTTP request (uvicorn's access log; JSON with REKKU_LOG_FORMAT=json).
+    access_log: bool = Field(False, validation_alias=_env("REKKU_ACCESS_LOG"))
     #: Seconds between reconciler passes (re-enqueue what the broker lost or a dead worker held).
     reconcile_seconds: float = Field(30.0, gt=0, validation_alias=_env("REKKU_RECONCILE_SECONDS"))
     #: Seconds an unfinished action must sit untouched before the reconciler looks at it.
