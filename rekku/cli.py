@@ -81,6 +81,12 @@ def _start_celery(argv: list[str]) -> None:
     """Run a Celery command (worker, beat, flower) of Rekku's app, configured by Settings alone."""
     for name in CELERY_CLI_VARIABLES:
         os.environ.pop(name, None)
+    if get_settings().log_format == "json":  # every line JSON: no banner, Celery's own prints as records
+        from rekku.logs import celery_prints_as_records
+
+        _setup_logging()  # before the app is imported: it may warn about the environment
+        celery_prints_as_records()
+        argv = ["--quiet", *argv]
     from rekku.celery_app import app
 
     app.start(argv)

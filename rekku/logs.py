@@ -116,13 +116,25 @@ class Redactor:
             return
         clean = self.text(message)
         if clean != message:
-            record.msg, record.args = clean, ()
+            record.msg, record.args = self._clean_args(record, clean) or (clean, ())
         if record.exc_info and not record.exc_text:
             record.exc_text = _PLAIN.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self.text(record.exc_text)
         if record.stack_info:
             record.stack_info = self.text(record.stack_info)
+
+
+    def _clean_args(self, record: logging.LogRecord, clean: str) -> tuple[object, tuple] | None:
+        """The record's format with each argument redacted, when that gives ``clean``: its arguments stay
+        apart (uvicorn's access lines keep their method, path and status as JSON keys)."""
+        if not isinstance(record.args, tuple) or not record.args or not isinstance(record.msg, str):
+            return None
+        args = tuple(self.text(a) if isinstance(a, str) else a for a in record.args)
+        try:
+            return (record.msg, args) if record.msg % args == clean else None
+        except (TypeError, ValueError):
+            return None
 
 
 _PLAIN = logging.Formatter()
@@ -210,6 +222,18 @@ class JsonFormatter(jsonlogger.JsonFormatter):
 def formatter(settings: Settings | None = None) -> logging.Formatter:
     settings = settings or get_settings()
     return JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def celery_prints_as_records() -> None:
+    """JSON mode of a Celery process: Python's warnings (Celery's superuser warning) and the few lines
+    Celery's worker prints itself instead of logging (its shutdown notices, through
+    ``celery.apps.worker.safe_say``) become log records, so they are JSON lines too. (Its banner is
+    left out with ``--quiet``.)"""
+    from celery.apps import worker as celery_worker
+
+    logging.captureWarnings(True)
+    printed = logging.getLogger("celery.apps.worker")
+    celery_worker.safe_say = lambda msg, f=None: printed.warning("%s", str(msg).strip())
 
 
 def stream_handler() -> logging.Handler:
