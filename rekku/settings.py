@@ -267,7 +267,7 @@ class Settings(DocumentedSettings):
     llm_api_key: str | None = Field(None, validation_alias=_env("REKKU_LLM_API_KEY"))
     #: Seconds one completions request may take.
     llm_timeout: float = Field(120.0, gt=0, validation_alias=_env("REKKU_LLM_TIMEOUT"))
-    #: Times a turn is retried (with backoff: 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
+    #: Times a turn is retried (jittered backoff: up to 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
     llm_retries: int = Field(5, ge=0, validation_alias=_env("REKKU_LLM_RETRIES"))
 
     # artifacts
