@@ -3,6 +3,7 @@ alert on, against a real stack (Redis, SQLite, Celery workers): rekku/metrics.py
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ def test_counters_are_the_same_on_every_scrape_of_a_multiprocess_ingress(two_pro
                      sample(text, "rekku_actions_rejected_total", type="(unknown)")))
     assert all(accepted == before + requests_sent for accepted, _ in seen), seen
     assert all(rejected is not None and rejected >= requests_sent for _, rejected in seen), seen
-    assert len({s for s in seen}) == 1, seen  # nothing else happened: every scrape says the same
+    assert len(set(seen)) == 1, seen  # nothing else happened: every scrape says the same
     metrics_dir = stack.home / "metrics" / f"ingress-{stack.port}"
     assert metrics_dir.stat().st_mode & 0o777 == 0o700
     assert len(list(metrics_dir.glob("counter_*.db"))) == 2  # one file of counters per process
@@ -82,8 +83,6 @@ def test_the_metrics_directory_is_emptied_when_the_ingress_starts(tmp_path: Path
     stale = tmp_path / "home" / "metrics" / "ingress-9999"
     stale.mkdir(parents=True)
     (stale / "counter_1.db").write_bytes(b"old")
-    import os
-
     saved = os.environ.get(MULTIPROC_VARIABLE)
     try:
         path = use_multiprocess_dir(settings, 9999)
