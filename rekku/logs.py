@@ -1,5 +1,7 @@
 """Logging for every Rekku process: plain text by default, one JSON object per line with
-``REKKU_LOG_FORMAT=json``; either way each line logged while an action runs carries its action id
+``REKKU_LOG_FORMAT=json`` (python-json-logger: ``extra=`` fields are keys; uvicorn's own lines come
+through :func:`uvicorn_log_config`, Celery's through its logging signals and
+:func:`celery_prints_as_records`); either way each line logged while an action runs carries its action id
 and batch id, so one action's story can be pulled out of several workers' logs.
 
 Configured secrets never reach a log line: :func:`redact_secrets` replaces every value Rekku knows
@@ -123,7 +125,6 @@ class Redactor:
             record.exc_text = self.text(record.exc_text)
         if record.stack_info:
             record.stack_info = self.text(record.stack_info)
-
 
     def _clean_args(self, record: logging.LogRecord, clean: str) -> tuple[object, tuple] | None:
         """The record's format with each argument redacted, when that gives ``clean``: its arguments stay
