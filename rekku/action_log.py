@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
@@ -410,6 +410,13 @@ class ActionLog:
     @staticmethod
     def is_final(status: str) -> bool:
         return status in FINAL_STATES
+
+
+def stuck_condition(grace_seconds: float) -> sa.ColumnElement[bool]:
+    """Not finished and not touched for longer than ``grace_seconds`` (REKKU_RECONCILE_GRACE), on the
+    (status, updated_at) index: what `rekku status --stuck` lists and ``rekku_stuck_actions`` counts."""
+    cutoff = utcnow() - timedelta(seconds=grace_seconds)
+    return _UNFINISHED & (_runs.c.updated_at < cutoff)
 
 
 _shared: ActionLog | None = None

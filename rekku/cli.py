@@ -81,6 +81,12 @@ def _start_celery(argv: list[str]) -> None:
     """Run a Celery command (worker, beat, flower) of Rekku's app, configured by Settings alone."""
     for name in CELERY_CLI_VARIABLES:
         os.environ.pop(name, None)
+    if get_settings().log_format == "json":  # every line JSON: no banner, Celery's own prints as records
+        from rekku.logs import celery_prints_as_records
+
+        _setup_logging()  # before the app is imported: it may warn about the environment
+        celery_prints_as_records()
+        argv = ["--quiet", *argv]
     from rekku.celery_app import app
 
     app.start(argv)
@@ -114,8 +120,16 @@ def ingress(host: str | None, port: int | None, migrate: bool, workers: int) -> 
     from rekku.logs import redact_secrets
 
     redact_secrets(settings)  # again: the token may have been generated just now
-    uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port or settings.port,
-                workers=workers, log_level=settings.log_level.lower(), access_log=False)
+    port = port or settings.port
+    if workers > 1:  # N processes, one set of counters: prometheus-client's multiprocess mode (rekku.metrics)
+        from rekku.metrics import use_multiprocess_dir
+
+        use_multiprocess_dir(settings, port)
+    from rekku.logs import uvicorn_log_config
+
+    uvicorn.run("rekku.api:create_app", factory=True, host=host or settings.host, port=port,
+                workers=workers, log_level=settings.log_level.lower(), access_log=settings.access_log,
+                log_config=uvicorn_log_config(settings))
 
 
 @main.command()

@@ -44,10 +44,10 @@ from typing import Any
 import redis
 import requests
 import sqlalchemy as sa
-from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rekku import feed
+from rekku.backoff import retry_delay
 from rekku.db import get_engine
 from rekku.interfaces.webhook import signature
 from rekku.models import Base, BigId, UTCDateTime, utcnow
@@ -181,12 +181,10 @@ def backoff(settings: Settings, attempts: int, retry_after: float | None = None)
     """Seconds until the next try of an item that failed ``attempts`` times: exponential from 1 s,
     fully jittered, at most REKKU_MODEL_WEBHOOK_MAX_BACKOFF; a Retry-After (up to that maximum) wins
     when longer."""
-    delay = float(get_exponential_backoff_interval(factor=1, retries=max(0, attempts - 1),
-                                                   maximum=int(settings.model_webhook_max_backoff),
-                                                   full_jitter=True))
+    delay = retry_delay(attempts - 1, settings.model_webhook_max_backoff, minimum=0.2)
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.model_webhook_max_backoff))
-    return max(delay, 0.2)
+    return delay
 
 
 # ----------------------------------------------------------------------------- a pass

@@ -1,5 +1,7 @@
 """Logging for every Rekku process: plain text by default, one JSON object per line with
-``REKKU_LOG_FORMAT=json``; either way each line logged while an action runs carries its action id
+``REKKU_LOG_FORMAT=json`` (python-json-logger: ``extra=`` fields are keys; uvicorn's own lines come
+through :func:`uvicorn_log_config`, Celery's through its logging signals and
+:func:`celery_prints_as_records`); either way each line logged while an action runs carries its action id
 and batch id, so one action's story can be pulled out of several workers' logs.
 
 Configured secrets never reach a log line: :func:`redact_secrets` replaces every value Rekku knows
@@ -13,14 +15,17 @@ bot token in its path."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+from pythonjsonlogger import core as jsonlogger_core
+from pythonjsonlogger import json as jsonlogger
 
 from rekku.context import current_action
 from rekku.settings import Settings, get_settings
@@ -113,13 +118,24 @@ class Redactor:
             return
         clean = self.text(message)
         if clean != message:
-            record.msg, record.args = clean, ()
+            record.msg, record.args = self._clean_args(record, clean) or (clean, ())
         if record.exc_info and not record.exc_text:
             record.exc_text = _PLAIN.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self.text(record.exc_text)
         if record.stack_info:
             record.stack_info = self.text(record.stack_info)
+
+    def _clean_args(self, record: logging.LogRecord, clean: str) -> tuple[object, tuple] | None:
+        """The record's format with each argument redacted, when that gives ``clean``: its arguments stay
+        apart (uvicorn's access lines keep their method, path and status as JSON keys)."""
+        if not isinstance(record.args, tuple) or not record.args or not isinstance(record.msg, str):
+            return None
+        args = tuple(self.text(a) if isinstance(a, str) else a for a in record.args)
+        try:
+            return (record.msg, args) if record.msg % args == clean else None
+        except (TypeError, ValueError):
+            return None
 
 
 _PLAIN = logging.Formatter()
@@ -169,22 +185,78 @@ class ActionFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+#: Attributes Rekku's own filters put on records that are not shown as keys of their own (the text
+#: format's tag; the redactor's mark) besides the standard ones.
+_NOT_KEYS = ("action_tag", "_rekku_redacted", "color_message")
+#: The keys every JSON line starts with (renamed from the record's attributes).
+_JSON_KEYS = {"asctime": "ts", "levelname": "level", "name": "logger", "message": "message",
+              "action_id": "action_id", "batch_id": "batch_id", "process": "process"}
+#: What uvicorn's access lines (``%s - "%s %s HTTP/%s" %d``) hold, as keys of their own.
+_ACCESS_KEYS = ("client", "method", "path", "http_version", "status")
+
+
+class JsonFormatter(jsonlogger.JsonFormatter):
+    """One JSON object per line (python-json-logger): ``ts``, ``level``, ``logger``, ``message``,
+    ``action_id``, ``batch_id``, ``process``, then every ``extra=`` field as a key of its own, an
+    ``exception`` when there is one, and uvicorn's access lines' parts as keys. The whole line is
+    redacted once more: an ``extra=`` value is not part of the message the record factory cleaned."""
+
+    def __init__(self) -> None:
+        super().__init__(list(_JSON_KEYS), rename_fields={**_JSON_KEYS, "exc_info": "exception"},
+                         reserved_attrs=[*jsonlogger_core.RESERVED_ATTRS, *_NOT_KEYS], json_default=str,
+                         json_ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return datetime.fromtimestamp(record.created, timezone.utc).isoformat()
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        if record.exc_text and record.exc_info:  # Redactor.scrub's redacted text, not a fresh traceback
+            message_dict = {**message_dict, "exc_info": record.exc_text}
+        super().add_fields(log_data, record, message_dict)
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            log_data.update(zip(_ACCESS_KEYS, record.args, strict=True))
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-            "action_id": getattr(record, "action_id", None), "batch_id": getattr(record, "batch_id", None),
-            "process": record.process,
-        }
-        if record.exc_info:  # exc_text when set: the redacted text (see Redactor.scrub)
-            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return REDACTOR.text(super().format(record))
 
 
 def formatter(settings: Settings | None = None) -> logging.Formatter:
     settings = settings or get_settings()
     return JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def celery_prints_as_records() -> None:
+    """JSON mode of a Celery process: Python's warnings (Celery's superuser warning) and the few lines
+    Celery's worker prints itself instead of logging (its shutdown notices, through
+    ``celery.apps.worker.safe_say``) become log records, so they are JSON lines too. (Its banner is
+    left out with ``--quiet``.)"""
+    from celery.apps import worker as celery_worker
+
+    logging.captureWarnings(True)
+    printed = logging.getLogger("celery.apps.worker")
+    celery_worker.safe_say = lambda msg, f=None: printed.warning("%s", str(msg).strip())
+
+
+def stream_handler() -> logging.Handler:
+    """A stderr handler with Rekku's format, action ids and redaction: what :func:`uvicorn_log_config`
+    names, built in each uvicorn process (``--workers N`` starts fresh interpreters)."""
+    handler = logging.StreamHandler()
+    install([handler])
+    return handler
+
+
+def uvicorn_log_config(settings: Settings | None = None) -> dict[str, Any]:
+    """uvicorn's ``log_config``: its own loggers (``uvicorn``, ``uvicorn.error``, ``uvicorn.access``) go
+    to the root logger's one handler, so their lines have Rekku's format (JSON lines with
+    ``REKKU_LOG_FORMAT=json``) and redaction like every other line, in each of its processes."""
+    settings = settings or get_settings()
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"rekku": {"()": "rekku.logs.stream_handler"}},
+        "root": {"handlers": ["rekku"], "level": settings.log_level.upper()},
+        "loggers": {name: {"handlers": [], "propagate": True}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
 
 
 def install(handlers: list[logging.Handler], settings: Settings | None = None) -> None:

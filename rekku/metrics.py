@@ -1,8 +1,12 @@
 """Prometheus metrics, served by the ingress at ``GET /metrics`` (bearer token, like every route).
 
 Workers and the reconciler run in other processes (often other machines), so what they measure is
-added up in Redis hashes and read when Prometheus scrapes; the ingress's own counters live in its
-process. Queue depth is read from Redis at scrape time.
+added up in Redis hashes and read when Prometheus scrapes. The ingress's own counters live in its
+process; ``rekku ingress --workers N`` runs N processes, so it puts them in prometheus-client's
+multiprocess mode (:func:`use_multiprocess_dir`): each process writes its counters to files in a
+private directory and every scrape, whichever process answers it, adds them all up. Queue depth and
+the gauges operators alert on (rekku/metrics_gauges.py) are read from Redis and the action log at
+scrape time, so they need no sharing.
 
 A worker process adds its runs up in memory and sends them to the hashes named here every
 ``REKKU_METRICS_FLUSH_SECONDS`` (workers/run_metrics.py).
@@ -11,15 +15,20 @@ A worker process adds its runs up in memory and sends them to the hashes named h
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from rekku.metrics_gauges import OperatorGauges
 from rekku.pools import POOLS
-from rekku.settings import get_settings
+from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +122,41 @@ class _SharedCollector:
 
 
 REGISTRY.register(_SharedCollector())
+REGISTRY.register(OperatorGauges(broker_redis))
+
+#: prometheus-client's own variable (not Rekku's: Rekku sets it, see :func:`use_multiprocess_dir`). It is
+#: read when prometheus_client is imported, so it must be in the environment before the process starts.
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_multiprocess_registry: CollectorRegistry | None = None
+
+
+def use_multiprocess_dir(settings: Settings, port: int) -> Path:
+    """Called by ``rekku ingress --workers N`` before it starts its processes: a fresh private directory
+    (``REKKU_HOME/metrics/ingress-<port>``, 0700, emptied: counts of an earlier run would otherwise be
+    added to this one's) named in the environment the processes inherit."""
+    parent = settings.home_dir / "metrics"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    parent.chmod(0o700)
+    path = parent / f"ingress-{port}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    os.environ[MULTIPROC_VARIABLE] = str(path)
+    return path
+
+
+def _registry() -> CollectorRegistry:
+    """This process's counters alone, or (multiprocess mode) every process's, added up from their files."""
+    global _multiprocess_registry
+    if not os.environ.get(MULTIPROC_VARIABLE):
+        return REGISTRY
+    if _multiprocess_registry is None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(_SharedCollector())
+        registry.register(OperatorGauges(broker_redis))
+        _multiprocess_registry = registry
+    return _multiprocess_registry
 
 
 def render() -> bytes:
-    return generate_latest(REGISTRY)
+    return generate_latest(_registry())

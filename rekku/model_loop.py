@@ -64,6 +64,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rekku import feed
+from rekku.backoff import retry_delay
 from rekku.db import get_engine
 from rekku.errors import RekkuError, ServiceUnavailable
 from rekku.ingest import Answer, default_ingress
@@ -387,7 +388,7 @@ def run(interface: str, chat_id: str, thread_id: str = "", failures: int = 0,
                               "next turn)", chat[0], chat[1], failures, exc)
                     _set(chat, pending_upto=None)
                 else:
-                    delay = min(MAX_BACKOFF, 2.0 ** failures)
+                    delay = retry_delay(failures, MAX_BACKOFF, minimum=1.0)
                     log.warning("model turn of chat %s:%s: %s; retried in %g s", chat[0], chat[1], exc, delay)
                     give_up_lock(chat, token, client)
                     released = True

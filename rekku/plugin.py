@@ -18,6 +18,7 @@ from rekku.action_log import ActionLog, shared_log
 from rekku.artifacts import artifact_size
 from rekku.artifacts import keep as keep_artifact
 from rekku.artifacts import url_of as artifact_url
+from rekku.backoff import retry_delay
 from rekku.celery_app import app as celery_app
 from rekku.context import ActionContext, current_action, normalize_context
 from rekku.db import get_engine, session_factory
@@ -60,6 +61,7 @@ __all__ = [
     "RekkuError",         # the base of them all, to catch the core's errors
     "PluginError",        # the action fails with this message; the worker goes on
     "TransientError",     # the action is retried with backoff (a timeout, a 5xx)
+    "retry_delay",        # seconds before a retry a plugin schedules itself: exponential, capped, jittered
     "ValidationError",    # the payload is wrong; the caller must change it
     "NotAuthorized",      # this requester may not do this (not a trainer, another chat)
     # --- settings

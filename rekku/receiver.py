@@ -23,6 +23,7 @@ from typing import Any
 
 import requests
 
+from rekku.backoff import retry_delay
 from rekku.ingest import Ingress, default_ingress
 from rekku.settings import Settings
 from rekku.telegram_updates import load_offset, receive_update, save_offset
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 ALLOWED_UPDATES = '["message"]'
 #: Seconds an HTTP call may take beyond the long poll's own timeout before it counts as a network error.
 HTTP_GRACE = 15.0
-#: The first pause after a failure; it doubles up to REKKU_RECEIVE_MAX_BACKOFF.
+#: The first pause after a failure; the longest pause doubles up to REKKU_RECEIVE_MAX_BACKOFF (jittered).
 FIRST_BACKOFF = 1.0
 
 
@@ -61,7 +62,7 @@ class TelegramReceiver:
         self.http = requests.Session()
         self.stopping = False
         self._interruptible = False
-        self._backoff = FIRST_BACKOFF
+        self._failures = 0
 
     # ------------------------------------------------------------------ stopping
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -101,7 +102,7 @@ class TelegramReceiver:
                     log.log(retry.level, "%s; retrying in %g s", retry, delay)
                     self._pause(delay)
                     continue
-                self._backoff = FIRST_BACKOFF
+                self._failures = 0
                 offset = self._store(updates, offset)
         except Stopped:
             pass
@@ -122,9 +123,12 @@ class TelegramReceiver:
                 time.sleep(delay)
 
     def _next_backoff(self) -> float:
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, self.settings.receive_max_backoff)
-        return min(delay, self.settings.receive_max_backoff)
+        """FIRST_BACKOFF after the first failure in a row, then up to twice as long each time (jittered:
+        rekku.backoff), at most REKKU_RECEIVE_MAX_BACKOFF."""
+        delay = retry_delay(self._failures, self.settings.receive_max_backoff, factor=FIRST_BACKOFF,
+                            minimum=FIRST_BACKOFF)
+        self._failures += 1
+        return delay
 
     def _store(self, updates: list[dict[str, Any]], offset: int | None) -> int | None:
         """Store each update's message, then save the offset past it; on a failure, pause and return the

@@ -46,19 +46,17 @@ import redis
 import sqlalchemy as sa
 
 from rekku import dispatch, held
-from rekku.action_log import NewRun, run_as_dict, shared_log
+from rekku.action_log import NewRun, run_as_dict, shared_log, stuck_condition
 from rekku.celery_app import app
 from rekku.db import get_engine
 from rekku.ingest import default_ingress
 from rekku.models import QUEUED, RUNNING, ActionRun, utcnow
 from rekku.registry import get_registry
 from rekku.settings import Settings, get_settings
+from rekku.worker_identity import HEARTBEAT_PREFIX
 
 log = logging.getLogger(__name__)
 
-#: Redis key of a worker's heartbeat: ``rekku:worker:<hostname>`` (the node, holding its newest
-#: incarnation) and ``rekku:worker:<hostname>#<incarnation>`` (one start of it); both expire when it stops.
-HEARTBEAT_PREFIX = "rekku:worker:"
 #: Kombu's Redis transport keeps delivered-but-unacknowledged messages in this hash.
 UNACKED_KEY = "unacked"
 #: Kombu's index of unacknowledged deliveries (delivery tag → time), restored after the visibility timeout.
@@ -460,8 +458,7 @@ def stuck(settings: Settings | None = None, limit: int = 100) -> list[dict[str, 
 
     settings = settings or get_settings()
     runs = ActionRun.__table__
-    cutoff = utcnow() - timedelta(seconds=settings.reconcile_grace)
     with get_engine().connect() as conn:
-        rows = conn.execute(sa.select(runs).where(runs.c.status.in_((QUEUED, RUNNING)), runs.c.updated_at < cutoff)
+        rows = conn.execute(sa.select(runs).where(stuck_condition(settings.reconcile_grace))
                             .order_by(runs.c.updated_at).limit(limit)).all()
     return [run_as_dict(r) for r in rows]

@@ -193,6 +193,8 @@ class Settings(DocumentedSettings):
     log_level: str = Field("INFO", validation_alias=_env("REKKU_LOG_LEVEL"))
     #: ``text`` or ``json`` (one JSON object per line, with action_id and batch_id).
     log_format: str = Field("text", pattern="^(text|json)$", validation_alias=_env("REKKU_LOG_FORMAT"))
+    #: The ingress logs a line per HTTP request (uvicorn's access log; JSON with REKKU_LOG_FORMAT=json).
+    access_log: bool = Field(False, validation_alias=_env("REKKU_ACCESS_LOG"))
     #: Seconds between reconciler passes (re-enqueue what the broker lost or a dead worker held).
     reconcile_seconds: float = Field(30.0, gt=0, validation_alias=_env("REKKU_RECONCILE_SECONDS"))
     #: Seconds an unfinished action must sit untouched before the reconciler looks at it.
@@ -265,7 +267,7 @@ class Settings(DocumentedSettings):
     llm_api_key: str | None = Field(None, validation_alias=_env("REKKU_LLM_API_KEY"))
     #: Seconds one completions request may take.
     llm_timeout: float = Field(120.0, gt=0, validation_alias=_env("REKKU_LLM_TIMEOUT"))
-    #: Times a turn is retried (with backoff: 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
+    #: Times a turn is retried (jittered backoff: up to 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
     llm_retries: int = Field(5, ge=0, validation_alias=_env("REKKU_LLM_RETRIES"))
     #: Turns in a row a chat may get from its own actions' outputs (and failures) with no new message or
     #: reminder: a model that answers every output with another query would otherwise never stop.

@@ -11,6 +11,15 @@ from __future__ import annotations
 
 import uuid
 
+#: Redis key of a worker's heartbeat: ``rekku:worker:<hostname>`` (the node, holding its newest
+#: incarnation) and ``rekku:worker:<hostname>#<incarnation>`` (one start of it); both expire when it stops.
+HEARTBEAT_PREFIX = "rekku:worker:"
+#: Sorted set of the workers (``pool@node``) that beat lately, scored by their last beat's time: who to
+#: look up (a heartbeat key each) without scanning the broker's keys (rekku/metrics_gauges.py).
+WORKERS_KEY = "rekku:workers"
+#: Workers whose last beat is older than this (seconds) leave :data:`WORKERS_KEY`.
+WORKERS_KEPT_SECONDS = 3600
+
 _incarnation: str | None = None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ from kombu.transport import virtual as kombu_virtual
 from rekku import held
 from rekku.reconciler import ACTION_TASK_PREFIX, HEARTBEAT_PREFIX, OWNER_PROPERTY, broker_client
 from rekku.settings import Settings, get_settings
+from rekku.worker_identity import WORKERS_KEPT_SECONDS, WORKERS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,15 @@ def _count_down_delivery(pipe: Any, message: Any) -> None:
 
 # ----------------------------------------------------------------------------- worker heartbeat
 def beat(client: redis.Redis, hostname: str, incarnation: str | None, ttl: int) -> None:
-    """One heartbeat: the node's key (holding the incarnation) and the incarnation's own key."""
+    """One heartbeat: the node's key (holding the incarnation) and the incarnation's own key; and the
+    node's name in the set of recent workers, where the metrics find it (rekku/metrics_gauges.py)."""
+    now = time.time()
     pipe = client.pipeline(transaction=False)
     pipe.set(HEARTBEAT_PREFIX + hostname, incarnation or "1", ex=ttl)
     if incarnation:
         pipe.set(f"{HEARTBEAT_PREFIX}{hostname}#{incarnation}", "1", ex=ttl)
+    pipe.zadd(WORKERS_KEY, {hostname: now})
+    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - WORKERS_KEPT_SECONDS)
     pipe.execute()
 
 

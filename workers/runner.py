@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from rekku import context as ctxvars
 from rekku import held
 from rekku.action_log import shared_log
+from rekku.backoff import retry_delay
 from rekku.context import ActionContext
 from rekku.errors import TransientError
 from rekku.plugin_base import ActionSpec
@@ -154,7 +155,8 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
         raise
     except TransientError as exc:
         if ctx.attempt <= spec.max_retries:
-            countdown = exc.retry_after if exc.retry_after is not None else min(MAX_BACKOFF, 2.0 ** ctx.attempt)
+            countdown = (exc.retry_after if exc.retry_after is not None
+                         else retry_delay(ctx.attempt, MAX_BACKOFF, minimum=1.0))
             HOOKS.before_retry(run, _describe(exc), countdown)
             _count_retry_as_held(task, action_id)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None

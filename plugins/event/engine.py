@@ -57,6 +57,7 @@ from rekku.plugin import (
     get_interfaces,
     next_occurrence,
     normalize_context,
+    retry_delay,
     session_factory,
     utcnow,
 )
@@ -542,7 +543,7 @@ def deliver_task(items: list[list[Any]]) -> dict[str, int]:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             log.warning("event %s occurrence %s: delivery attempt %d failed: %s", row.event_id,
                         occurrence.isoformat(), attempts, error)
-            countdown = min(MAX_BACKOFF, 2.0 ** attempts)
+            countdown = retry_delay(attempts, MAX_BACKOFF, minimum=1.0)
             _record(row.event_id, occurrence, status=FAILED, error=error, updated_at=utcnow(),
                     retry_at=utcnow() + timedelta(seconds=countdown))
             if attempts < MAX_ATTEMPTS:
