@@ -375,7 +375,7 @@ class Stack:
     def _ready(self) -> bool:
         try:
             return requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy to answer in time: not ready
             return False
 
     def start_worker(self, pool: str = "default", concurrency: int = 2, node: str | None = None,

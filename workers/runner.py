@@ -180,6 +180,6 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
 def _count_retry_as_held(task: Any, action_id: str) -> None:
     """Count the retry's message as held (rekku.held) before Celery publishes it: this delivery's
     acknowledgement, right after, counts the old one down, and the action must stay held meanwhile."""
-    queue = (task.request.delivery_info or {}).get("routing_key")
+    queue = (getattr(task.request, "delivery_info", None) or {}).get("routing_key")
     if queue:
         held.count_up(broker_client(get_settings()), queue, [action_id])
