@@ -18,8 +18,8 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from rekku.broker import broker_client
 from rekku.pools import POOLS
-from rekku.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,6 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 REGISTRY = CollectorRegistry()
 ACCEPTED = Counter("rekku_actions_accepted", "Actions accepted by this ingress process", ["type"], registry=REGISTRY)
 REJECTED = Counter("rekku_actions_rejected", "Actions rejected by this ingress process", ["type"], registry=REGISTRY)
-
-_client: redis.Redis | None = None
-
-
-def broker_redis() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(get_settings().resolved_broker_url(), socket_timeout=2)
-    return _client
-
 
 #: The ``type`` label of rejected actions whose type no plugin declares: the model can invent any
 #: number of types, and each label value is kept by the process for good.
@@ -62,7 +52,7 @@ def count_submission(accepted: list[dict], rejected: list[dict], registry: Any) 
 
 def count_reconciled(outcome: dict[str, int]) -> None:
     try:
-        pipe = broker_redis().pipeline()
+        pipe = broker_client(timeout=2).pipeline()
         for reason, n in outcome.items():
             if n:
                 pipe.hincrby(RECONCILER_KEY, reason, n)
@@ -75,7 +65,7 @@ class _SharedCollector:
     """What workers and the broker know, read at scrape time."""
 
     def collect(self) -> Iterator[Any]:
-        client = broker_redis()
+        client = broker_client(timeout=2)
         try:
             depth = GaugeMetricFamily("rekku_queue_depth", "Messages waiting in each pool's queue", labels=["pool"])
             pipe = client.pipeline(transaction=False)

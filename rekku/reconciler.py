@@ -47,6 +47,7 @@ import sqlalchemy as sa
 
 from rekku import dispatch
 from rekku.action_log import NewRun, run_as_dict, shared_log
+from rekku.broker import broker_client
 from rekku.celery_app import app
 from rekku.db import get_engine
 from rekku.ingest import default_ingress
@@ -79,11 +80,6 @@ PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 BATCH = 5000
 #: Action tasks' names start with this.
 ACTION_TASK_PREFIX = "rekku.action."
-def broker_client(settings: Settings) -> redis.Redis:
-    """A client of the broker's Redis (heartbeats, queues and kombu's unacknowledged set)."""
-    return redis.Redis.from_url(settings.resolved_broker_url(), socket_timeout=10)
-
-
 # ----------------------------------------------------------------------------- what the broker holds
 @dataclass(frozen=True)
 class Delivery:

@@ -14,7 +14,8 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
-from rekku.reconciler import HEARTBEAT_PREFIX, OWNER_PROPERTY, broker_client
+from rekku.broker import broker_client
+from rekku.reconciler import HEARTBEAT_PREFIX, OWNER_PROPERTY
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
