@@ -80,6 +80,8 @@ PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 BATCH = 5000
 #: Action tasks' names start with this.
 ACTION_TASK_PREFIX = "rekku.action."
+
+
 # ----------------------------------------------------------------------------- what the broker holds
 @dataclass(frozen=True)
 class Delivery:

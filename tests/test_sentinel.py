@@ -286,6 +286,7 @@ def test_primary_killed_during_1000_actions_every_accepted_action_ends_succeeded
                 left = {r[0] for r in conn.execute(sa.text("SELECT id FROM action_runs WHERE status <> 'succeeded'"))}
             raise AssertionError(f"not every accepted action succeeded: {_statuses(engine, accepted)}; "
                                  f"the broker holds the others' messages: {_whereabouts(group, left & accepted)}")
+        all_done_after = time.monotonic() - killed_at
         runs = _invocations(engine)
         twice = {action_id: n for action_id, n in runs.items() if n > 1}
         assert not twice, f"actions run more than once: {twice}"
@@ -293,8 +294,50 @@ def test_primary_killed_during_1000_actions_every_accepted_action_ends_succeeded
         print(f"\nfailover: replica promoted {promoted_after:.2f} s after the primary's SIGKILL; "
               f"{in_flight} of {len(accepted_then)} accepted actions unfinished then; "
               f"{submitter.refused} batch submissions refused (503) or unanswered meanwhile; "
-              f"{len(runs)} handler runs in all")
-        # the whole stack now runs on the promoted replica
-        assert group.data(replica).info("replication")["role"] == "master"
+              f"{len(runs)} handler runs in all; all succeeded {all_done_after:.1f} s after the kill; reconciler: "
+              f"{group.data(replica).hgetall('rekku:metrics:reconciler')}")
+        # Rekku's own clients of the broker's Redis follow the master too: each worker's heartbeat, deleted
+        # on the promoted replica, is written there again
+        new_master = group.data(replica)
+        assert new_master.info("replication")["role"] == "master"
+        beats = ["rekku:worker:default@ha-default", "rekku:worker:io@ha-io"]
+        new_master.delete(*beats)
+        wait_until(lambda: all(new_master.exists(key) for key in beats), timeout=15,
+                   what="the workers' heartbeats on the promoted replica")
     finally:
         engine.dispose()
+
+
+# ----------------------------------------------------------------------------- the settings
+def _settings(**env: str):  # noqa: ANN202 - a Settings, imported late as the suite's other settings tests do
+    from rekku.settings import Settings
+
+    return Settings(_env_file=None, **env)
+
+
+def test_a_sentinel_url_needs_the_master_name_and_one_password_and_db_on_every_part() -> None:
+    from pydantic import ValidationError
+
+    from rekku.broker import transport_options
+
+    url = "sentinel://:pw@127.0.0.1:26390/2;sentinel://:pw@127.0.0.1:26391/2"
+    options = transport_options(_settings(REKKU_BROKER_URL=url, REKKU_SENTINEL_MASTER="m",
+                                          REKKU_SENTINEL_PASSWORD="spw"))
+    assert options["master_name"] == "m" and options["sentinel_kwargs"]["password"] == "spw"
+    assert transport_options(_settings(REKKU_BROKER_URL="redis://127.0.0.1:6379/0")) == {}
+    with pytest.raises(ValidationError, match="REKKU_SENTINEL_MASTER"):
+        _settings(REKKU_BROKER_URL=url)
+    with pytest.raises(ValidationError, match="not a sentinel:// URL"):
+        _settings(REKKU_BROKER_URL="redis://127.0.0.1:6379/0", REKKU_SENTINEL_MASTER="m")
+    for odd in ("sentinel://:pw@127.0.0.1:26390;sentinel://127.0.0.1:26391",  # Celery's docs' example
+                "sentinel://:pw@127.0.0.1:26390/2;sentinel://:pw@127.0.0.1:26391/3"):
+        with pytest.raises(ValidationError, match="same password and db") as caught:
+            _settings(REKKU_BROKER_URL=odd, REKKU_SENTINEL_MASTER="m")
+        assert "pw" not in str(caught.value).replace("password", "")
+
+
+def test_a_sentinel_url_is_shown_without_any_of_its_passwords() -> None:
+    from rekku.embedded_redis import without_password
+
+    shown = without_password("sentinel://:s3cret@h1:26379/0;sentinel://:s3cret@h2:26379/0")
+    assert shown == "sentinel://:***@h1:26379/0;sentinel://:***@h2:26379/0"

@@ -33,7 +33,8 @@ def beat_interval(ttl: float) -> float:
 def tag_deliveries(owner: str) -> None:
     """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
     (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries
-    a dead worker held can be told from a live one's at once rather than after the visibility timeout."""
+    a dead worker held can be told from a live one's at once rather than after the visibility timeout.
+    The same QoS class serves kombu's Sentinel channel (a subclass of its Redis channel)."""
     base = getattr(kombu_redis.Channel.QoS, "rekku_base", kombu_redis.Channel.QoS)
 
     class OwnedQoS(base):  # type: ignore[misc, valid-type]
@@ -49,6 +50,20 @@ def tag_deliveries(owner: str) -> None:
                 super().append(message, delivery_tag)
             finally:
                 message._raw = raw
+
+        def restore_unacked(self, client: Any = None) -> Any:
+            # When the broker connection breaks, Celery collects the connection (which detaches its
+            # transport) before closing it; closing the channel then restores what it holds through the
+            # detached transport, and kombu's AttributeError ('NoneType' ... 'hostname') is not a
+            # connection error: the worker died of it ("Unrecoverable error") in a Sentinel failover.
+            # Nothing can be restored through that connection: the consumer gives these deliveries back
+            # once it is connected again (rekku_workers.reconnect).
+            if client is None and getattr(self.channel.connection, "client", None) is None:
+                log.warning("the broker connection is gone: %d deliveries are given back once it is "
+                            "connected again", len(self._delivered))
+                self._delivered.clear()
+                return None
+            return super().restore_unacked(client)
 
     kombu_redis.Channel.QoS = OwnedQoS
 
