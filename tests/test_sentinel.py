@@ -127,36 +127,39 @@ class Group:
 
 
 @dataclass
-class SentinelStack(Stack):
-    """A :class:`Stack` whose broker and result backend are a Sentinel group."""
+class BrokerStack(Stack):
+    """A :class:`Stack` on a broker of this test's own (a Sentinel group, or a Redis it kills)."""
 
-    group: Group | None = None
+    url: str = ""
+    transport_options: dict = field(default_factory=dict)
 
     @property
     def broker_url(self) -> str:
-        assert self.group is not None
-        return self.group.url
+        return self.url
 
     def worker_online(self, hostname: str) -> bool:
         from celery import Celery
 
-        app = Celery(broker=self.broker_url, broker_transport_options={
-            "master_name": MASTER, "sentinel_kwargs": {"password": SENTINEL_PASSWORD}})
+        app = Celery(broker=self.broker_url, broker_transport_options=self.transport_options)
         try:
             return bool(app.control.ping([hostname], timeout=0.5))
         finally:
             app.close()
 
 
+HAStack = tuple[BrokerStack, Group]
+
+
 @pytest.fixture
-def ha_stack(tmp_path: Path) -> Iterator[SentinelStack]:
+def ha_stack(tmp_path: Path) -> Iterator[HAStack]:
     """A Sentinel group, MariaDB and an ingress on them; the reconciler runs every second."""
     group = Group(tmp_path / "redis")
     group.directory.mkdir()
     db_name, url = create_mariadb()
     env = {"REKKU_SENTINEL_MASTER": MASTER, "REKKU_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
            "REKKU_RECONCILE_SECONDS": "1", "REKKU_RECONCILE_GRACE": "2"}
-    stack = SentinelStack("sentinel", tmp_path / "home", url, 0, extra_env=env, group=group)
+    stack = BrokerStack("sentinel", tmp_path / "home", url, 0, extra_env=env, url=group.url, transport_options={
+        "master_name": MASTER, "sentinel_kwargs": {"password": SENTINEL_PASSWORD}})
     stack.home.mkdir()
     engine = sa.create_engine(url)
     from tests.plugins.counter import TABLE
@@ -165,7 +168,7 @@ def ha_stack(tmp_path: Path) -> Iterator[SentinelStack]:
         group.start()
         stack.start_ingress()
         TABLE.create(engine)
-        yield stack
+        yield stack, group
     finally:
         engine.dispose()
         stack.stop()
@@ -248,10 +251,8 @@ class Submitter(threading.Thread):
             return len(self.accepted)
 
 
-def test_primary_killed_during_1000_actions_every_accepted_action_ends_succeeded_once(ha_stack: SentinelStack) -> None:
-    stack = ha_stack
-    group = stack.group
-    assert group is not None
+def test_primary_killed_during_1000_actions_every_accepted_action_ends_succeeded_once(ha_stack: HAStack) -> None:
+    stack, group = ha_stack
     primary, replica = group.data_ports
     assert group.master_port() == primary
     stack.start_worker("default", concurrency=2, node="ha-default")

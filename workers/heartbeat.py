@@ -1,21 +1,19 @@
-"""A worker node's heartbeat and the tag it puts on what it takes from the broker.
+"""A worker node's heartbeat.
 
 Each start of a worker is an *incarnation* (rekku.worker_identity); it beats its own key and its node's
 (rekku.reconciler says how the reconciler reads them), and writes its name into every unacknowledged
-delivery it holds, so what a dead incarnation held is told from a live one's at once.
+delivery it holds (rekku_workers.owned_qos), so what a dead incarnation held is told from a live one's at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
 
 from rekku.broker import broker_client
-from rekku.reconciler import HEARTBEAT_PREFIX, OWNER_PROPERTY
+from rekku.reconciler import HEARTBEAT_PREFIX
 from rekku.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -28,44 +26,6 @@ MAX_BEAT_INTERVAL = 2.0
 
 def beat_interval(ttl: float) -> float:
     return min(ttl / 3, MAX_BEAT_INTERVAL)
-
-
-def tag_deliveries(owner: str) -> None:
-    """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
-    (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries
-    a dead worker held can be told from a live one's at once rather than after the visibility timeout.
-    The same QoS class serves kombu's Sentinel channel (a subclass of its Redis channel)."""
-    base = getattr(kombu_redis.Channel.QoS, "rekku_base", kombu_redis.Channel.QoS)
-
-    class OwnedQoS(base):  # type: ignore[misc, valid-type]
-        rekku_base = base
-
-        def append(self, message: Any, delivery_tag: Any) -> None:
-            raw = message._raw
-            try:
-                message._raw = {**raw, "properties": {**raw["properties"], OWNER_PROPERTY: owner}}
-            except (TypeError, KeyError):
-                return super().append(message, delivery_tag)
-            try:
-                super().append(message, delivery_tag)
-            finally:
-                message._raw = raw
-
-        def restore_unacked(self, client: Any = None) -> Any:
-            # When the broker connection breaks, Celery collects the connection (which detaches its
-            # transport) before closing it; closing the channel then restores what it holds through the
-            # detached transport, and kombu's AttributeError ('NoneType' ... 'hostname') is not a
-            # connection error: the worker died of it ("Unrecoverable error") in a Sentinel failover.
-            # Nothing can be restored through that connection: the consumer gives these deliveries back
-            # once it is connected again (rekku_workers.reconnect).
-            if client is None and getattr(self.channel.connection, "client", None) is None:
-                log.warning("the broker connection is gone: %d deliveries are given back once it is "
-                            "connected again", len(self._delivered))
-                self._delivered.clear()
-                return None
-            return super().restore_unacked(client)
-
-    kombu_redis.Channel.QoS = OwnedQoS
 
 
 # ----------------------------------------------------------------------------- worker heartbeat

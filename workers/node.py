@@ -21,7 +21,8 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from rekku_workers.heartbeat import beat, heartbeat_forever, tag_deliveries
+from rekku_workers.heartbeat import beat, heartbeat_forever
+from rekku_workers.owned_qos import tag_deliveries
 from rekku_workers.recovery import recover_predecessors
 
 from rekku.broker import broker_client

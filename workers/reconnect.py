@@ -3,7 +3,7 @@
 When its connection to Redis breaks (a Sentinel failover, a network cut, Redis restarted with its data),
 Celery's consumer drops the messages it had prefetched but not started (``Consumer.on_close``: "the
 broker may redeliver these tasks to another worker on reconnect"). Redis does not: their entries stay in
-kombu's unacknowledged set, named as this live incarnation's (rekku_workers.heartbeat), so neither the
+kombu's unacknowledged set, named as this live incarnation's (rekku_workers.owned_qos), so neither the
 reconciler (the holder is alive) nor another worker takes them before the visibility timeout, an hour
 by default. :class:`GiveBackOnReconnect`, a consumer bootstep, restores them to their queues as soon as
 the connection is back, as kombu itself does when a channel closes cleanly.
