@@ -305,6 +305,10 @@ def test_primary_killed_during_1000_actions_every_accepted_action_ends_succeeded
         new_master.delete(*beats)
         wait_until(lambda: all(new_master.exists(key) for key in beats), timeout=15,
                    what="the workers' heartbeats on the promoted replica")
+        # and through all the connection errors, no password reached a log
+        for path in (stack.home / "logs").glob("*.log"):
+            text = path.read_text(errors="replace")
+            assert DATA_PASSWORD not in text and SENTINEL_PASSWORD not in text, path.name
     finally:
         engine.dispose()
 
@@ -325,6 +329,11 @@ def test_a_sentinel_url_needs_the_master_name_and_one_password_and_db_on_every_p
     options = transport_options(_settings(REKKU_BROKER_URL=url, REKKU_SENTINEL_MASTER="m",
                                           REKKU_SENTINEL_PASSWORD="spw"))
     assert options["master_name"] == "m" and options["sentinel_kwargs"]["password"] == "spw"
+    from rekku.logs import configured_secrets
+
+    assert {"data-pw-1", "sentinel-pw-2"} <= configured_secrets(_settings(
+        REKKU_BROKER_URL=url.replace(":pw@", ":data-pw-1@"), REKKU_SENTINEL_MASTER="m",
+        REKKU_SENTINEL_PASSWORD="sentinel-pw-2"))  # kept out of the logs
     assert transport_options(_settings(REKKU_BROKER_URL="redis://127.0.0.1:6379/0")) == {}
     with pytest.raises(ValidationError, match="REKKU_SENTINEL_MASTER"):
         _settings(REKKU_BROKER_URL=url)
