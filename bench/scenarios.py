@@ -1,7 +1,9 @@
-"""The three measurements, each taken for Rekku and for bare Celery under the same conditions.
+"""The three measurements, each taken for Rekku and for the two baselines (``bench.bare_app``: bare =
+Rekku's Celery settings, plain = Celery's defaults) under the same conditions.
 
-(a) accept: actions enqueued per second by the submitter (HTTP ingress vs ``apply_async``).
-(b) drain: actions finished per second by one worker, from a pre-filled queue.
+(a) accept: actions enqueued per second by the submitter (HTTP ingress, with 1, 5 or 100 actions per
+    request, vs an ``apply_async`` loop), and the CPU each costs (ingress and client).
+(b) drain: actions finished per second by one worker, from a pre-filled queue, and the worker's CPU.
 (c) latency: time from the submitter's call to the handler's first statement, one at a time.
 
 (a) and (b) share their messages: while (a) fills a queue its worker is told to stop consuming
@@ -19,14 +21,16 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from bench import bare_app
+from bench.bare_app import BASELINES, Baseline
 from bench.plugins.stamp import STAMP_KEY as OURS_STAMP_KEY
-from bench.stack import POOL, Stack
+from bench.stack import POOL, Stack, tree_cpu
 from rekku.db import make_engine
 from rekku.models import FAILED, SUCCEEDED, ActionRun
 
-#: Actions per POST /v1/actions in (a).
+#: Actions per POST /v1/actions in the warm-up and the main (a) measure; (a) is also taken at SMALL_BATCHES
+#: (real replies carry 1 to 5 actions, and a batch of 100 spreads HTTP and parsing over 100 actions).
 BATCH = 100
+SMALL_BATCHES = (5, 1)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,6 +71,14 @@ class Ingress:
 
 
 @dataclass
+class Measured:
+    """One timed phase: wall seconds and the CPU seconds it cost (the processes named by the phase)."""
+
+    seconds: float
+    cpu: float
+
+
+@dataclass
 class Bench:
     """Drives one :class:`Stack`: an HTTP session to the ingress, Redis, and a read-only view of the log."""
 
@@ -77,17 +89,23 @@ class Bench:
         self.redis = self.stack.redis()
         assert self.stack.db is not None
         self.engine = make_engine(self.stack.db.url)
-        self.control = bare_app.app.control
+
+    def _pid(self, who: str) -> int:
+        return self.stack.children[f"worker-{who}"].pid
 
     # ------------------------------------------------------------------ consumers on/off
-    def consume(self, ours: bool, on: bool) -> None:
+    def consume(self, who: str, on: bool) -> None:
         """Switch a worker's queue consumer on or off and wait until the worker says it is done."""
-        node, queue = (self.stack.ours_node, POOL) if ours else (self.stack.bare_node, bare_app.QUEUE)
-        command = self.control.add_consumer if on else self.control.cancel_consumer
+        if who == "ours":
+            node, queue, control = self.stack.ours_node, POOL, BASELINES["bare"].app.control
+        else:
+            base = BASELINES[who]
+            node, queue, control = self.stack.baseline_node(who), base.queue, base.app.control
+        command = control.add_consumer if on else control.cancel_consumer
         command(queue, destination=[node], reply=True, timeout=5)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            replies = self.control.inspect(destination=[node], timeout=2).active_queues() or {}
+            replies = control.inspect(destination=[node], timeout=2).active_queues() or {}
             queues = {q["name"] for q in replies.get(node, [])}
             if (queue in queues) == on:
                 return
@@ -95,22 +113,27 @@ class Bench:
         raise RuntimeError(f"{node} did not {'start' if on else 'stop'} consuming {queue}")
 
     # ------------------------------------------------------------------ (a) accept
-    def ours_accept(self, n: int) -> float:
-        """POST ``n`` echo actions in batches of 100; returns seconds."""
-        body = json.dumps({"actions": [{"type": "echo", "payload": {}}] * BATCH}).encode()
+    def ours_accept(self, n: int, batch: int = BATCH) -> Measured:
+        """POST ``n`` echo actions, ``batch`` per request; the ingress's CPU plus this client's."""
+        body = json.dumps({"actions": [{"type": "echo", "payload": {}}] * batch}).encode()
+        ingress = self.stack.children["ingress"].pid
+        cpu, client = tree_cpu(ingress), time.process_time()
         start = time.perf_counter()
-        for _ in range(n // BATCH):
-            if len(self.http.post_actions(body)["accepted"]) != BATCH:
+        for _ in range(n // batch):
+            if len(self.http.post_actions(body)["accepted"]) != batch:
                 raise RuntimeError("POST /v1/actions did not accept the whole batch")
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return Measured(seconds, tree_cpu(ingress) - cpu + time.process_time() - client)
 
-    def bare_accept(self, n: int) -> float:
-        """``apply_async`` ``n`` no-op tasks; returns seconds."""
-        self.redis.delete(bare_app.COUNT_KEY, bare_app.DONE_KEY)
+    def baseline_accept(self, who: str, n: int) -> Measured:
+        """``apply_async`` ``n`` no-op tasks of a baseline; the CPU is this process's (it publishes)."""
+        base = BASELINES[who]
+        self.redis.delete(base.count_key, base.done_key)
+        client = time.process_time()
         start = time.perf_counter()
         for _ in range(n):
-            bare_app.noop.apply_async(kwargs={"target": n})
-        return time.perf_counter() - start
+            base.noop.apply_async(kwargs={"target": n})
+        return Measured(time.perf_counter() - start, time.process_time() - client)
 
     # ------------------------------------------------------------------ (b) drain
     def _count(self, status: str) -> int:
@@ -118,12 +141,13 @@ class Bench:
             return conn.scalar(sa.select(sa.func.count()).select_from(ActionRun)
                                .where(ActionRun.status == status, ActionRun.type == "echo"))
 
-    def ours_drain(self, n: int, already_done: int, timeout: float) -> float:
+    def ours_drain(self, n: int, already_done: int, timeout: float) -> Measured:
         """Let the Rekku worker consume; done when ``already_done + n`` echo rows are succeeded.
 
         The end is the latest ``finished_at`` in the log (not when our poll noticed)."""
+        cpu = tree_cpu(self._pid("ours"))
         start = time.time()
-        self.consume(ours=True, on=True)
+        self.consume("ours", on=True)
         deadline = time.monotonic() + timeout
         while self._count(SUCCEEDED) < already_done + n:
             if self._count(FAILED):
@@ -134,21 +158,25 @@ class Bench:
             time.sleep(0.05)
         with self.engine.connect() as conn:
             end = conn.scalar(sa.select(sa.func.max(ActionRun.finished_at)).where(ActionRun.type == "echo"))
-        self.consume(ours=True, on=False)
-        return end.timestamp() - start
+        used = tree_cpu(self._pid("ours")) - cpu
+        self.consume("ours", on=False)
+        return Measured(end.timestamp() - start, used)
 
-    def bare_drain(self, n: int, timeout: float) -> float:
-        """Let the bare worker consume; the task that completes the n-th INCR records the end."""
+    def baseline_drain(self, who: str, n: int, timeout: float) -> Measured:
+        """Let a baseline worker consume; the task that completes the n-th INCR records the end."""
+        base = BASELINES[who]
+        cpu = tree_cpu(self._pid(who))
         start = time.time()
-        self.consume(ours=False, on=True)
+        self.consume(who, on=True)
         deadline = time.monotonic() + timeout
-        while (done := self.redis.get(bare_app.DONE_KEY)) is None:
+        while (done := self.redis.get(base.done_key)) is None:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the bare worker did not finish {n} tasks in {timeout:g} s")
+                raise RuntimeError(f"the {who} worker did not finish {n} tasks in {timeout:g} s")
             self.stack.check_alive()
             time.sleep(0.05)
-        self.consume(ours=False, on=False)
-        return float(done) - start
+        used = tree_cpu(self._pid(who)) - cpu
+        self.consume(who, on=False)
+        return Measured(float(done) - start, used)
 
     # ------------------------------------------------------------------ (c) latency
     def ours_latency(self) -> tuple[float, float]:
@@ -158,11 +186,12 @@ class Bench:
         self.http.post_actions(body)
         return sent, self._stamp(OURS_STAMP_KEY)
 
-    def bare_latency(self) -> float:
-        """Seconds from calling ``apply_async`` to the bare task's first statement."""
+    def baseline_latency(self, who: str) -> float:
+        """Seconds from calling ``apply_async`` to the baseline task's first statement."""
+        base: Baseline = BASELINES[who]
         sent = time.time()
-        bare_app.stamp.apply_async()
-        return self._stamp(bare_app.STAMP_KEY) - sent
+        base.stamp.apply_async()
+        return self._stamp(base.stamp_key) - sent
 
     def _stamp(self, key: str) -> float:
         got = self.redis.blpop([key], timeout=30)
@@ -174,22 +203,24 @@ class Bench:
     def latency_split(self, samples: list[tuple[float, float]]) -> dict[str, float]:
         """Median ms of each leg of ours' latency, from the log's timestamps of the last len(samples) stamps.
 
-        ``created_at`` is taken by the ingress just before its log write, ``started_at`` by the
-        worker's claim, so: request → logged (HTTP, parse, validate), logged → claimed (log
-        commit, publish, broker, worker dispatch), claimed → handler (claim commit and the hooks)."""
+        ``created_at`` is taken by the ingress just before its log write; ``started_at`` when the worker
+        begins the run (the claim that records it is deferred: written with the finish for quick runs,
+        so nothing is committed on this leg). So: request → logged (HTTP, parse, validate), logged →
+        started (log commit, publish, broker, Celery's dispatch to a pool process), started → handler
+        (the hooks before the handler)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(ActionRun.created_at, ActionRun.started_at)
                                 .where(ActionRun.type == "bench_stamp").order_by(ActionRun.created_at.desc())
                                 .limit(len(samples))).all()[::-1]
-        legs: dict[str, list[float]] = {"request → logged": [], "logged → claimed": [], "claimed → handler": []}
+        legs: dict[str, list[float]] = {"request → logged": [], "logged → started": [], "started → handler": []}
         for (sent, stamp), (created, started) in zip(samples, rows):
             legs["request → logged"].append(created.timestamp() - sent)
-            legs["logged → claimed"].append(started.timestamp() - created.timestamp())
-            legs["claimed → handler"].append(stamp - started.timestamp())
+            legs["logged → started"].append(started.timestamp() - created.timestamp())
+            legs["started → handler"].append(stamp - started.timestamp())
         return {k: 1000 * percentile(v, 50) for k, v in legs.items() if v}
 
     def in_task_ms(self, last: int) -> float:
-        """Median ms between claim and finish of the last ``last`` echo actions (the log's own bookkeeping
+        """Median ms between start and finish of the last ``last`` echo actions (the log's own bookkeeping
         included, Celery's dispatch excluded)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(ActionRun.started_at, ActionRun.finished_at)
@@ -198,9 +229,10 @@ class Bench:
         return 1000 * percentile([(f - s).total_seconds() for s, f in rows], 50)
 
     def wait_warmed_up(self, ours_total: int, timeout: float = 120) -> None:
-        """Wait until the log has ``ours_total`` succeeded echo actions and the bare warm-up batch is done."""
+        """Wait until the log has ``ours_total`` succeeded echo actions and every baseline's warm-up is done."""
         deadline = time.monotonic() + timeout
-        while self._count(SUCCEEDED) < ours_total or self.redis.get(bare_app.DONE_KEY) is None:
+        while self._count(SUCCEEDED) < ours_total or any(self.redis.get(b.done_key) is None
+                                                         for b in BASELINES.values()):
             if time.monotonic() > deadline:
                 raise RuntimeError("the warm-up actions did not finish")
             self.stack.check_alive()

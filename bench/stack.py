@@ -36,6 +36,34 @@ MARIADB_SERVER = "mysql+mysqldb://root@127.0.0.1:3306"
 POOL = "default"
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its living descendants (a prefork
+    worker's pool processes, uvicorn's workers), read from /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICK
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -130,6 +158,10 @@ class Stack:
     def bare_node(self) -> str:
         return f"bare@{self.node}"
 
+    def baseline_node(self, name: str) -> str:
+        """The node name of a baseline's worker (``bare`` or ``plain``)."""
+        return f"{name}@{self.node}"
+
     @property
     def logs(self) -> Path:
         return self.home / "logs"
@@ -145,8 +177,9 @@ class Stack:
         return env
 
     # ------------------------------------------------------------------ start
-    def start(self) -> None:
-        """Flush the broker db, prepare the database, start ingress and both workers, wait until ready."""
+    def start(self, workers: bool = True) -> None:
+        """Flush the broker db, prepare the database, start the ingress and (unless ``workers`` is off)
+        Rekku's worker and the two baseline workers, wait until ready."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self._lease()
         self.redis().flushdb()
@@ -155,22 +188,41 @@ class Stack:
         me = [sys.executable, "-m", "rekku"]
         ingress = self._spawn("ingress", me + ["ingress", "--host", "127.0.0.1", "--port", str(self.port)])
         wait_until(self._ingress_ready, 90, "the ingress's /readyz", alive=ingress, log=self.logs / "ingress.log")
+        if not workers:
+            return
         # Workers start after the ingress: it has run the migrations they rely on.
         ours = self._spawn("worker-ours", me + ["worker", "--pool", POOL, "--concurrency", str(self.concurrency),
                                                 "--node", self.node])
         bare = self._spawn("worker-bare", [sys.executable, "-m", "celery"] + self.bare_worker_argv())
-        for proc, name, node in ((ours, "worker-ours", self.ours_node), (bare, "worker-bare", self.bare_node)):
+        plain = self._spawn("worker-plain", [sys.executable, "-m", "celery"] + self.plain_worker_argv())
+        for proc, name, node in ((ours, "worker-ours", self.ours_node), (bare, "worker-bare", self.bare_node),
+                                 (plain, "worker-plain", self.baseline_node("plain"))):
             wait_until(lambda n=node: self.ping(n), 90, f"{node} to answer ping", interval=0.3,
                        alive=proc, log=self.logs / f"{name}.log")
 
     def bare_worker_argv(self) -> list[str]:
         """Rekku's own worker arguments for the pool, with only the app, queue and node name swapped."""
-        from bench.bare_app import QUEUE
+        from bench.bare_app import BARE
         from rekku.pools import worker_argv
 
         argv = worker_argv(POOL, self.concurrency, self.node, "INFO")
-        swap = {"-A": "bench.bare_app", "-Q": QUEUE, "-n": self.bare_node}
+        swap = {"-A": "bench.bare_app", "-Q": BARE.queue, "-n": self.bare_node}
         return [swap.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+
+    def plain_worker_argv(self) -> list[str]:
+        """What a user of plain Celery runs: a prefork worker with task events and Celery's defaults
+        (prefetch multiplier 4 included). Gossip and mingle are off only so the three workers on one
+        broker do not talk to each other."""
+        from bench.bare_app import PLAIN
+
+        return ["-A", "bench.bare_app:plain_app", "worker", "-Q", PLAIN.queue, "-P", "prefork",
+                "-c", str(self.concurrency), "-n", self.baseline_node("plain"), "-E", "--loglevel", "INFO",
+                "--without-gossip", "--without-mingle"]
+
+    def spawn_worker(self, name: str, node: str, concurrency: int) -> subprocess.Popen:
+        """One more ``rekku worker --pool default`` process, as on a machine of its own (its own node name)."""
+        return self._spawn(name, [sys.executable, "-m", "rekku", "worker", "--pool", POOL, "--concurrency",
+                                  str(concurrency), "--node", node])
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "ab") as out:

@@ -52,6 +52,8 @@ _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"
            400: {"model": ErrorResponse}}
 #: The ``Idempotency-Key`` header, the same as the body's ``idempotency_key``.
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
+#: The header of a 202 that created (or, for a repeated idempotency key, had created) a batch: where it is.
+_LOCATION = {"description": "the batch: `/v1/batches/{batch_id}`", "schema": {"type": "string"}}
 #: The ``?wait=`` query parameter (seconds to long-poll).
 Wait = Annotated[float, Query(ge=0, le=3600, description="long-poll up to this many seconds")]
 
@@ -176,7 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal error; see the ingress log")
 
     @app.post("/v1/actions", status_code=202, response_model=SubmitResponse, dependencies=auth,
-              responses={**_ERRORS, 422: {"model": SubmitResponse}, 403: {"model": SubmitResponse},
+              responses={**_ERRORS, 202: {"headers": {"Location": _LOCATION}},
+                         422: {"model": SubmitResponse}, 403: {"model": SubmitResponse},
                          409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     def submit_actions(body: SubmitRequest, idempotency_header: IdempotencyHeader = None) -> Any:
         """Accept actions (any JSON form) or a raw LLM reply; each valid action becomes one task.
@@ -195,7 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             key = idempotency_header
         context = body.context.model_dump(exclude_none=True) if body.context else {}
         answer = default_ingress().submit_from_client(payload, context=context, idempotency_key=key)
-        return SafeJSONResponse(answer.as_dict(), status_code=answer.status)
+        location = {"Location": f"/v1/batches/{answer.batch_id}"} if answer.status == 202 and answer.batch_id else None
+        return SafeJSONResponse(answer.as_dict(), status_code=answer.status, headers=location)
 
     async def _wait_for(fetch: Any, wait: float) -> Any:
         deadline = time.monotonic() + min(wait, settings.max_wait_seconds)

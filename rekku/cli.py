@@ -211,9 +211,10 @@ def migrate() -> None:
 
 # ----------------------------------------------------------------------------- client side
 def _client() -> tuple[str, dict[str, str]]:
-    settings = get_settings()
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}", {"Authorization": f"Bearer {settings.ensure_api_token()}"}
+    """The ingress and token of this machine's settings: the same defaults as rekku.client's."""
+    from rekku.client import default_base_url, default_token
+
+    return default_base_url(), {"Authorization": f"Bearer {default_token()}"}
 
 
 def _problem(resp: requests.Response) -> str:

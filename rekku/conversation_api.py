@@ -21,7 +21,7 @@ from rekku.api import SafeJSONResponse, StrictJSONRoute
 from rekku.auth import require_token
 from rekku.errors import ValidationError
 from rekku.messages import IncomingMessage, receive
-from rekku.schemas import ErrorResponse
+from rekku.schemas import ErrorResponse, FeedPage
 from rekku.settings import get_settings
 
 #: Most items one call returns.
@@ -42,12 +42,6 @@ LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)
 class MessageAnswer(BaseModel):
     message: dict[str, Any] | None
     dropped: str | None
-
-
-class FeedPage(BaseModel):
-    items: list[dict[str, Any]]
-    #: The ``after`` of the next call: the last item's id, or the ``after`` given when there was none.
-    next: int
 
 
 @router.post("/v1/messages", status_code=202, response_model=MessageAnswer, responses=_ERRORS)

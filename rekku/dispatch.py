@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+from rekku import held
 from rekku.action_log import NewRun
 from rekku.celery_app import app
 from rekku.redact import kwargs_repr
@@ -13,33 +15,81 @@ log = logging.getLogger(__name__)
 
 #: How hard to try the broker before giving up on a publish.
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
+#: Redis commands one pipeline carries at most (a message and its task-sent event are two): a request
+#: holds at most REKKU_MAX_ACTIONS_PER_REQUEST actions, so a large one is sent in a few pipelines.
+BATCH_COMMANDS = 1000
+
+
+def _batch(producer: Any) -> contextlib.AbstractContextManager:
+    """kombu's publish batch (5.7+): the messages and their task-sent events go out in one Redis
+    pipeline when the producer's context ends, instead of one round trip each. A transport without it
+    publishes each message at once, as before."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=BATCH_COMMANDS) if batch is not None else contextlib.nullcontext()
 
 
 def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[str]:
-    """Publish one ``rekku.action.<type>`` message per run, task id = action id.
+    """Publish one ``rekku.action.<type>`` message per run, task id = action id, all of them in one
+    publish batch (one Redis round trip for a request's actions), each counted as held (rekku.held)
+    in one round trip before.
 
     Published by name (``send_task``): the ingress holds no task objects (rekku.celery_app), and the
     message is the one a registered task's ``apply_async`` would send, with the queue given here.
 
-    Returns the ids that could not be published (the broker is unreachable)."""
-    failed: list[str] = []
+    Returns the ids that could not be published (the broker is unreachable). A batch that fails when
+    it is sent counts as unsent as a whole: its actions are marked failed by the caller, and a message
+    of it that reached Redis anyway finds its action final and does not run."""
     sender = publisher if publisher is not None else app
     try:
         with sender.producer_or_acquire() as producer:
-            for run in runs:
-                if failed:
-                    failed.append(run.id)
-                    continue
-                kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
-                try:
-                    # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
-                    sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
-                                  task_id=run.id, queue=run.queue, producer=producer, retry=True,
-                                  retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares
-                except Exception:
-                    log.exception("could not publish action %s", run.id)
-                    failed.append(run.id)
+            counted = _count_up(producer, runs)
+            try:
+                _publish(sender, producer, runs, batch_id)
+            except Exception:
+                _count_down(counted, runs)
+                raise
     except Exception:
-        log.exception("could not reach the broker")
-        return [r.id for r in runs if r.id not in failed] + failed
-    return failed
+        log.exception("could not publish the %d actions of batch %s: the broker is unreachable", len(runs), batch_id)
+        return [r.id for r in runs]
+    return []
+
+
+def _redis_of(producer: Any) -> Any:
+    """The Redis client of a producer's channel (None for another transport, or no producer)."""
+    return getattr(getattr(producer, "channel", None), "client", None)
+
+
+def _count_up(producer: Any, runs: list[NewRun]) -> Any:
+    """Count each message as held (rekku.held) before it exists, in one round trip; returns the client."""
+    client = _redis_of(producer)
+    if client is None:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for run in runs:
+        held.count_up(pipe, run.queue, [run.id])
+    pipe.execute()
+    return client
+
+
+def _count_down(client: Any, runs: list[NewRun]) -> None:
+    """Undo :func:`_count_up` after a failed publish, if the broker still answers."""
+    if client is None:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        for run in runs:
+            held.count_down(pipe, run.queue, run.id)
+        pipe.execute()
+    except Exception:
+        log.warning("could not undo the held counts of %d unpublished actions (the reconciler repairs them)",
+                    len(runs))
+
+
+def _publish(sender: Any, producer: Any, runs: list[NewRun], batch_id: str) -> None:
+    with _batch(producer):
+        for run in runs:
+            kwargs = {"action_id": run.id, "payload": run.payload, "context": {**run.context, "batch_id": batch_id}}
+            # kwargsrepr: what task events (Flower) show, with secret-looking fields hidden
+            sender.send_task(f"rekku.action.{run.type}", kwargs=kwargs, kwargsrepr=kwargs_repr(kwargs),
+                             task_id=run.id, queue=run.queue, producer=producer, retry=True,
+                             retry_policy=RETRY_POLICY, ignore_result=True)  # as the task declares

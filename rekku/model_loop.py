@@ -38,6 +38,11 @@ goes back to the model (another completions call, with the reply and the correct
 ``CORRECTOR_RETRIES`` times; the ingress marks those corrections (their feed dedupe key), so they start
 no turn of their own and are not sent again.
 
+**Chains.** A turn that only the chat's own outputs and failures started (no message, no reminder) is
+one link of a chain; past ``REKKU_LLM_MAX_CHAINED_TURNS`` links the model is not asked (a model that
+answers each output with another query would never stop, and each call costs), and those items wait,
+unread, for the turn the chat's next message starts.
+
 **Errors.** The endpoint failing (connection, timeout, 5xx, 429) or the broker being unreachable: the
 turn is retried with backoff (``REKKU_LLM_RETRIES``). A malformed completion, or an endpoint's other
 refusal (4xx): logged, the turn ends. The cursor moves only after the reply was submitted, so a message
@@ -66,7 +71,7 @@ from rekku.messages import Message
 from rekku.models import Base, BigId, UTCDateTime, utcnow
 from rekku.prompt import build_prompt
 from rekku.settings import Settings, get_settings
-from rekku.turns import QUEUED_TTL, chat_hash, chat_of, finish, give_up_lock, keys, redis_client, release
+from rekku.turns import DIRTY_TTL, QUEUED_TTL, chat_hash, chat_of, finish, give_up_lock, keys, redis_client, release
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +295,20 @@ def _submit(reply: str, context: dict[str, Any], key: str) -> Answer | None:
         return None
 
 
-def one_turn(chat: Chat, clear_dirty: Any, settings: Settings) -> int:
+def _chained_too_long(chat: Chat, rows: list[Any], client: Any, settings: Settings) -> bool:
+    """Whether this turn would be one too many in a chain of turns that only the chat's own outputs
+    started. Someone speaking (a message) or a reminder firing ends a chain; outputs and failures extend
+    it. Kept in Redis beside the turn lock: losing it only restarts the count."""
+    key = keys(chat)["chain"]
+    if any(r.type in (feed.MESSAGE, feed.EVENT_REMINDER) for r in rows):
+        client.delete(key)
+        return False
+    chained = client.incr(key)
+    client.expire(key, DIRTY_TTL)
+    return chained > settings.llm_max_chained_turns
+
+
+def one_turn(chat: Chat, clear_dirty: Any, settings: Settings, client: Any) -> int:
     """Read what is new for the chat, ask the model, run its reply (and its corrections); returns how
     many completions calls were made. Raises EndpointFailed / ServiceUnavailable for a retry."""
     after, upto = _span(chat, clear_dirty)
@@ -299,6 +317,12 @@ def one_turn(chat: Chat, clear_dirty: Any, settings: Settings) -> int:
     rows = _items(chat, after, upto)
     if not rows:
         _set(chat, read_upto=upto, pending_upto=None)
+        return 0
+    if _chained_too_long(chat, rows, client, settings):
+        log.warning("model turn of chat %s:%s not started: %d turns in a row came from its own outputs alone "
+                    "(REKKU_LLM_MAX_CHAINED_TURNS); its %d new items go to the model with the chat's next message",
+                    chat[0], chat[1], settings.llm_max_chained_turns, len(rows))
+        _set(chat, pending_upto=None)  # unread: the next turn a message starts sends them too
         return 0
     messages, context = conversation(chat, rows, settings)
     key = f"rekku:turn:{chat_hash(chat)}:{upto}"
@@ -356,7 +380,7 @@ def run(interface: str, chat_id: str, thread_id: str = "", failures: int = 0,
     try:
         while True:
             try:
-                one_turn(chat, lambda: client.delete(k["dirty"]), settings)
+                one_turn(chat, lambda: client.delete(k["dirty"]), settings, client)
             except (EndpointFailed, ServiceUnavailable) as exc:
                 if failures >= settings.llm_retries:
                     log.error("model turn of chat %s:%s given up after %d retries: %s (its items are sent again "

@@ -45,7 +45,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from rekku import dispatch
+from rekku import dispatch, held
 from rekku.action_log import NewRun, run_as_dict, shared_log
 from rekku.broker import broker_client
 from rekku.celery_app import app
@@ -169,6 +169,51 @@ def held_by_broker(client: redis.Redis, queues: set[str]) -> set[str]:
     return ids_in(list(client.hvals(UNACKED_KEY))) | queued_ids(client, queues)
 
 
+def _unacked_by_queue(client: redis.Redis) -> dict[str, set[str]]:
+    """Task ids of the unacknowledged deliveries, by the queue they came from."""
+    found: dict[str, set[str]] = {}
+    for raw in client.hvals(UNACKED_KEY):
+        try:
+            entry = json.loads(raw)
+            found.setdefault(entry[2], set()).add(entry[0]["headers"]["id"])
+        except (ValueError, LookupError, TypeError):
+            continue
+    return found
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    pipe = client.pipeline(transaction=False)
+    for step in PRIORITY_STEPS:
+        pipe.llen(queue + step)
+    return sum(pipe.execute())
+
+
+def held_of(client: redis.Redis, rows: list[Any]) -> set[str]:
+    """Which of these queued actions (action log rows) the broker holds: waiting in their queue or
+    delivered and not yet acknowledged.
+
+    A queue of at most rekku.held.SCAN_LIMIT messages is read whole (exact). A longer one is judged by
+    the held counts (rekku.held): one round trip for the rows asked about, whatever the backlog, as
+    long as the queue holds at least as many messages as the rows its counts say it holds; when it
+    does not, messages left behind Rekku's back (a purge) and the queue is read whole after all."""
+    unacked = _unacked_by_queue(client)
+    found: set[str] = set().union(*unacked.values()) if unacked else set()
+    by_queue: dict[str, list[str]] = {}
+    for r in rows:
+        by_queue.setdefault(r.queue, []).append(r.id)
+    for queue, ids in by_queue.items():
+        length = queue_length(client, queue)
+        if length > held.SCAN_LIMIT:
+            counted = held.held(client, queue, ids)
+            if len(counted - found) <= length:
+                found |= counted
+                continue
+            log.warning("queue %s holds %d messages, fewer than the %d due actions counted in it: some were "
+                        "removed behind Rekku's back; reading the queue", queue, length, len(counted - found))
+        found |= queued_ids(client, {queue})
+    return found & {r.id for r in rows}
+
+
 def _alive(client: redis.Redis, workers: Iterable[str]) -> set[str]:
     """The workers (``pool@node`` or ``pool@node#incarnation``) whose heartbeat key exists."""
     workers = sorted(set(workers))
@@ -285,9 +330,16 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
     return out
 
 
-def enqueue_rows(rows: list[Any], moved: dict[str, str] | None = None) -> list[str]:
-    """Re-enqueue ``rows`` (action log rows) through the one dispatch path; returns the unsent ids."""
+def enqueue_rows(rows: list[Any], moved: dict[str, str] | None = None, client: redis.Redis | None = None) -> list[str]:
+    """Re-enqueue ``rows`` (action log rows) through the one dispatch path; returns the unsent ids.
+    Their messages are known gone, so their held counts (rekku.held) start again from the new one."""
     moved = moved or {}
+    if client is not None:
+        by_queue: dict[str, list[str]] = {}
+        for r in rows:
+            by_queue.setdefault(r.queue, []).append(r.id)
+        for queue, ids in by_queue.items():
+            held.forget(client, queue, ids)
     by_batch: dict[str, list[NewRun]] = {}
     for r in rows:
         context = {k: v for k, v in (r.context or {}).items() if k != "batch_id"}
@@ -368,18 +420,28 @@ def _pass(settings: Settings, client: redis.Redis) -> dict[str, int]:
     recovered = recover_dead(client, dead, deliveries, settings)
     orphaned = recovered.requeue
 
+    # The due actions, judged on id and queue alone (read along the status/updated_at index, no sort of
+    # the backlog); whole rows only for those that may be re-enqueued or moved.
+    waiting = (runs.c.status == QUEUED, runs.c.cancel_requested.is_(False))
     with engine.connect() as conn:
-        due = (runs.c.updated_at < cutoff) | runs.c.id.in_(sorted(orphaned) or [""])
-        rows = conn.execute(sa.select(runs).where(runs.c.status == QUEUED, runs.c.cancel_requested.is_(False), due)
-                            .order_by(runs.c.created_at).limit(BATCH)).all()
-    if not rows:
+        due = conn.execute(sa.select(runs.c.id, runs.c.queue).where(*waiting, runs.c.updated_at < cutoff)
+                           .order_by(runs.c.updated_at).limit(BATCH)).all()
+        if orphaned:
+            due += conn.execute(sa.select(runs.c.id, runs.c.queue)
+                                .where(*waiting, runs.c.id.in_(sorted(orphaned)))).all()
+    if not due:
         return outcome.as_dict()
-    held = held_by_broker(client, {r.queue for r in rows})
-    moved = reroute_stranded(client, rows, held)
+    held_now = held_of(client, due)
+    wanted = sorted({r.id for r in due if r.id not in held_now or node_of(r.queue)})
+    if not wanted:
+        return outcome.as_dict()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(runs).where(*waiting, runs.c.id.in_(wanted)).order_by(runs.c.created_at)).all()
+    moved = reroute_stranded(client, rows, held_now)
     if moved:
         shared_log().move_to_queues(moved)
-    lost = [r for r in rows if r.id not in held or r.id in moved]
-    unpublished = set(enqueue_rows(lost, moved))  # once, not per action counted
+    lost = [r for r in rows if r.id not in held_now or r.id in moved]
+    unpublished = set(enqueue_rows(lost, moved, client))  # once, not per action counted
     outcome.requeued_orphaned = sum(1 for r in lost if r.id in orphaned and r.id not in unpublished)
     outcome.rerouted_from_dead_nodes = sum(1 for i in moved if i not in unpublished and i not in orphaned)
     outcome.requeued_lost = sum(1 for r in lost if r.id not in orphaned and r.id not in unpublished

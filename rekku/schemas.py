@@ -100,6 +100,14 @@ class CapabilitiesResponse(BaseModel):
     disabled: dict[str, str]
 
 
+class FeedPage(BaseModel):
+    """A page of the model's feed (``GET /v1/feed``)."""
+
+    items: list[dict[str, Any]]
+    #: The ``after`` of the next call: the last item's id, or the ``after`` given when there was none.
+    next: int
+
+
 class ErrorResponse(BaseModel):
     """Every error of the API has this shape."""
 

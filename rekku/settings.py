@@ -273,6 +273,9 @@ class Settings(DocumentedSettings):
     llm_timeout: float = Field(120.0, gt=0, validation_alias=_env("REKKU_LLM_TIMEOUT"))
     #: Times a turn is retried (with backoff: 1, 2, 4 … 60 s) when the endpoint fails (connection, 5xx, 429).
     llm_retries: int = Field(5, ge=0, validation_alias=_env("REKKU_LLM_RETRIES"))
+    #: Turns in a row a chat may get from its own actions' outputs (and failures) with no new message or
+    #: reminder: a model that answers every output with another query would otherwise never stop.
+    llm_max_chained_turns: int = Field(3, ge=0, validation_alias=_env("REKKU_LLM_MAX_CHAINED_TURNS"))
 
     # artifacts
     #: Where actions write files (speech audio); a volume shared by the workers and the ingress.

@@ -74,9 +74,10 @@ def chat_hash(chat: tuple[str, str, str]) -> str:
 
 def keys(chat: tuple[str, str, str]) -> dict[str, str]:
     """The chat's Redis keys: ``dirty`` (something new since the running turn read), ``queued`` (a
-    turn message waits), ``lock`` (a turn runs; its value is the holder's token)."""
+    turn message waits), ``lock`` (a turn runs; its value is the holder's token), ``chain`` (turns in a
+    row started by the chat's own outputs alone)."""
     name = chat_hash(chat)
-    return {k: f"rekku:turn:{k}:{name}" for k in ("dirty", "queued", "lock")}
+    return {k: f"rekku:turn:{k}:{name}" for k in ("dirty", "queued", "lock", "chain")}
 
 
 def redis_client(settings: Settings | None = None) -> redis.Redis:

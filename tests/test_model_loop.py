@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import _home, running_stack
+from tests.conftest import TELEGRAM_TOKEN, _home, running_stack
 from tests.fakes.openai import MALFORMED, FakeOpenAI
-from tests.support import Stack, wait_until
+from tests.fakes.telegram import FakeTelegram
+from tests.support import Stack, stop_process, wait_until
 
 API_KEY = "sk-fake-loop-key-0123456789"
 HELLO = {"actions": [{"type": "message_outbox", "payload": {"text": "hello"}},
@@ -31,10 +32,13 @@ def llm() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def loop_stack(tmp_home: Path, llm: FakeOpenAI) -> Iterator[Stack]:
-    """MariaDB, an ingress, a default and an io worker, with the model loop against the fake endpoint."""
+def loop_stack(tmp_home: Path, llm: FakeOpenAI, fakes: dict) -> Iterator[Stack]:
+    """MariaDB, an ingress, a default and an io worker, with the model loop against the fake endpoint and
+    Telegram against the fake Bot API."""
     env = {"TRAINER_IDS": "telegram_bot:42", "REKKU_LLM_URL": llm.url + "/v1", "REKKU_LLM_MODEL": "fake-model",
-           "REKKU_LLM_API_KEY": API_KEY, "REKKU_LLM_TIMEOUT": "90", "CORRECTOR_RETRIES": "2"}
+           "REKKU_LLM_API_KEY": API_KEY, "REKKU_LLM_TIMEOUT": "90", "CORRECTOR_RETRIES": "2",
+           "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN, "TELEGRAM_API_URL": fakes["telegram"].url,
+           "REKKU_INTERFACE_TIMEOUT": "5"}
     with running_stack("loop", _home(tmp_home, "loop"), "mariadb", env,
                        [("default", 2, "loop-main"), ("io", 4, "loop-io")]) as stack:
         yield stack
@@ -68,24 +72,76 @@ def _prompts(llm: FakeOpenAI, chat: str, call: int) -> list[dict]:
     return found
 
 
-def _read_upto(stack: Stack, chat: str) -> int:
+def _read_upto(stack: Stack, chat: str, interface: str = "outbox") -> int:
     """How far the chat's turns have read its feed (the durable cursor)."""
     engine = sa.create_engine(stack.database_url)
     try:
         with engine.connect() as connection:
-            return connection.scalar(sa.text("SELECT read_upto FROM model_turns WHERE interface = 'outbox' AND "
-                                             "chat_id = :chat AND pending_upto IS NULL"), {"chat": chat}) or 0
+            return connection.scalar(sa.text("SELECT read_upto FROM model_turns WHERE interface = :interface AND "
+                                             "chat_id = :chat AND pending_upto IS NULL"),
+                                     {"chat": chat, "interface": interface}) or 0
     finally:
         engine.dispose()
 
 
 def _settled(stack: Stack, chat: str, timeout: float = 60) -> None:
+    _settled_in(stack, "outbox", chat, timeout)
+
+
+def _settled_in(stack: Stack, interface: str, chat: str, timeout: float = 60) -> None:
     """Every item of the chat's feed has been read by a finished turn (but the corrections of the loop's own
     replies, which the turn that made them sent back to the model itself)."""
     def done() -> bool:
         items = [i for i in stack.feed(chat_id=chat) if i["type"] != "correction"]
-        return bool(items) and _read_upto(stack, chat) >= max(i["id"] for i in items)
+        return bool(items) and _read_upto(stack, chat, interface) >= max(i["id"] for i in items)
     wait_until(done, timeout=timeout, what=f"the turns of chat {chat} to read its whole feed")
+
+
+# ----------------------------------------------------------------------------- the whole loop over Telegram
+def test_telegram_to_the_model_and_back(loop_stack: Stack, llm: FakeOpenAI, tg: FakeTelegram) -> None:
+    """The issue's end-to-end case: the fake Bot API serves a user's "hi" -> `rekku receive` stores it -> the
+    model is asked with a prompt holding it -> its reply (a Telegram message and list_events) -> the fake
+    Bot API receives the message; list_events's output reaches the feed and the model's next call, and
+    nothing of the feed reaches the human chat."""
+    chat = -(10**12) - uuid.uuid4().int % 10**9
+    reply = {"actions": [{"type": "message_telegram_bot", "payload": {"text": "hi Ann, how are you?"}},
+                         {"type": "list_events", "payload": {}}]}
+    llm.script(str(chat), reply)
+    receiver = loop_stack.spawn("receive", "--no-migrate", log_name="receive-e2e",
+                                TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN, TELEGRAM_API_URL=tg.url,
+                                REKKU_RECEIVE_POLL_TIMEOUT="2")
+    try:
+        update = tg.add_message(chat, "hi", user_id=501, username="ann", chat_type="supergroup", title="Book club")
+        stored = loop_stack.feed_item(type="message", chat_id=str(chat), timeout=60)
+        assert stored["data"]["text"] == "hi" and stored["data"]["user_id"] == "501"
+        assert stored["data"]["message_id"] == str(update["message"]["message_id"])
+        # the model was asked, with the prompt that /v1/prompt builds, holding the user's message
+        wait_until(lambda: llm.calls[str(chat)], timeout=60, what="the model's first call")
+        first = _prompts(llm, str(chat), 0)
+        assert len(first) == 1 and first[0]["input"]["payload"]["text"] == "hi"
+        assert first[0]["input"]["payload"]["source"]["interface"] == "telegram_bot"
+        assert first[0]["input"]["payload"]["source"]["username"] == "ann"
+        # the human answer reached the fake Telegram, in the chat the message came from
+        sent = wait_until(lambda: tg.sends(str(chat)), timeout=60, what="the answer on the fake Telegram")
+        assert [r.data.get("text") for r in sent] == ["hi Ann, how are you?"]
+        # list_events's output: on the feed, then in the model's second call
+        output = loop_stack.feed_item(type="output", chat_id=str(chat), timeout=60)
+        assert output["data"]["action"] == "list_events"
+        wait_until(lambda: len(llm.calls[str(chat)]) >= 2, timeout=60, what="the model's second call")
+        said = llm.system_messages(str(chat), 1)
+        assert [m["type"] for m in said] == ["output"] and said[0]["action_id"] == output["action_id"]
+        _settled_in(loop_stack, "telegram_bot", str(chat))
+    finally:
+        stop_process(receiver)
+        loop_stack.processes.remove(receiver)
+    # nothing meant for the model reached the human chat: one send, the answer's text, no JSON
+    assert [r.data.get("text") for r in tg.sends(str(chat))] == ["hi Ann, how are you?"]
+    assert len(llm.calls[str(chat)]) == 2
+    # and the conversation is remembered: what the user said and what Rekku said, in order
+    history = loop_stack.get("/v1/prompt", params={"interface": "telegram_bot", "chat_id": str(chat),
+                                                   "user_id": "501"}).json()["context"]["chat_history"]
+    said_in_chat = [(e["from"], e["text"]) for e in history if e.get("text")]
+    assert said_in_chat == [("user", "hi"), ("rekku", "hi Ann, how are you?")], history
 
 
 # ----------------------------------------------------------------------------- a message and its answer
@@ -206,3 +262,24 @@ def test_the_api_key_is_a_secret_the_logs_hide() -> None:
     from rekku.settings import Settings
 
     assert API_KEY in configured_secrets(Settings(_env_file=None, llm_api_key=API_KEY))
+
+
+# ----------------------------------------------------------------------------- chains of outputs
+def test_outputs_alone_start_at_most_max_chained_turns(loop_stack: Stack, llm: FakeOpenAI) -> None:
+    """A model that answers every output with another query: the chat gets the message's turn and three
+    (REKKU_LLM_MAX_CHAINED_TURNS' default) more, not an endless loop; the next message asks it again and
+    carries the output held back."""
+    chat = _chat()
+    query = {"actions": [{"type": "list_events", "payload": {}}]}
+    llm.script(chat, *[query] * 8)
+    _say(loop_stack, chat, "what is planned?")
+    wait_until(lambda: len(loop_stack.feed(type="output", chat_id=chat)) == 4, timeout=90,
+               what="four list_events outputs")
+    wait_until(lambda: f"model turn of chat outbox:{chat} not started: 3 turns in a row" in loop_stack.worker_logs(),
+               timeout=60, what="the chain stopped")
+    assert len(llm.calls[chat]) == 4  # the message's turn and three chained ones
+    _say(loop_stack, chat, "and now?")
+    wait_until(lambda: len(llm.calls[chat]) >= 5, timeout=60, what="the next message's turn")
+    last = llm.system_messages(chat, 4)
+    assert [m["type"] for m in last] == ["output"]  # the fourth output, held back, went with the message
+    assert _prompts(llm, chat, 4)[0]["input"]["payload"]["text"] == "and now?"

@@ -2,14 +2,20 @@
 
 docker-compose.yml, the Dockerfile, .dockerignore and .env.example name CLI commands, options, pools
 and environment variables that live in rekku/cli.py, rekku/pools.py and rekku/settings.py; a rename
-on one side must fail here, not at `docker compose up`. Static checks only: nothing is built or started.
+on one side must fail here, not at `docker compose up`. Nothing is built and no container starts; the
+healthcheck commands alone are run for real, against a real worker, beat and Flower (the last section).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
 import tomllib
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,23 @@ import yaml
 from rekku.cli import main as rekku_cli
 from rekku.pools import POOLS
 from rekku.settings import Settings
-from tests.support import settings_classes
+from tests.support import (
+    Stack,
+    claim_redis_db,
+    free_port,
+    rekku_variables,
+    release_redis_db,
+    settings_classes,
+    stop_process,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Services of docker-compose.yml that are not Rekku processes.
 INFRA_SERVICES = frozenset({"redis", "mariadb"})
+#: The Rekku services (roles): deploy/k8s/ has the same ones (tests/test_k8s.py).
+ROLES = frozenset({"migrate", "ingress", "beat", "flower", "receive"} | {f"worker-{p}" for p in POOLS})
 
 #: Variables read by interfaces and pool resources themselves rather than by a settings class (the
 #: core's Settings or a plugin's settings_class). Each is still listed in .env.example. When one
@@ -150,7 +167,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- compose: the one image
 def test_every_rekku_service_runs_the_one_image_built_from_the_repository() -> None:
     rekku = rekku_services()
-    assert set(rekku) == {"ingress", "beat", "flower", "receive"} | {f"worker-{p}" for p in POOLS}
+    assert set(rekku) == ROLES
     images = {svc.get("image") for svc in rekku.values()}
     builds = {str(svc.get("build")) for svc in rekku.values()}
     assert len(images) == 1 and None not in images, f"one image name for every Rekku service, got {images}"
@@ -191,13 +208,25 @@ def test_one_worker_service_per_pool_each_naming_its_pool() -> None:
         assert name == f"worker-{pool}", f"service {name} serves pool {pool!r}"
 
 
-def test_the_other_services_run_ingress_beat_and_flower() -> None:
+def test_the_other_services_run_migrate_ingress_beat_and_flower() -> None:
+    assert resolve_invocation(command_argv(services()["migrate"]))[0] == "migrate"
     assert resolve_invocation(command_argv(services()["ingress"]))[0] == "ingress"
     assert resolve_invocation(command_argv(services()["beat"]))[0] == "beat"
     assert resolve_invocation(command_argv(services()["flower"]))[0] == "flower"
     assert resolve_invocation(command_argv(services()["receive"]))[0] == "receive"
-    ingress = resolve_invocation(command_argv(services()["ingress"]))[1]
-    assert ingress["migrate"], "the ingress runs migrations before the workers start"
+    for name in ("ingress", "receive"):
+        assert not resolve_invocation(command_argv(services()[name]))[1]["migrate"], \
+            f"{name} migrates again: the migrate service has done it"
+
+
+def test_migrate_is_a_one_shot_that_every_other_rekku_service_waits_for() -> None:
+    migrate = services()["migrate"]
+    assert migrate.get("restart") == "no", "a one-shot: restarted, it would run forever"
+    assert migrate["depends_on"]["mariadb"]["condition"] == "service_healthy"
+    for name in rekku_services().keys() - {"migrate"}:
+        deps = services()[name].get("depends_on") or {}
+        assert deps.get("migrate", {}).get("condition") == "service_completed_successfully", \
+            f"{name} starts before the schema is at head"
 
 
 def test_the_telegram_receiver_runs_only_when_asked_for() -> None:
@@ -250,14 +279,39 @@ def test_services_start_only_after_what_they_need_is_healthy() -> None:
         assert isinstance(deps, dict), f"{name}: depends_on needs conditions"
         return {d for d, spec in deps.items() if spec.get("condition") == "service_healthy"}
 
-    assert {"redis", "mariadb"} <= healthy_deps("ingress")
-    for name in rekku_services():
-        if name not in ("ingress", "flower"):
-            assert {"redis", "mariadb", "ingress"} <= healthy_deps(name), name
-    assert "redis" in healthy_deps("flower")
+    for name in rekku_services().keys() - {"migrate"}:
+        assert "redis" in healthy_deps(name), name
+        if roles_secrets()[name] & {"DB_PASS"}:
+            assert "mariadb" in healthy_deps(name), name
+    assert healthy_deps("migrate") == {"mariadb"}
     for name in services():
         for dep in healthy_deps(name):
             assert services()[dep].get("healthcheck", {}).get("test"), f"{name} waits on {dep}'s missing healthcheck"
+
+
+def test_every_long_running_service_has_a_healthcheck() -> None:
+    for name, svc in services().items():
+        if name == "migrate":  # a one-shot: its health is its exit status, which the others wait on
+            assert "healthcheck" not in svc
+            continue
+        test = svc.get("healthcheck", {}).get("test")
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, f"{name}: {test}"
+        if test[0] == "CMD" and test[1] == "python":
+            compile(test[3], f"<{name} healthcheck>", "exec")
+
+
+def test_worker_healthchecks_ping_the_node_name_rekku_worker_uses() -> None:
+    from rekku.pools import worker_argv
+
+    for pool in POOLS:
+        argv = worker_argv(pool, node="NODE")
+        assert argv[argv.index("-n") + 1] == f"{pool}@NODE"
+        test = services()[f"worker-{pool}"]["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL"
+        # compose turns $$ into $: the container's shell expands its own HOSTNAME, the worker's default node
+        command = shlex.split(test[1].replace("$$", "$"))
+        assert command[:5] == ["celery", "-A", "rekku.celery_app", "inspect", "ping"], command
+        assert command[command.index("--destination") + 1] == f"{pool}@$HOSTNAME"
 
 
 def test_ingress_healthcheck_polls_healthz_without_curl(tmp_path: Path) -> None:
@@ -284,6 +338,121 @@ def test_every_rekku_service_shares_the_artifacts_volume() -> None:
         targets = {str(v).split(":")[1] if isinstance(v, str) else v["target"] for v in svc.get("volumes", [])}
         assert "/artifacts" in targets, name
     assert "artifacts" in compose()["volumes"]
+
+
+# ----------------------------------------------------------------------------- secrets per role
+#: The variables that hold a secret (a URL may hold a password or, for Discord, a token). Deployments give
+#: each role only those it needs: compose blanks the others (docker-compose.yml), Kubernetes splits them
+#: into Secrets (deploy/k8s/secrets.yaml).
+SECRETS = frozenset({
+    "REKKU_BROKER_URL", "REKKU_DATABASE_URL", "DB_PASS", "REKKU_API_TOKEN", "FLOWER_BASIC_AUTH",
+    "REKKU_LLM_API_KEY", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "REKKU_MODEL_WEBHOOK_SECRET",
+    "DISCORD_BOT_TOKEN", "DISCORD_WEBHOOK_URLS", "DISCORD_WEBHOOK_URL", "REKKU_WEBHOOK_SECRET",
+    "REDDIT_CLIENT_SECRET", "REDDIT_PASSWORD", "ELEVENLABS_PASSWORD",
+})
+_SECRET_NAME = re.compile(r"TOKEN|PASS|SECRET|API_KEY|BASIC_AUTH|DISCORD_WEBHOOK_URL")
+#: What the plugins and interfaces that send hold. The ingress needs them too: it refuses an action whose
+#: plugin is not configured, and tells that from the credentials (rekku.plugin_base.build_spec).
+SENDERS = frozenset({"TELEGRAM_BOT_TOKEN", "DISCORD_BOT_TOKEN", "DISCORD_WEBHOOK_URLS", "DISCORD_WEBHOOK_URL",
+                     "REKKU_WEBHOOK_SECRET", "REDDIT_CLIENT_SECRET", "REDDIT_PASSWORD", "ELEVENLABS_PASSWORD",
+                     "REKKU_MODEL_WEBHOOK_SECRET"})
+#: The secrets each role gets (README "Deploying" says why); deploy/k8s/ gives the same.
+ROLE_SECRETS: dict[str, frozenset[str]] = {
+    "migrate": frozenset({"DB_PASS"}),
+    "ingress": frozenset({"REKKU_BROKER_URL", "DB_PASS", "REKKU_API_TOKEN", "TELEGRAM_WEBHOOK_SECRET"}) | SENDERS,
+    **{f"worker-{pool}": frozenset({"REKKU_BROKER_URL", "DB_PASS", "REKKU_LLM_API_KEY"}) | SENDERS for pool in POOLS},
+    "beat": frozenset({"REKKU_BROKER_URL"}),
+    "flower": frozenset({"REKKU_BROKER_URL", "FLOWER_BASIC_AUTH"}),
+    "receive": frozenset({"REKKU_BROKER_URL", "DB_PASS", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET",
+                          "REKKU_MODEL_WEBHOOK_SECRET"}),
+}
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
+
+
+def container_env(name: str, dotenv: dict[str, str]) -> dict[str, str]:
+    """The environment compose gives service ``name`` when ``.env`` holds ``dotenv``: the env_file, then
+    ``environment`` over it (a name without a value is passed when .env holds it), interpolated."""
+    svc = services()[name]
+    env = dict(dotenv) if svc.get("env_file") == ".env" else {}
+    assert svc.get("env_file") in (None, ".env"), f"{name}: env_file {svc.get('env_file')!r}"
+    for key, value in (svc.get("environment") or {}).items():
+        if value is None:
+            if key in dotenv:
+                env[key] = dotenv[key]
+            else:
+                env.pop(key, None)
+        else:
+            env[key] = _REFERENCE.sub(lambda m: dotenv.get(m.group(1)) or (m.group(2) or ""), str(value))
+    return env
+
+
+def every_secret_set() -> dict[str, str]:
+    """A .env holding a valid value for every secret (and the example's other values)."""
+    dotenv = {name: "" for name in env_example()}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = _ENV_LINE.match(line.strip())
+        if match:
+            dotenv[match.group(2)] = match.group(3)
+    for name in SECRETS:
+        dotenv[name] = dotenv.get(name) or "secret-value-0123456789"
+    dotenv["FLOWER_BASIC_AUTH"] = "rekku:secret-value"
+    dotenv["REKKU_DATABASE_URL"] = "mysql+mysqldb://rekku:secret@db:3306/rekku"
+    return dotenv
+
+
+@cache
+def roles_secrets() -> dict[str, frozenset[str]]:
+    """The secrets each Rekku service of docker-compose.yml ends up with (a non-empty value) when .env
+    holds every one."""
+    dotenv = every_secret_set()
+    return {name: frozenset(k for k, v in container_env(name, dotenv).items() if k in SECRETS and v)
+            for name in rekku_services()}
+
+
+def test_every_variable_that_looks_secret_is_classified() -> None:
+    looks_secret = {name for name in rekku_variables() | set(env_example()) if _SECRET_NAME.search(name)}
+    assert looks_secret <= SECRETS, f"classify as secrets (and give to the roles that need them): " \
+                                    f"{sorted(looks_secret - SECRETS)}"
+    assert SECRETS <= set(env_example()), sorted(SECRETS - set(env_example()))
+
+
+def test_each_compose_service_gets_only_the_secrets_its_role_needs() -> None:
+    assert set(ROLE_SECRETS) == ROLES
+    for name, got in roles_secrets().items():
+        assert got == ROLE_SECRETS[name], (f"{name}: extra {sorted(got - ROLE_SECRETS[name])}, "
+                                           f"missing {sorted(ROLE_SECRETS[name] - got)}")
+
+
+def test_flower_has_no_database_password_nor_api_token() -> None:
+    flower = services()["flower"]
+    assert "env_file" not in flower, "Flower reads no .env: it would get every secret there"
+    keys = environment_keys(flower)
+    assert not keys & {"DB_PASS", "REKKU_API_TOKEN", "REKKU_DATABASE_URL", "DB_HOST"}, keys
+    assert {"REKKU_BROKER_URL", "FLOWER_BASIC_AUTH"} <= keys
+
+
+def test_the_settings_read_each_role_s_environment_without_the_secrets_it_was_not_given(tmp_path: Path) -> None:
+    """What a container holds is a configuration the core's and the plugins' settings accept, and a blanked
+    secret reads as unset there (not as an empty password)."""
+    from pydantic import AliasChoices
+
+    dotenv = every_secret_set()
+    for name in sorted(rekku_services()):
+        env_file = tmp_path / f"{name}.env"
+        env = container_env(name, dotenv)
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items() if k in rekku_variables()))
+        for cls in settings_classes():
+            settings = cls(_env_file=env_file)
+            for field_name, spec in cls.model_fields.items():
+                alias = spec.validation_alias
+                names = alias.choices if isinstance(alias, AliasChoices) else [alias]
+                secret = next((n for n in names if n in SECRETS), None)
+                if secret is None or secret in ("REKKU_BROKER_URL", "REKKU_DATABASE_URL"):
+                    continue
+                value = getattr(settings, field_name)
+                value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+                given = secret in ROLE_SECRETS[name]
+                assert bool(value) == given, f"{name}: {secret} is {'missing' if given else 'there'}"
 
 
 # ----------------------------------------------------------------------------- environment
@@ -443,3 +612,95 @@ def test_the_repository_cites_only_documents_it_holds() -> None:
              for m in re.finditer(r"docs/[a-z_-]+\.md|SECURITY\.md", text)}
     missing = sorted(c for c in cited if not (ROOT / c).is_file())
     assert cited and not missing, missing
+
+
+# ----------------------------------------------------------------------------- healthchecks, run for real
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Stack]:
+    """A migrated SQLite database and a Redis db of its own; the test starts the processes it checks."""
+    number = claim_redis_db()
+    stack = Stack("health", tmp_path, f"sqlite:///{tmp_path / 'rekku.db'}", number)
+    try:
+        assert stack.spawn("migrate", log_name="migrate").wait(timeout=120) == 0
+        yield stack
+    finally:
+        stack.stop()
+        release_redis_db(number)
+
+
+def run_healthcheck(service: str, env: dict[str, str], port: int | None = None) -> int:
+    """Run ``service``'s healthcheck command as the container would (the image's python and celery are this
+    environment's); ``port``, if given, replaces the service's port in it. Its exit status."""
+    test = services()[service]["healthcheck"]["test"]
+    if test[0] == "CMD-SHELL":
+        command = test[1].replace("$$", "$")
+        command = re.sub(r"^celery ", f"{shlex.quote(sys.executable)} -m celery ", command)
+        argv = ["/bin/sh", "-c", command]
+    else:
+        argv = [sys.executable if test[1] == "python" else test[1], *test[2:]]
+    if port is not None:
+        published = container_ports(services()[service])[0][1]
+        argv = [a.replace(f":{published}/", f":{port}/") for a in argv]
+    return subprocess.run(argv, env=env, cwd=str(ROOT), capture_output=True, timeout=60).returncode
+
+
+def test_worker_healthcheck_answers_for_its_own_pool_s_node_only(live: Stack) -> None:
+    live.start_worker("io", concurrency=1, node="hc-node")
+    assert run_healthcheck("worker-io", live.env(HOSTNAME="hc-node")) == 0
+    assert run_healthcheck("worker-default", live.env(HOSTNAME="hc-node")) != 0, "no default worker runs on hc-node"
+
+
+def test_beat_healthcheck_follows_its_schedule_file(live: Stack) -> None:
+    env = live.env()
+    assert run_healthcheck("beat", env) != 0, "no beat has run yet"
+    beat = live.spawn("beat", log_name="beat")
+    wait_until(lambda: run_healthcheck("beat", env) == 0 or beat.poll() is not None, timeout=60,
+               what="beat to write its schedule file")
+    assert beat.poll() is None
+    stop_process(beat)
+    stale = time.time() - 600  # as if beat had not ticked for ten minutes
+    for path in live.home.glob("celerybeat-schedule*"):
+        os.utime(path, (stale, stale))
+    assert run_healthcheck("beat", env) != 0
+
+
+def test_flower_healthcheck_passes_with_its_credentials_only(live: Stack) -> None:
+    port = free_port()
+    live.spawn("flower", "--port", str(port), log_name="flower", FLOWER_BASIC_AUTH="hc:right-password")
+    wait_until(lambda: run_healthcheck("flower", live.env(FLOWER_BASIC_AUTH="hc:right-password"), port) == 0,
+               timeout=60, what="Flower's /healthcheck to answer")
+    assert run_healthcheck("flower", live.env(FLOWER_BASIC_AUTH="hc:wrong-password"), port) != 0
+
+
+# ----------------------------------------------------------------------------- packaging
+def _requirements() -> dict[str, Any]:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {req.name: req for req in map(Requirement, project["dependencies"])}
+
+
+def test_kombu_and_flower_are_bounded_above_and_the_installed_versions_fit() -> None:
+    """Rekku uses their internals (workers/heartbeat.py, workers/timer_sweep.py, rekku/flower_guard.py): a
+    release that moves them must not install unnoticed."""
+    from importlib.metadata import version
+
+    for name in ("kombu", "flower"):
+        spec = _requirements()[name].specifier
+        assert any(s.operator == "<" for s in spec), f"{name} has no upper bound: {spec}"
+        assert spec.contains(version(name)), f"the installed {name} {version(name)} is outside {spec}"
+
+
+def test_the_package_is_mit_licensed_with_its_license_file() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Rekku-on-Celery contributors" in text
+
+
+def test_the_all_extra_is_every_runtime_feature_without_test_or_dev_tools() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (all_of,) = extras["all"]
+    included = set(re.fullmatch(r"rekku-on-celery\[([a-z,]+)\]", all_of).group(1).split(","))
+    assert included == set(extras) - {"all", "test", "dev"}, included

@@ -2,7 +2,8 @@
 
 Each start of a worker is an *incarnation* (rekku.worker_identity); it beats its own key and its node's
 (rekku.reconciler says how the reconciler reads them), and writes its name into every unacknowledged
-delivery it holds (rekku_workers.owned_qos), so what a dead incarnation held is told from a live one's at once.
+delivery it holds, so what a dead incarnation held is told from a live one's at once; that tag, and the
+acknowledgements that count the action's message down (rekku.held), are rekku_workers.owned_qos's.
 """
 
 from __future__ import annotations

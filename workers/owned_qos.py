@@ -4,6 +4,8 @@
   the stored message, written by kombu's own HSET: no extra round trip), so the deliveries a dead
   worker held are told from a live one's at once rather than after the visibility timeout
   (rekku.reconciler, rekku_workers.recovery, rekku_workers.reconnect).
+* **Held counts.** An acknowledgement counts the action's message down (rekku.held) in the same
+  pipeline as kombu's removal of the unacknowledged entry: an acknowledged message is held no more.
 * **A broken connection.** When the broker connection breaks (a Sentinel failover, Redis restarted, a
   network cut), Celery collects the connection, which detaches its transport, then closes it, and
   keeps going with the requests that were running. Through a detached channel kombu fails with an
@@ -26,8 +28,9 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
+from rekku import held
 from rekku.broker import broker_client
-from rekku.reconciler import OWNER_PROPERTY
+from rekku.reconciler import ACTION_TASK_PREFIX, OWNER_PROPERTY
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,29 @@ def tag_deliveries(owner: str) -> None:
                 return None
             return super().restore_unacked(client)
 
-        def ack(self, delivery_tag: Any) -> None:
+        def _unacked_removal(self, delivery_tag: Any) -> Any:
+            """kombu's removal of the unacknowledged entry, as a pipeline not yet executed; on a client of
+            our own when the channel is detached."""
             if not self._detached():
-                return super().ack(delivery_tag)
-            # kombu's _remove_from_indices, on a client of our own (it takes an empty pipeline for none)
-            pipe = broker_client().pipeline()
-            pipe.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag).execute()
-            virtual.QoS.ack(self, delivery_tag)  # kombu's own bookkeeping of the delivery
+                return self._remove_from_indices(delivery_tag)
+            pipe = broker_client().pipeline()  # kombu's _remove_from_indices takes an empty one for none
+            return pipe.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag)
+
+        # kombu's own two lines, with the action's held count (rekku.held) going down in the same
+        # pipeline as the unacknowledged entry: an acknowledged message is held no more.
+        def ack(self, delivery_tag: Any) -> None:
+            pipe = self._unacked_removal(delivery_tag)
+            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
+            pipe.execute()
+            virtual.QoS.ack(self, delivery_tag)
+
+        def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+            if requeue:  # back in its queue: still held
+                return super().reject(delivery_tag, requeue=True)
+            pipe = self._unacked_removal(delivery_tag)
+            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
+            pipe.execute()
+            virtual.QoS.ack(self, delivery_tag)
             return None
 
         def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
@@ -78,3 +97,14 @@ def tag_deliveries(owner: str) -> None:
             super().restore_by_tag(tag, client=client, leftmost=leftmost)
 
     kombu_redis.Channel.QoS = OwnedQoS
+
+
+def _count_down_delivery(pipe: Any, message: Any) -> None:
+    """Count an action's message down (rekku.held), if the delivery is one of an action task."""
+    try:
+        headers, info = message.headers, message.delivery_info
+        task, action_id, queue = headers.get("task"), headers.get("id"), info.get("routing_key")
+    except AttributeError:
+        return
+    if isinstance(task, str) and task.startswith(ACTION_TASK_PREFIX) and action_id and queue:
+        held.count_down(pipe, queue, action_id)

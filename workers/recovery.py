@@ -87,7 +87,7 @@ def recover_predecessors(hostname: str, incarnation: str, settings: Settings | N
                                                       runs.c.cancel_requested.is_(False))).all()
         held = queued_ids(client, {r.queue for r in rows}) | ids_in(list(client.hvals(UNACKED_KEY)))
         rows = [r for r in rows if r.id not in held]
-        unsent = enqueue_rows(rows)
+        unsent = enqueue_rows(rows, client=client)
     log.warning("recovered %d actions from earlier starts of %s (%s); %d failed as poison messages",
                 len(rows) - len(unsent), hostname, ", ".join(sorted(dead)), len(recovered.failed))
     return len(rows) - len(unsent)

@@ -35,7 +35,9 @@ from rekku_workers.run_metrics import MetricsHook
 from sqlalchemy.exc import DBAPIError
 
 from rekku import context as ctxvars
+from rekku import held
 from rekku.action_log import shared_log
+from rekku.broker import broker_client
 from rekku.context import ActionContext
 from rekku.errors import TransientError
 from rekku.plugin_base import ActionSpec
@@ -154,6 +156,7 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
         if ctx.attempt <= spec.max_retries:
             countdown = exc.retry_after if exc.retry_after is not None else min(MAX_BACKOFF, 2.0 ** ctx.attempt)
             HOOKS.before_retry(run, _describe(exc), countdown)
+            _count_retry_as_held(task, action_id)
             raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
         error = f"{_describe(exc)} (gave up after {ctx.attempt} attempts)"
     except (SoftTimeLimitExceeded, TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
@@ -170,3 +173,11 @@ def _execute(task: Any, spec: ActionSpec, run: Run) -> dict:
         return shown("succeeded")
     HOOKS.after_failure(run, error)
     raise ActionFailed(error)
+
+
+def _count_retry_as_held(task: Any, action_id: str) -> None:
+    """Count the retry's message as held (rekku.held) before Celery publishes it: this delivery's
+    acknowledgement, right after, counts the old one down, and the action must stay held meanwhile."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    if queue:
+        held.count_up(broker_client(get_settings()), queue, [action_id])

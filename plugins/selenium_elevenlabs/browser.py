@@ -8,7 +8,11 @@ other than :class:`PageError` (a time limit on a hung page, a crash, a lost sess
 browser, so the next action starts from a clean one and the worker keeps serving.
 
 Each browser gets a fresh profile and download directory under the system temp dir, removed with
-it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a Selenium Grid instead.
+it. ``SELENIUM_REMOTE_URL`` makes browsers ``webdriver.Remote`` sessions on a W3C WebDriver server
+instead (a Selenium Grid, or chromedriver on a port), held, checked and replaced the same way. A
+remote browser downloads on its own machine: through a Grid with managed downloads the files are
+fetched over the protocol; otherwise they are read from our download directory, so a session whose
+browser cannot open a file there (another machine, another user) is refused when it starts.
 
 A local browser never outlives its worker process, however that process dies (a SIGKILLed worker
 once left Chromium running). chromedriver and every Chromium process run in a process group of their
@@ -25,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,8 +39,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from rekku.plugin import PluginError, die_with_parent
+from rekku.plugin import PluginError, TransientError, die_with_parent
 
 from .settings import SeleniumElevenLabsSettings
 
@@ -140,9 +146,18 @@ class Browser:
         self.remote = bool(settings.remote_url)
         self.watchdog: subprocess.Popen | None = None
         self.record: Path | None = None
+        #: Remote only: the server keeps downloads and hands them over (Selenium Grid's managed downloads).
+        self.managed_downloads = False
         if self.remote:
-            options.enable_downloads = True  # files stay on the Grid node; fetched in wait_for_download
-            self.driver = webdriver.Remote(command_executor=settings.remote_url, options=options)
+            options.enable_downloads = True  # asks a Grid for managed downloads; a plain WebDriver ignores it
+            self.driver = _remote_driver(settings, options)
+            self.managed_downloads = bool(self.driver.capabilities.get("se:downloadsEnabled"))
+            if not self.managed_downloads and not self._sees_downloads():
+                self.close()
+                raise PluginError(
+                    f"the WebDriver server at {shown_url(settings.remote_url)} offers no managed downloads "
+                    f"(se:downloadsEnabled) and its browser cannot read this worker's download directory: "
+                    f"run it on the worker's machine, or use a Selenium Grid with downloads enabled")
         else:
             options.binary_location = settings.chromium_path
             options.add_argument(f"--user-data-dir={self.root / 'profile'}")
@@ -162,6 +177,20 @@ class Browser:
                 self.driver.execute_cdp_cmd("Browser.setDownloadBehavior",
                                             {"behavior": "allow", "downloadPath": str(self.downloads)})
         self.driver.set_page_load_timeout(60)
+
+    def _sees_downloads(self) -> bool:
+        """The remote browser can open a file written to our download directory: it shares this machine's
+        file system (a WebDriver server on the worker's host), so its downloads land where we read them."""
+        token = secrets.token_hex(8)
+        probe = self.downloads / "rekku-probe.txt"
+        probe.write_text(token)
+        try:
+            self.driver.get(probe.as_uri())
+            return token in self.driver.page_source
+        except Exception:
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
 
     def _remember(self, pgid: int) -> None:
         directory = _records_dir()
@@ -197,16 +226,16 @@ class Browser:
     def clear_downloads(self) -> None:
         for item in self.downloads.iterdir():
             item.unlink(missing_ok=True) if not item.is_dir() else shutil.rmtree(item, ignore_errors=True)
-        if self.remote:
+        if self.managed_downloads:
             with contextlib.suppress(Exception):
                 self.driver.delete_downloadable_files()
 
     def wait_for_download(self, suffix: str, timeout: float) -> Path | None:
         """The downloaded file ending in ``suffix`` once no partial download is left (fetched from the
-        Grid node when remote), or None after ``timeout`` seconds."""
+        Grid node with managed downloads), or None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.remote:
+            if self.managed_downloads:
                 names = self.driver.get_downloadable_files()
                 done = [n for n in names if n.lower().endswith(suffix)]
                 if done and not any(n.endswith(PARTIAL) for n in names):
@@ -238,6 +267,42 @@ class Browser:
             _kill_tree(pid)
         self._kill_group()  # whatever the quit left behind
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def shown_url(url: str) -> str:
+    """``url`` without the credentials a Grid URL may carry (``http://user:password@grid:4444``)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _remote_driver(settings: SeleniumElevenLabsSettings, options: Any) -> Any:
+    """A session on the WebDriver server at ``SELENIUM_REMOTE_URL`` (credentials in the URL go in the
+    Authorization header, never in a message). An unreachable server is a
+    TransientError (the action is retried, then fails naming the server), never a hang: no request
+    waits longer than the action's own time limit."""
+    import urllib3
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.remote.client_config import ClientConfig
+
+    raw = settings.remote_url or ""
+    url, parts = shown_url(raw), urlsplit(raw)
+    config = ClientConfig(remote_server_addr=url, timeout=settings.time_limit,
+                          username=unquote(parts.username) if parts.username else None,
+                          password=unquote(parts.password) if parts.password else None)
+    try:
+        return webdriver.Remote(command_executor=url, options=options, client_config=config)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise TransientError(f"the WebDriver server at {url} is unreachable ({reason})") from None
+    except WebDriverException as exc:
+        raise PluginError(f"the WebDriver server at {url} did not start a browser: "
+                          f"{(exc.msg or type(exc).__name__).strip()}") from None
 
 
 def _kill_tree(pid: int) -> None:

@@ -16,7 +16,8 @@ class SeleniumElevenLabsSettings(PluginSettings):
 
     #: Run the local Chromium without a window.
     headless: bool = Field(True, validation_alias="REKKU_SELENIUM_HEADLESS")
-    #: Selenium Grid URL; set, browsers are webdriver.Remote sessions instead of a local Chromium.
+    #: A W3C WebDriver server (Selenium Grid, or chromedriver --port=N); set, browsers are webdriver.Remote
+    #: sessions there instead of a local Chromium (README "Browser and Reddit": downloads).
     remote_url: str | None = Field(None, validation_alias="SELENIUM_REMOTE_URL")
     #: Actions one browser serves before it is recycled (0: never).
     max_actions: int = Field(50, ge=0, validation_alias="SELENIUM_MAX_ACTIONS")
