@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := default-libmysqlclient-dev pkg-config build-essential chromium chromium-driver
+APT_PACKAGES := default-libmysqlclient-dev pkg-config build-essential chromium chromium-driver redis-sentinel
 
 .PHONY: run test venv venv-test system-deps services lint bench clean
 
@@ -33,8 +33,9 @@ $(VENV)/.test-installed: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e '.[mariadb,selenium,reddit,signing,test,dev]'
 	touch $@ $(VENV)/.base-installed
 
-system-deps: ## Debian packages: MariaDB client headers (mysqlclient) and Chromium + chromedriver
-	@if pkg-config --exists mysqlclient 2>/dev/null && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+system-deps: ## Debian packages: MariaDB client headers (mysqlclient), Chromium + chromedriver, redis-sentinel (tests/test_sentinel.py)
+	@if pkg-config --exists mysqlclient 2>/dev/null && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] \
+			&& [ -x /usr/bin/redis-sentinel ]; then \
 		exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

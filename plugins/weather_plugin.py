@@ -20,7 +20,7 @@ import redis
 import requests
 from pydantic import Field
 
-from rekku.plugin import AIPluginBase, PluginSettings, get_settings, register_plugin, utcnow
+from rekku.plugin import AIPluginBase, PluginSettings, broker_client, get_settings, register_plugin, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class WeatherPlugin(AIPluginBase):
     # ------------------------------------------------------------------ cache
     def _client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(get_settings().resolved_broker_url(), socket_timeout=2,
-                                               socket_connect_timeout=2)
+            self._redis = broker_client(timeout=2)
         return self._redis
 
     def cached(self, place: str | None = None) -> dict | None:

@@ -4,6 +4,7 @@ Users who know Celery find the usual names here; ``celery -A rekku.celery_app wo
 reads this module too. (The file celeryconfig.py at the top of a checkout only points here.)
 """
 
+from rekku.broker import transport_options
 from rekku.settings import get_settings
 
 _settings = get_settings()
@@ -36,8 +37,11 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
-result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+# A sentinel:// broker URL (a Redis Sentinel group) also needs the master's name, for the broker and
+# the result backend alike (rekku/broker.py; an empty dict for a plain Redis).
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout, **transport_options(_settings)}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout,
+                                    **transport_options(_settings)}
 broker_connection_retry_on_startup = True
 
 # Flower sees every task.

@@ -53,7 +53,10 @@ def free_port() -> int:
 
 
 def without_password(url: str) -> str:
-    """``url`` with the password of its user part left out (what may be shown and logged)."""
+    """``url`` with the password of its user part left out (what may be shown and logged); each part of
+    a ``;``-separated list (a Sentinel group's ``sentinel://...;sentinel://...``) alike."""
+    if ";" in url:
+        return ";".join(without_password(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

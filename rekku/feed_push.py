@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from rekku import feed
 from rekku.backoff import retry_delay
+from rekku.broker import broker_client
 from rekku.db import get_engine
 from rekku.interfaces.webhook import signature
 from rekku.models import Base, BigId, UTCDateTime, utcnow
@@ -188,19 +188,9 @@ def backoff(settings: Settings, attempts: int, retry_after: float | None = None)
 
 
 # ----------------------------------------------------------------------------- a pass
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_clients_lock = threading.Lock()
 _sessions = threading.local()
 #: Reasons already logged by this process (the no-secret warning, once).
 _warned: set[str] = set()
-
-
-def _client(settings: Settings) -> redis.Redis:
-    key = (os.getpid(), settings.resolved_broker_url())
-    with _clients_lock:
-        if key not in _clients:
-            _clients[key] = redis.Redis.from_url(key[1], socket_timeout=10)
-        return _clients[key]
 
 
 def _session() -> requests.Session:
@@ -220,7 +210,7 @@ def push_pass(settings: Settings | None = None) -> dict[str, Any]:
             _warned.add(reason)
             log.error("%s", reason)
         return {"pushed": 0, "state": "off", "reason": reason}
-    client = _client(settings)
+    client = broker_client(settings)
     lock_seconds = RUN_SECONDS + 3 * settings.model_webhook_timeout + 30
     while True:
         # "read again" before trying the lock: a holder that lets go after this still sees it (below)

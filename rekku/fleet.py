@@ -1,6 +1,6 @@
 """What the broker says about the fleet right now: messages waiting per pool and worker nodes up per pool.
 
-Read on the ingress's one broker client (rekku.metrics.broker_redis): queue depth as ``/metrics``
+Read on the process's one broker client (rekku.broker.broker_client): queue depth as ``/metrics``
 counts it (the length of each pool's list), and a node as up while its heartbeat key lives
 (``rekku:worker:<pool>@<node>``, refreshed by workers/heartbeat.py; rekku.reconciler reads the same keys).
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import redis
 
-from rekku.metrics import broker_redis
+from rekku.broker import broker_client
 from rekku.pools import POOLS
 from rekku.reconciler import HEARTBEAT_PREFIX
 
 
 def queue_depths(client: redis.Redis | None = None) -> dict[str, int]:
     """Messages waiting in each pool's queue."""
-    client = client or broker_redis()
+    client = client or broker_client(timeout=2)
     pipe = client.pipeline(transaction=False)
     for pool in POOLS:
         pipe.llen(pool)
@@ -25,7 +25,7 @@ def queue_depths(client: redis.Redis | None = None) -> dict[str, int]:
 
 def workers_up(client: redis.Redis | None = None) -> dict[str, list[str]]:
     """The nodes (``pool@node``) of each pool whose heartbeat is alive, sorted; every pool is named."""
-    client = client or broker_redis()
+    client = client or broker_client(timeout=2)
     up: dict[str, list[str]] = {pool: [] for pool in POOLS}
     for key in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000):
         name = key.decode(errors="replace")[len(HEARTBEAT_PREFIX):]

@@ -10,7 +10,7 @@ about, in one round trip, whatever the backlog.
   acknowledged. rekku.dispatch counts each message up **before** publishing it (so a worker's
   acknowledgement can never come first), a retry's new message is counted up by the worker before it
   is published, and a worker's acknowledgement (or a reject without requeue) counts it down in
-  kombu's own pipeline (rekku_workers.heartbeat): no extra round trip. A message going back to its
+  kombu's own pipeline (rekku_workers.owned_qos): no extra round trip. A message going back to its
   queue (requeue, visibility timeout, warm shutdown) keeps its count.
 - The counts live and die with the messages: a Redis restart without persistence or a FLUSHDB loses
   both, so a lost message is never counted as held.

@@ -14,10 +14,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from rekku import dispatch, feed
 from rekku.action_log import ActionLog, EarlierBatch, NewRun, shared_log
+from rekku.broker import broker_client
+from rekku.broker_url import is_redis_url
 from rekku.context import normalize_context
 from rekku.corrections import CorrectionCounter, build_correction
 from rekku.errors import Conflict, ServiceUnavailable, TooLarge, TooManyActions, ValidationError
@@ -258,11 +258,7 @@ class Ingress:
 def default_ingress() -> Ingress:
     """The process's ingress on the configured registry, database and broker."""
     settings = get_settings()
-    client = None
-    broker = settings.resolved_broker_url()
-    if broker.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
-        client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"),
-                                      socket_timeout=2, socket_connect_timeout=2)
+    client = broker_client(settings, timeout=2) if is_redis_url(settings.resolved_broker_url()) else None
     return Ingress(settings, get_registry(), shared_log(), client)
 
 

@@ -69,6 +69,7 @@ def configured_secrets(settings: Settings) -> set[str]:
     values: list[str | None] = [
         settings.telegram_bot_token, settings.discord_bot_token, settings.api_token, settings.webhook_secret,
         settings.telegram_webhook_secret, settings.db_pass, settings.model_webhook_secret, settings.llm_api_key,
+        settings.sentinel_password,
         _url_password(settings.database_url), _url_password(settings.broker_url),
         _url_password(settings.model_webhook_url)]
     # Discord webhooks (.../api/webhooks/<id>/<token>: the path is the credential), read as loosely as

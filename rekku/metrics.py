@@ -26,9 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from rekku.broker import broker_client
 from rekku.metrics_gauges import OperatorGauges
 from rekku.pools import POOLS
-from rekku.settings import Settings, get_settings
+from rekku.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,14 @@ REGISTRY = CollectorRegistry()
 ACCEPTED = Counter("rekku_actions_accepted", "Actions accepted by this ingress process", ["type"], registry=REGISTRY)
 REJECTED = Counter("rekku_actions_rejected", "Actions rejected by this ingress process", ["type"], registry=REGISTRY)
 
-_client: redis.Redis | None = None
-
-
-def broker_redis() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(get_settings().resolved_broker_url(), socket_timeout=2)
-    return _client
-
-
 #: The ``type`` label of rejected actions whose type no plugin declares: the model can invent any
 #: number of types, and each label value is kept by the process for good.
 UNKNOWN_TYPE = "(unknown)"
+
+
+def _broker() -> redis.Redis:
+    """The broker's Redis for a scrape (a short timeout: a scrape must not hang)."""
+    return broker_client(timeout=2)
 
 
 def count_submission(accepted: list[dict], rejected: list[dict], registry: Any) -> None:
@@ -71,7 +67,7 @@ def count_submission(accepted: list[dict], rejected: list[dict], registry: Any) 
 
 def count_reconciled(outcome: dict[str, int]) -> None:
     try:
-        pipe = broker_redis().pipeline()
+        pipe = broker_client(timeout=2).pipeline()
         for reason, n in outcome.items():
             if n:
                 pipe.hincrby(RECONCILER_KEY, reason, n)
@@ -84,7 +80,7 @@ class _SharedCollector:
     """What workers and the broker know, read at scrape time."""
 
     def collect(self) -> Iterator[Any]:
-        client = broker_redis()
+        client = broker_client(timeout=2)
         try:
             depth = GaugeMetricFamily("rekku_queue_depth", "Messages waiting in each pool's queue", labels=["pool"])
             pipe = client.pipeline(transaction=False)
@@ -122,7 +118,7 @@ class _SharedCollector:
 
 
 REGISTRY.register(_SharedCollector())
-REGISTRY.register(OperatorGauges(broker_redis))
+REGISTRY.register(OperatorGauges(_broker))
 
 #: prometheus-client's own variable (not Rekku's: Rekku sets it, see :func:`use_multiprocess_dir`). It is
 #: read when prometheus_client is imported, so it must be in the environment before the process starts.
@@ -153,7 +149,7 @@ def _registry() -> CollectorRegistry:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         registry.register(_SharedCollector())
-        registry.register(OperatorGauges(broker_redis))
+        registry.register(OperatorGauges(_broker))
         _multiprocess_registry = registry
     return _multiprocess_registry
 

@@ -19,6 +19,7 @@ from rekku.artifacts import artifact_size
 from rekku.artifacts import keep as keep_artifact
 from rekku.artifacts import url_of as artifact_url
 from rekku.backoff import retry_delay
+from rekku.broker import broker_client
 from rekku.celery_app import app as celery_app
 from rekku.context import ActionContext, current_action, normalize_context
 from rekku.db import get_engine, session_factory
@@ -70,6 +71,8 @@ __all__ = [
     "Settings",           # the core's typed settings object, for annotations and tests
     "get_settings",       # the process's core settings (TZ, trainers, API keys, limits)
     "location_of",        # the prompt's location from TZ / PROMPT_LOCATION, as time_plugin shows it
+    # --- the broker's Redis
+    "broker_client",      # a client of it (caches, locks, liveness), following a Sentinel master's failovers
     # --- the database
     "session_factory",    # ORM sessions on the configured database (plugin tables, the chat directory)
     "get_engine",         # the configured database's engine, for plain SQL

@@ -47,6 +47,7 @@ import sqlalchemy as sa
 
 from rekku import dispatch, held
 from rekku.action_log import NewRun, run_as_dict, shared_log, stuck_condition
+from rekku.broker import broker_client
 from rekku.celery_app import app
 from rekku.db import get_engine
 from rekku.ingest import default_ingress
@@ -77,9 +78,6 @@ PRIORITY_STEPS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 BATCH = 5000
 #: Action tasks' names start with this.
 ACTION_TASK_PREFIX = "rekku.action."
-def broker_client(settings: Settings) -> redis.Redis:
-    """A client of the broker's Redis (heartbeats, queues and kombu's unacknowledged set)."""
-    return redis.Redis.from_url(settings.resolved_broker_url(), socket_timeout=10)
 
 
 # ----------------------------------------------------------------------------- what the broker holds
@@ -294,10 +292,10 @@ def recover_dead(client: redis.Redis, dead: set[str], deliveries: list[Delivery]
                                .where(runs.c.status == RUNNING, runs.c.worker.in_(sorted(dead)))).all()
     if running:
         ids = [r.id for r in running]
-        held: dict[str, list[str]] = {}
+        by_worker: dict[str, list[str]] = {}
         for r in running:
-            held.setdefault(r.worker, []).append(r.id)
-        queued, out.failed = shared_log().take_back_lost_runs(held, limit)
+            by_worker.setdefault(r.worker, []).append(r.id)
+        queued, out.failed = shared_log().take_back_lost_runs(by_worker, limit)
         if out.failed:
             log.error("failed %d actions whose worker process died %d times running them: %s",
                       len(out.failed), limit, ", ".join(sorted(out.failed)))

@@ -136,6 +136,12 @@ class Settings(DocumentedSettings):
 
     home: Path = Field(Path(".rekku"), validation_alias=_env("REKKU_HOME"))
     broker_url: str | None = Field(None, validation_alias=_env("REKKU_BROKER_URL"))
+    #: With a ``sentinel://`` REKKU_BROKER_URL: the name of the master in the Sentinels' configuration
+    #: (kombu's ``master_name``); the broker and the result backend follow it through failovers.
+    sentinel_master: str | None = Field(None, validation_alias=_env("REKKU_SENTINEL_MASTER"))
+    #: The Sentinels' own password (their ``requirepass``), when they have one; the data nodes' password
+    #: is the one in each ``sentinel://:password@host:port/db`` of the URL.
+    sentinel_password: str | None = Field(None, validation_alias=_env("REKKU_SENTINEL_PASSWORD"))
     database_url: str | None = Field(None, validation_alias=_env("REKKU_DATABASE_URL"))
     db_host: str | None = Field(None, validation_alias=_env("DB_HOST"))
     db_port: int = Field(3306, validation_alias=_env("DB_PORT"))
@@ -327,7 +333,7 @@ class Settings(DocumentedSettings):
         return value.strip() if isinstance(value, str) and info.field_name == "model_webhook_url" else value
 
     @field_validator("signing_key", "signing_cert", "signing_cert_store", "llm_url", "llm_model", "llm_api_key",
-                     mode="before")
+                     "sentinel_master", "sentinel_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -338,6 +344,20 @@ class Settings(DocumentedSettings):
         if any(given) and not all(given):
             raise ValueError("message signing needs REKKU_SIGNING_KEY, REKKU_SIGNING_CERT and "
                              "REKKU_SIGNING_CERT_STORE together (or none of them)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_sentinel(self) -> Settings:
+        from rekku.broker_url import is_sentinel_url, parse_sentinel_url
+
+        sentinel = bool(self.broker_url) and is_sentinel_url(self.broker_url or "")
+        if sentinel and not self.sentinel_master:
+            raise ValueError("a sentinel:// REKKU_BROKER_URL needs REKKU_SENTINEL_MASTER (the master's name "
+                             "in the Sentinels' configuration)")
+        if self.sentinel_master and not sentinel:
+            raise ValueError("REKKU_SENTINEL_MASTER is set but REKKU_BROKER_URL is not a sentinel:// URL")
+        if sentinel:
+            parse_sentinel_url(self.broker_url or "")  # a ValueError names what is wrong
         return self
 
     # ----------------------------------------------------------------- derived values

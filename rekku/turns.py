@@ -10,13 +10,13 @@ the two atomic steps that publish and that end a turn are here, so both sides ag
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from typing import Any
 
 import redis
 
+from rekku.broker import broker_client
 from rekku.celery_app import app
 from rekku.settings import Settings, get_settings
 
@@ -80,15 +80,9 @@ def keys(chat: tuple[str, str, str]) -> dict[str, str]:
     return {k: f"rekku:turn:{k}:{name}" for k in ("dirty", "queued", "lock", "chain")}
 
 
-@functools.lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url.replace("redis+socket://", "unix://"), socket_timeout=5,
-                                socket_connect_timeout=5)
-
-
 def redis_client(settings: Settings | None = None) -> redis.Redis:
     """The broker's Redis (the loop's coordination lives next to its messages)."""
-    return _client((settings or get_settings()).resolved_broker_url())
+    return broker_client(settings or get_settings(), timeout=5)
 
 
 def request_turn(interface: Any, chat_id: Any, thread_id: Any = None, *, settings: Settings | None = None) -> bool:

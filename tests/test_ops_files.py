@@ -349,6 +349,9 @@ SECRETS = frozenset({
     "REKKU_LLM_API_KEY", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "REKKU_MODEL_WEBHOOK_SECRET",
     "DISCORD_BOT_TOKEN", "DISCORD_WEBHOOK_URLS", "DISCORD_WEBHOOK_URL", "REKKU_WEBHOOK_SECRET",
     "REDDIT_CLIENT_SECRET", "REDDIT_PASSWORD", "ELEVENLABS_PASSWORD",
+    # a Sentinel group's own password: no role of docker-compose.yml or deploy/k8s/ has one (their broker
+    # is a plain Redis URL); a Sentinel deployment gives it wherever it gives REKKU_BROKER_URL
+    "REKKU_SENTINEL_PASSWORD",
 })
 _SECRET_NAME = re.compile(r"TOKEN|PASS|SECRET|API_KEY|BASIC_AUTH|DISCORD_WEBHOOK_URL")
 #: What the plugins and interfaces that send hold. The ingress needs them too: it refuses an action whose

@@ -1,9 +1,9 @@
-"""A worker node's heartbeat and the tag it puts on what it takes from the broker.
+"""A worker node's heartbeat.
 
 Each start of a worker is an *incarnation* (rekku.worker_identity); it beats its own key and its node's
 (rekku.reconciler says how the reconciler reads them), and writes its name into every unacknowledged
-delivery it holds, so what a dead incarnation held is told from a live one's at once. Its
-acknowledgements also count the action's message down (rekku.held).
+delivery it holds, so what a dead incarnation held is told from a live one's at once; that tag, and the
+acknowledgements that count the action's message down (rekku.held), are rekku_workers.owned_qos's.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual as kombu_virtual
 
-from rekku import held
-from rekku.reconciler import ACTION_TASK_PREFIX, HEARTBEAT_PREFIX, OWNER_PROPERTY, broker_client
+from rekku.broker import broker_client
+from rekku.reconciler import HEARTBEAT_PREFIX
 from rekku.settings import Settings, get_settings
 from rekku.worker_identity import WORKERS_KEPT_SECONDS, WORKERS_KEY
 
@@ -32,56 +29,6 @@ MAX_BEAT_INTERVAL = 2.0
 
 def beat_interval(ttl: float) -> float:
     return min(ttl / 3, MAX_BEAT_INTERVAL)
-
-
-def tag_deliveries(owner: str) -> None:
-    """Make this process's Redis consumers write ``owner`` into each unacknowledged entry they add
-    (a property of the stored message, in kombu's own write: no extra round trip), so the deliveries
-    a dead worker held can be told from a live one's at once rather than after the visibility timeout."""
-    base = getattr(kombu_redis.Channel.QoS, "rekku_base", kombu_redis.Channel.QoS)
-
-    class OwnedQoS(base):  # type: ignore[misc, valid-type]
-        rekku_base = base
-
-        def append(self, message: Any, delivery_tag: Any) -> None:
-            raw = message._raw
-            try:
-                message._raw = {**raw, "properties": {**raw["properties"], OWNER_PROPERTY: owner}}
-            except (TypeError, KeyError):
-                return super().append(message, delivery_tag)
-            try:
-                super().append(message, delivery_tag)
-            finally:
-                message._raw = raw
-
-        # kombu's own two lines, with the action's held count (rekku.held) going down in the same
-        # pipeline as the unacknowledged entry: an acknowledged message is held no more.
-        def ack(self, delivery_tag: Any) -> None:
-            pipe = self._remove_from_indices(delivery_tag)
-            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
-            pipe.execute()
-            kombu_virtual.QoS.ack(self, delivery_tag)
-
-        def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-            if requeue:  # back in its queue: still held
-                return super().reject(delivery_tag, requeue=True)
-            pipe = self._remove_from_indices(delivery_tag)
-            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
-            pipe.execute()
-            kombu_virtual.QoS.ack(self, delivery_tag)
-
-    kombu_redis.Channel.QoS = OwnedQoS
-
-
-def _count_down_delivery(pipe: Any, message: Any) -> None:
-    """Count an action's message down (rekku.held), if the delivery is one of an action task."""
-    try:
-        headers, info = message.headers, message.delivery_info
-        task, action_id, queue = headers.get("task"), headers.get("id"), info.get("routing_key")
-    except AttributeError:
-        return
-    if isinstance(task, str) and task.startswith(ACTION_TASK_PREFIX) and action_id and queue:
-        held.count_down(pipe, queue, action_id)
 
 
 # ----------------------------------------------------------------------------- worker heartbeat

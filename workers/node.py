@@ -21,10 +21,11 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from rekku_workers.heartbeat import beat, heartbeat_forever, tag_deliveries
+from rekku_workers.heartbeat import beat, heartbeat_forever
+from rekku_workers.owned_qos import tag_deliveries
 from rekku_workers.recovery import recover_predecessors
 
-from rekku.reconciler import broker_client
+from rekku.broker import broker_client
 from rekku.settings import get_settings
 from rekku.worker_identity import start_incarnation
 

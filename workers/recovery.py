@@ -15,12 +15,12 @@ import redis
 import sqlalchemy as sa
 from rekku_workers.heartbeat import MAX_BEAT_INTERVAL
 
+from rekku.broker import broker_client
 from rekku.db import get_engine
 from rekku.models import QUEUED, RUNNING, ActionRun
 from rekku.reconciler import (
     HEARTBEAT_PREFIX,
     UNACKED_KEY,
-    broker_client,
     enqueue_rows,
     ids_in,
     one_at_a_time,

@@ -18,7 +18,8 @@ from typing import Any
 import redis
 from rekku_workers.hooks import Hook, Run
 
-from rekku.metrics import BUCKETS, BUCKETS_KEY, RUNS_KEY, SUM_KEY, broker_redis
+from rekku.broker import broker_client
+from rekku.metrics import BUCKETS, BUCKETS_KEY, RUNS_KEY, SUM_KEY
 from rekku.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class RunMetrics:
         if not counts and not sums:
             return
         try:
-            pipe = broker_redis().pipeline(transaction=True)
+            pipe = broker_client(timeout=2).pipeline(transaction=True)
             for (key, field), n in counts.items():
                 pipe.hincrby(key, field, n)
             for kind, total in sums.items():

@@ -38,10 +38,10 @@ from rekku import context as ctxvars
 from rekku import held
 from rekku.action_log import shared_log
 from rekku.backoff import retry_delay
+from rekku.broker import broker_client
 from rekku.context import ActionContext
 from rekku.errors import TransientError
 from rekku.plugin_base import ActionSpec
-from rekku.reconciler import broker_client
 from rekku.registry import get_registry
 from rekku.settings import get_settings
 

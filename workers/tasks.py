@@ -24,6 +24,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 from rekku_workers import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku_workers.node import NodeIdentity
 from rekku_workers.periodic import register_periodic_tasks
+from rekku_workers.reconnect import GiveBackOnReconnect
 from rekku_workers.run_metrics import RUN_METRICS
 from rekku_workers.runner import execute, time_limit_of
 from rekku_workers.timer_sweep import TimerSweep
@@ -113,6 +114,7 @@ def _register(app: Celery) -> None:
     settings = get_settings()
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
+    app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
     if settings.model_loop:  # the optional model loop: nothing of it is imported without REKKU_LLM_URL

@@ -269,7 +269,7 @@ _registry: SessionRegistry | None = None
 def registry() -> SessionRegistry:
     global _registry
     if _registry is None:
-        _registry = SessionRegistry.from_settings(get_settings().resolved_broker_url(), TerminalSettings.get())
+        _registry = SessionRegistry.from_settings(TerminalSettings.get())
     return _registry
 
 

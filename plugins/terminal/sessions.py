@@ -25,6 +25,8 @@ import time
 
 import redis
 
+from rekku.plugin import broker_client
+
 from .settings import TerminalSettings
 
 NODE_PREFIX = "rekku:terminal:node:"
@@ -53,11 +55,6 @@ return 0
 """
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url.replace("redis+socket://", "unix://"), socket_timeout=5,
-                                socket_connect_timeout=3)
-
-
 class SessionRegistry:
     """Session → node map and node liveness."""
 
@@ -68,8 +65,9 @@ class SessionRegistry:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_settings(cls, broker_url: str, settings: TerminalSettings) -> SessionRegistry:
-        return cls(redis_client(broker_url), settings.node_ttl, settings.session_idle + 3 * settings.node_ttl)
+    def from_settings(cls, settings: TerminalSettings) -> SessionRegistry:
+        """On the broker's Redis (its Sentinel master, when it is one: rekku/broker.py)."""
+        return cls(broker_client(timeout=5), settings.node_ttl, settings.session_idle + 3 * settings.node_ttl)
 
     # ------------------------------------------------------------------ nodes
     def beat(self, node: str, sessions: int) -> None:

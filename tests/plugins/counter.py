@@ -20,10 +20,12 @@ class Counter(AIPluginBase):
 
     @staticmethod
     def get_supported_action_types() -> list[str]:
-        return ["tk_count"]
+        return ["tk_count", "tk_count_io"]
 
     def get_supported_actions(self) -> dict:
-        return {"tk_count": {"description": "record one invocation", "required_fields": [], "optional_fields": []}}
+        return {"tk_count": {"description": "record one invocation", "required_fields": [], "optional_fields": []},
+                "tk_count_io": {"description": "record one invocation, on the io pool", "required_fields": [],
+                                "optional_fields": [], "pool": "io"}}
 
     def handle_custom_action(self, action_type: str, payload: dict):
         with get_engine().begin() as conn:  # the test creates the table before starting workers
