@@ -17,7 +17,7 @@ run: venv ## start everything on this machine (embedded Redis + SQLite unless co
 TEST_WORKERS ?= 3
 
 test: venv-test services ## install what the tests need, start Redis and MariaDB, run the suite
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
