@@ -33,7 +33,7 @@ def json_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def json_lines(path: Path) -> list[dict]:
     """Every line of a process's output (stdout and stderr), each parsed: one that is not JSON fails."""
     entries = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").split("\n"), 1):  # JSON Lines: "\n" only
         if not line.strip():
             continue
         try:

@@ -50,7 +50,8 @@ def test_json_logs_carry_the_action_and_batch_id_on_every_line_of_that_action(st
         assert run["status"] == "succeeded"
     finally:
         stop_process(worker)
-    lines = (stack.home / "logs" / "worker-io-jsonlogs.log").read_text().splitlines()
+    # JSON Lines end at "\n" only: a logged text may hold U+2028 or U+0085, which str.splitlines also splits at
+    lines = (stack.home / "logs" / "worker-io-jsonlogs.log").read_text().split("\n")
     entries = [json.loads(line) for line in lines if line.startswith("{")]
     mine = [e for e in entries if e["action_id"] == run["id"]]
     assert mine and all(e["batch_id"] == answer["batch_id"] for e in mine)
