@@ -1,7 +1,7 @@
 """The deployment files agree with the code they deploy.
 
 docker-compose.yml, the Dockerfile, .dockerignore and .env.example name CLI commands, options, pools
-and environment variables that live in rekku/cli.py, rekku/pools.py and rekku/settings.py; a rename
+and environment variables that live in rekku/cli.py (and cli_actions.py), rekku/pools.py and rekku/settings.py; a rename
 on one side must fail here, not at `docker compose up`. Nothing is built and no container starts; the
 healthcheck commands alone are run for real, against a real worker, beat and Flower (the last section).
 """
