@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 import redis
 import sqlalchemy as sa
 
-from bench.stack import DEFAULT_BROKER_URL, ROOT, Database, wait_until
+from bench.stack import DEFAULT_BROKER_URL, ROOT, Database, release_lease, take_lease, wait_until
 from rekku.supervisor import die_with_parent
 
 RESULTS = Path(__file__).resolve().parent / "results" / "events.json"
@@ -189,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="rekku-bench-events-"))
     (home / "logs").mkdir()
     broker = redis.Redis.from_url(args.broker_url)
-    lease_key = f"rekku-bench-lease:{broker.connection_pool.connection_kwargs.get('db', 0)}"
-    lease = redis.Redis.from_url(args.broker_url.rsplit("/", 1)[0] + "/0")
-    if not lease.set(lease_key, os.getpid(), nx=True, ex=3600):
-        raise SystemExit(f"another bench run holds {args.broker_url}; pass --broker-url with another db")
+    take_lease(args.broker_url)
     broker.flushdb()
     db = Database.prepare(None if args.database_url == "sqlite" else args.database_url, home)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REKKU_", "DB_", "TRAINER", "FLOWER"))}
@@ -266,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
         broker.flushdb()
-        lease.delete(lease_key)
+        release_lease(args.broker_url)
         db.drop()
         if args.keep_home or failed:
             print(f"bench home kept: {home}", file=sys.stderr)

@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from bench.stack import DEFAULT_BROKER_URL, Database
+from bench.stack import DEFAULT_BROKER_URL, Database, release_lease, take_lease
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reconciler.json"
 TARGET_SECONDS = 1.0
@@ -84,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="rekku-bench-reconciler-"))
     client = redis.Redis.from_url(args.broker_url)
-    lease_key = f"rekku-bench-lease:{client.connection_pool.connection_kwargs.get('db', 0)}"
-    lease = redis.Redis.from_url(args.broker_url.rsplit("/", 1)[0] + "/0")
-    if not lease.set(lease_key, os.getpid(), nx=True, ex=3600):
-        raise SystemExit(f"another bench run holds {args.broker_url}; pass --broker-url with another db")
+    take_lease(args.broker_url)
     client.flushdb()
     db = Database.prepare(None if args.database_url == "sqlite" else args.database_url, home)
     os.environ.update(REKKU_HOME=str(home), REKKU_BROKER_URL=args.broker_url, REKKU_DATABASE_URL=db.url,
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     finally:
         client.flushdb()
-        lease.delete(lease_key)
+        release_lease(args.broker_url)
         db.drop()
 
 

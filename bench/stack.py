@@ -85,6 +85,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def lease_key(broker_url: str) -> tuple[redis.Redis, str]:
+    """A key in db 0 of the broker's server marking the bench db as taken (as tests/support.py does)."""
+    db = redis.Redis.from_url(broker_url).connection_pool.connection_kwargs.get("db", 0)
+    server = redis.Redis.from_url(urlunsplit(urlsplit(broker_url)._replace(path="/0", query="")))
+    return server, f"rekku-bench-lease:{db}"
+
+
+def take_lease(broker_url: str) -> None:
+    """Refuse to FLUSHDB a db another bench run is using at the same time (every bench run leases its db)."""
+    server, key = lease_key(broker_url)
+    if not server.set(key, os.getpid(), nx=True, ex=3600):
+        raise SystemExit(f"another bench run (pid {server.get(key).decode()}) holds {broker_url}; "
+                         "wait for it or pass --broker-url with another db number")
+
+
+def release_lease(broker_url: str) -> None:
+    server, key = lease_key(broker_url)
+    server.delete(key)
+
+
 @dataclass
 class Database:
     """The action log's database: SQLite in the bench home, or a MariaDB database we may create and drop."""
@@ -243,18 +263,8 @@ class Stack:
 
         return bool(app.control.ping([node], timeout=0.5))
 
-    def _lease_key(self) -> tuple[redis.Redis, str]:
-        """A key in db 0 of the broker's server marking the bench db as taken (as tests/support.py does)."""
-        db = self.redis().connection_pool.connection_kwargs.get("db", 0)
-        server = redis.Redis.from_url(urlunsplit(urlsplit(self.broker_url)._replace(path="/0", query="")))
-        return server, f"rekku-bench-lease:{db}"
-
     def _lease(self) -> None:
-        """Refuse to FLUSHDB a db another bench run is using at the same time."""
-        server, key = self._lease_key()
-        if not server.set(key, os.getpid(), nx=True, ex=3600):
-            raise SystemExit(f"another bench run (pid {server.get(key).decode()}) holds {self.broker_url}; "
-                             "wait for it or pass --broker-url with another db number")
+        take_lease(self.broker_url)
         self.leased = True
 
     def redis(self) -> redis.Redis:
@@ -287,8 +297,7 @@ class Stack:
         if self.leased:
             try:
                 self.redis().flushdb()
-                server, key = self._lease_key()
-                server.delete(key)
+                release_lease(self.broker_url)
                 self.leased = False
             except redis.RedisError:
                 pass

@@ -20,11 +20,9 @@ from rekku.db import get_engine
 from rekku.models import QUEUED, RUNNING, ActionRun
 from rekku.reconciler import (
     HEARTBEAT_PREFIX,
-    UNACKED_KEY,
     enqueue_rows,
-    ids_in,
+    held_of,
     one_at_a_time,
-    queued_ids,
     recover_dead,
     unacked,
 )
@@ -85,7 +83,7 @@ def recover_predecessors(hostname: str, incarnation: str, settings: Settings | N
             rows = conn.execute(sa.select(runs).where(runs.c.id.in_(sorted(recovered.requeue)),
                                                       runs.c.status == QUEUED,
                                                       runs.c.cancel_requested.is_(False))).all()
-        held = queued_ids(client, {r.queue for r in rows}) | ids_in(list(client.hvals(UNACKED_KEY)))
+        held = held_of(client, rows)  # the reconciler's judgement: queued or delivered, whatever the backlog
         rows = [r for r in rows if r.id not in held]
         unsent = enqueue_rows(rows, client=client)
     log.warning("recovered %d actions from earlier starts of %s (%s); %d failed as poison messages",
