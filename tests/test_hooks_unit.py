@@ -8,6 +8,7 @@ other, not the SQL (the end-to-end and reliability tests run the same hooks agai
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,7 @@ from rekku_workers.run_metrics import RUN_METRICS, MetricsHook
 from rekku.action_log import RunState
 from rekku.errors import NotAuthorized, TransientError
 from rekku.plugin_base import ActionSpec
+from tests.support import wait_until
 
 SPEC = ActionSpec(type="unit_echo", plugin="unit")
 
@@ -256,3 +258,25 @@ def test_a_hook_whose_before_run_never_ran_gets_its_outcome_with_its_state_unset
     calls: list[tuple[str, str]] = []
     _run(monkeypatch, [Refusing(calls, NotAuthorized("no")), MetricsHook()])
     assert timed == [("unit_echo", "failed", 0.0)]  # a refused delivery counts zero seconds
+
+
+def test_the_claimer_sleeps_when_idle_and_a_new_run_wakes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While runs come, the claimer looks every CLAIM_DELAY without being woken; idle, it waits, and the
+    next run must wake it: a long run's claim is written all the same (else it stays unrecorded)."""
+    monkeypatch.setattr(rekku_workers.claim._Claimer, "IDLE_LOOKS", 3)
+    claimer = rekku_workers.claim._Claimer()
+    wait_until(lambda: claimer._sleeping, timeout=5, what="the idle claimer to wait")
+
+    class Claim:
+        written = threading.Event()
+        settled = False
+        due = 0.0
+        action_id = "a"
+
+        def write(self) -> None:
+            self.written.set()
+
+    claim = Claim()
+    claimer.add(claim)  # type: ignore[arg-type]
+    assert claim.written.wait(5), "a run added while the claimer slept was never claimed"
+    wait_until(lambda: claimer._sleeping, timeout=5, what="the claimer to sleep again")

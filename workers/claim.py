@@ -79,28 +79,41 @@ class DeferredClaim:
 
 
 class _Claimer:
-    """The process's thread that writes the deferred claims that are due. While runs keep coming,
-    starting one only appends to a deque and wakes nothing (handing each claim to a pool thread cost a
-    fifth of a no-op action's worker time in GIL hand-offs: py-spy, bench (b)); an idle process's
-    thread sleeps until the next run."""
+    """The process's thread that writes the deferred claims that are due. While runs keep coming it
+    looks every :data:`CLAIM_DELAY` and starting a run only appends to a deque: waking the thread
+    for each run (an Event's notify, then a GIL hand-off) cost a fifth, then a tenth, of a no-op
+    action's worker time (py-spy, bench (b)). After :data:`IDLE_LOOKS` looks with nothing to do it
+    sleeps until the next run wakes it, so an idle process does not poll."""
+
+    #: Empty looks in a row (a second at CLAIM_DELAY) before the thread waits to be woken.
+    IDLE_LOOKS = 100
 
     def __init__(self) -> None:
         self._pending: collections.deque[DeferredClaim] = collections.deque()
         self._wake = threading.Event()
+        self._sleeping = False
         threading.Thread(target=self._loop, name="rekku-claim", daemon=True).start()
 
     def add(self, claim: DeferredClaim) -> None:
-        idle = not self._pending
         self._pending.append(claim)
-        if idle:
+        if self._sleeping:  # set before the thread's last look at the deque: a run added after it wakes it
             self._wake.set()
 
     def _loop(self) -> None:
         pending = self._pending
+        empty = 0
         while True:
             if not pending:
-                self._wake.wait()
-                self._wake.clear()
+                empty += 1
+                if empty >= self.IDLE_LOOKS:
+                    self._sleeping = True
+                    if not pending:
+                        self._wake.wait()
+                    self._wake.clear()
+                    self._sleeping = False
+                    empty = 0
+            else:
+                empty = 0
             time.sleep(CLAIM_DELAY)
             now = time.monotonic()
             while pending and (pending[0].settled or pending[0].due <= now):
