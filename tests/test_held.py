@@ -39,6 +39,32 @@ def test_a_message_is_counted_while_it_waits_and_not_once_acknowledged(make_stac
     wait_until(lambda: _counts(stack) == {}, what="no count left behind")
 
 
+def test_counts_ride_ahead_of_their_messages_in_the_publish_round_trip(make_stack) -> None:
+    """The ingress sends a request's held counts in the same pipeline as its messages, ahead of them
+    (Redis runs a pipeline in order, so no worker can take a message before its count): seen with
+    MONITOR, from the server's side. A count sent on its own round trip, or after its message, fails it."""
+    stack = make_stack()
+    monitor_client = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    seen: list[dict] = []
+    with monitor_client.monitor() as monitor:
+        ids = [a["id"] for a in stack.submit([{"type": "echo", "payload": {"n": i}} for i in range(3)])["accepted"]]
+        for command in monitor.listen():
+            if command.get("db") == stack.redis_db:
+                seen.append(command)
+            if sum(1 for c in seen if c["command"].startswith("LPUSH default ")) == len(ids):
+                break
+    counts = [c for c in seen if c["command"].startswith(f"HINCRBY {held.key('default')} ")]
+    pushes = [c for c in seen if c["command"].startswith("LPUSH default ")]
+    assert {c["command"].split()[2] for c in counts} == set(ids)
+    connection = {(c["client_address"], c["client_port"]) for c in counts + pushes}
+    assert len(connection) == 1, "the counts and the messages go through one connection, one pipeline"
+    order = [c["command"].split()[0] for c in seen if (c["client_address"], c["client_port"]) in connection]
+    first_push = order.index("LPUSH")
+    # every count right ahead of the first message, nothing between: one pipeline
+    assert order[first_push - len(ids):first_push] == ["HINCRBY"] * len(ids)
+    assert order.count("HINCRBY") == len(ids)
+
+
 # ----------------------------------------------------------------------------- the reconciler's judgement
 @pytest.fixture
 def broker() -> Iterator[redis.Redis]:
