@@ -8,6 +8,7 @@ against real Redis with messages pushed the way kombu pushes them.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -63,6 +64,42 @@ def test_counts_ride_ahead_of_their_messages_in_the_publish_round_trip(make_stac
     # every count right ahead of the first message, nothing between: one pipeline
     assert order[first_push - len(ids):first_push] == ["HINCRBY"] * len(ids)
     assert order.count("HINCRBY") == len(ids)
+
+
+def test_acknowledgements_ride_with_the_next_delivery_and_reach_redis_when_the_queue_is_empty(make_stack) -> None:
+    """A worker's acknowledgement frees its prefetch slot at once and its Redis part (the unacknowledged
+    entry's removal, the held count-down) goes in the next delivery's pipeline (rekku_workers.owned_qos):
+    seen with MONITOR, a MULTI block of the worker's that both removes an acknowledged entry (ZREM) and
+    adds a new one (ZADD). Once the queue is empty, what waits reaches Redis on its own: no entry and no
+    count is left behind."""
+    stack = make_stack()
+    ids = [a["id"] for a in stack.submit([{"type": "echo", "payload": {"n": i}} for i in range(40)])["accepted"]]
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    blocks: list[set[str]] = []
+    open_blocks: dict[tuple[str, int], set[str]] = {}
+    removed = 0
+    deadline = time.monotonic() + 120
+    with client.monitor() as monitor:
+        stack.start_worker("default", concurrency=1)
+        for command in monitor.listen():
+            assert time.monotonic() < deadline, f"only {removed} of {len(ids)} entries removed"
+            if command.get("db") != stack.redis_db:
+                continue
+            who, name = (command["client_address"], command["client_port"]), command["command"].split()[0].upper()
+            if name == "MULTI":
+                open_blocks[who] = set()
+            elif name == "EXEC" and who in open_blocks:
+                blocks.append(open_blocks.pop(who))
+            elif who in open_blocks:
+                open_blocks[who].add(name)
+            removed += name == "ZREM"
+            if removed >= len(ids):
+                break
+    assert any({"ZREM", "ZADD"} <= block for block in blocks), "no acknowledgement rode with a delivery"
+    for action_id in ids:
+        assert stack.wait_action(action_id)["status"] == "succeeded"
+    wait_until(lambda: client.hlen(UNACKED_KEY) == 0 and not _counts(stack),
+               what="every acknowledged entry removed and every count gone, with nothing more to carry them")
 
 
 # ----------------------------------------------------------------------------- the reconciler's judgement

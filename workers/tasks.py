@@ -23,6 +23,7 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
 from rekku_workers import cancel  # noqa: F401 - registers the worker's cancel command
 from rekku_workers.node import NodeIdentity
+from rekku_workers.owned_qos import DeferredAcks
 from rekku_workers.periodic import register_periodic_tasks
 from rekku_workers.reconnect import GiveBackOnReconnect
 from rekku_workers.run_metrics import RUN_METRICS
@@ -115,6 +116,7 @@ def _register(app: Celery) -> None:
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
+    app.steps["consumer"].add(DeferredAcks)  # acknowledgements ride with the next delivery: workers/owned_qos.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
     if settings.model_loop:  # the optional model loop: nothing of it is imported without REKKU_LLM_URL
