@@ -209,7 +209,9 @@ def measure(stack: Stack, args: argparse.Namespace, profiler: Profiler | None = 
                                _per_action_ms(drain["ours"], n + 2 * m), _per_action_ms(drain["plain"], n),
                                _per_action_ms(drain["bare"], n), "ms", None, False))
     diagnostics = {"ours_latency_legs_p50_ms": b.latency_split(ours_times),
-                   "ours_echo_start_to_finish_p50_ms": b.in_task_ms(args.actions)}
+                   "ours_echo_start_to_finish_p50_ms": b.in_task_ms(args.actions),
+                   "drain_redis_calls_per_action": {
+                       who: _calls_per_action(drain[who], n + 2 * m if who == "ours" else n) for who in drain}}
     per_round = {f"accept_ratio_vs_plain_per_round[{k}]": [(sizes[k] / o.seconds) / (n / q.seconds)
                                                            for o, q in zip(accept[k], accept["plain"])]
                  for k in sizes}
@@ -217,9 +219,22 @@ def measure(stack: Stack, args: argparse.Namespace, profiler: Profiler | None = 
                                                    for o, q in zip(drain["ours"], drain["plain"])]
     return {"rows": rows + cpu_rows, "diagnostics": diagnostics,
             "accept": {k: [{"seconds": x.seconds, "cpu": x.cpu} for x in v] for k, v in accept.items()},
-            "drain": {k: [{"seconds": x.seconds, "cpu": x.cpu} for x in v] for k, v in drain.items()},
+            "drain": {k: [{"seconds": x.seconds, "cpu": x.cpu, "redis_calls": x.redis_calls} for x in v]
+                      for k, v in drain.items()},
             **per_round, "latency_ms": {mode: {who: {**p[mode][who], "samples": v} for who, v in by_who.items()}
                                         for mode, by_who in samples.items()}}
+
+
+def _calls_per_action(rounds: list, actions: int) -> dict[str, float]:
+    """Redis commands per drained action, summed over the rounds: all of them, and the round trips
+    a worker waits on (MULTI/EXEC blocks, PUBLISH of task events, BRPOP)."""
+    total: dict[str, int] = {}
+    for measured in rounds:
+        for command, calls in (measured.redis_calls or {}).items():
+            total[command] = total.get(command, 0) + calls
+    done = actions * max(1, len(rounds))
+    return {"all": round(sum(total.values()) / done, 2),
+            **{c: round(total.get(c, 0) / done, 2) for c in ("exec", "publish", "brpop")}}
 
 
 def show_profiles(profiler: Profiler) -> None:

@@ -69,3 +69,8 @@ def show(results: dict[str, Any], path: Path, console: Console | None = None) ->
         legs = ", ".join(f"{k} {v:.1f}" for k, v in diag["ours_latency_legs_p50_ms"].items())
         console.print(f"[dim]ours, where (c) goes (p50 ms per leg): {legs}; "
                       f"(b) echo start → finish p50 {diag['ours_echo_start_to_finish_p50_ms']:.1f} ms[/dim]")
+        calls = diag.get("drain_redis_calls_per_action")
+        if calls:
+            console.print("[dim](b) Redis commands per action (all; MULTI/EXEC, PUBLISH, BRPOP): " + "; ".join(
+                f"{who} {c['all']:.1f} ({c['exec']:.2f}, {c['publish']:.2f}, {c['brpop']:.2f})"
+                for who, c in calls.items()) + "[/dim]")

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -72,10 +73,23 @@ class Ingress:
 
 @dataclass
 class Measured:
-    """One timed phase: wall seconds and the CPU seconds it cost (the processes named by the phase)."""
+    """One timed phase: wall seconds and the CPU seconds it cost (the processes named by the phase),
+    and for (b) the Redis commands the server ran meanwhile (``INFO commandstats``: the whole server,
+    so everything else on it counts too; a count, unlike a time, does not move with the machine's load)."""
 
     seconds: float
     cpu: float
+    redis_calls: dict[str, int] | None = None
+
+
+def redis_calls(client: Any) -> dict[str, int]:
+    """Calls per command so far on the Redis server (``cmdstat_multi`` → ``multi``)."""
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+def calls_since(client: Any, before: dict[str, int]) -> dict[str, int]:
+    after = redis_calls(client)
+    return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
 
 
 @dataclass
@@ -145,7 +159,7 @@ class Bench:
         """Let the Rekku worker consume; done when ``already_done + n`` echo rows are succeeded.
 
         The end is the latest ``finished_at`` in the log (not when our poll noticed)."""
-        cpu = tree_cpu(self._pid("ours"))
+        cpu, calls = tree_cpu(self._pid("ours")), redis_calls(self.redis)
         start = time.time()
         self.consume("ours", on=True)
         deadline = time.monotonic() + timeout
@@ -158,14 +172,14 @@ class Bench:
             time.sleep(0.05)
         with self.engine.connect() as conn:
             end = conn.scalar(sa.select(sa.func.max(ActionRun.finished_at)).where(ActionRun.type == "echo"))
-        used = tree_cpu(self._pid("ours")) - cpu
+        used, calls = tree_cpu(self._pid("ours")) - cpu, calls_since(self.redis, calls)
         self.consume("ours", on=False)
-        return Measured(end.timestamp() - start, used)
+        return Measured(end.timestamp() - start, used, calls)
 
     def baseline_drain(self, who: str, n: int, timeout: float) -> Measured:
         """Let a baseline worker consume; the task that completes the n-th INCR records the end."""
         base = BASELINES[who]
-        cpu = tree_cpu(self._pid(who))
+        cpu, calls = tree_cpu(self._pid(who)), redis_calls(self.redis)
         start = time.time()
         self.consume(who, on=True)
         deadline = time.monotonic() + timeout
@@ -174,9 +188,9 @@ class Bench:
                 raise RuntimeError(f"the {who} worker did not finish {n} tasks in {timeout:g} s")
             self.stack.check_alive()
             time.sleep(0.05)
-        used = tree_cpu(self._pid(who)) - cpu
+        used, calls = tree_cpu(self._pid(who)) - cpu, calls_since(self.redis, calls)
         self.consume(who, on=False)
-        return Measured(float(done) - start, used)
+        return Measured(float(done) - start, used, calls)
 
     # ------------------------------------------------------------------ (c) latency
     def ours_latency(self) -> tuple[float, float]:
