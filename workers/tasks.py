@@ -28,6 +28,7 @@ from rekku_workers.periodic import register_periodic_tasks
 from rekku_workers.reconnect import GiveBackOnReconnect
 from rekku_workers.run_metrics import RUN_METRICS
 from rekku_workers.runner import execute, time_limit_of
+from rekku_workers.task_events import BatchedTaskEvents
 from rekku_workers.timer_sweep import TimerSweep
 
 from rekku import feed_push, retention
@@ -117,6 +118,7 @@ def _register(app: Celery) -> None:
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
     app.steps["consumer"].add(DeferredAcks)  # acknowledgements ride with the next delivery: workers/owned_qos.py
+    app.steps["consumer"].add(BatchedTaskEvents)  # task events published every 20 ms: workers/task_events.py
     register_action_tasks(app, get_registry())
     register_periodic_tasks(app, get_registry())
     if settings.model_loop:  # the optional model loop: nothing of it is imported without REKKU_LLM_URL
