@@ -200,12 +200,10 @@ class ProgressHook(Hook):
 
 
 class LoggingHook(Hook):
-    """One log line per outcome, with the action id and type. A success is logged at DEBUG: Celery's
-    own INFO line already says it ("Task rekku.action.<type>[<id>] succeeded in …"), and a second
-    line per quick action was a tenth of its worker time."""
+    """One log line per outcome, with the action id and type."""
 
     def after_success(self, run: Run, result: Any) -> None:
-        log.debug("action %s (%s) succeeded", run.action_id, run.spec.type)
+        log.info("action %s (%s) succeeded", run.action_id, run.spec.type)
 
     def after_failure(self, run: Run, error: str) -> None:
         log.warning("action %s (%s) failed: %s", run.action_id, run.spec.type, error)
