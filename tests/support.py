@@ -322,6 +322,27 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         pass
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """:func:`stop_process` for several processes, in parallel: SIGTERM every process group first, then
+    wait for them all (up to ``timeout`` seconds in all), then SIGKILL what is left. A stack's workers,
+    beat and ingress each take a second or more to shut down warm; one after the other, a stack of five
+    processes took as long to stop as to start. Nothing here is checked: the stack is done with."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        stop_process(proc)  # SIGKILL the group (what a child left behind in it too), and reap
+
+
 @dataclass
 class Stack:
     """An ingress and workers on one broker db and one database, as separate processes."""
@@ -403,8 +424,8 @@ class Stack:
             app.close()
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            stop_process(proc)
+        """Stop every process of the stack at once (see :func:`stop_processes`)."""
+        stop_processes(list(reversed(self.processes)))
         self.processes.clear()
 
     # ------------------------------------------------------------------ HTTP helpers
