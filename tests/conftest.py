@@ -163,8 +163,7 @@ def running_stack(name: str, home: Path, database: str, extra_env: dict[str, str
     stack = Stack(name, home, url, db_number, extra_env=extra_env)
     try:
         stack.start_ingress()
-        for pool, concurrency, node in workers:
-            stack.start_worker(pool, concurrency=concurrency, node=node)
+        stack.start_workers(workers)
         yield stack
     finally:
         stack.stop()

@@ -410,6 +410,21 @@ class Stack:
         proc.node = f"{pool}@{node}"  # type: ignore[attr-defined]
         return proc
 
+    def start_workers(self, workers: list[tuple[str, int, str]]) -> list[subprocess.Popen]:
+        """Workers ((pool, concurrency, node) each) started together: each is spawned at once, then
+        every one waited for until online (what :meth:`start_worker` does for one)."""
+        procs = []
+        for pool, concurrency, node in workers:
+            proc = self.spawn("worker", "--pool", pool, "--concurrency", str(concurrency), "--node", node,
+                              log_name=f"worker-{pool}-{node}")
+            proc.node = f"{pool}@{node}"  # type: ignore[attr-defined]
+            procs.append(proc)
+        for proc in procs:
+            wait_until(lambda p=proc: self.worker_online(p.node) or p.poll() is not None, timeout=60,
+                       what=f"worker {proc.node}")
+            assert proc.poll() is None, f"worker {proc.node} exited; see {self.home / 'logs'}"
+        return procs
+
     def worker_online(self, hostname: str) -> bool:
         from celery import Celery
 
