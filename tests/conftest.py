@@ -124,7 +124,8 @@ class SharedStacks:
     after the last test that needs it (in collection order, the order tests run in, serially or on an
     xdist worker with --dist loadfile or loadgroup) instead of at the end of the session. A run holds
     fewer Redis test dbs at once that way (13 for every run on the machine), and fewer processes.
-    A stack asked for again after it stopped starts again."""
+    A stack asked for again after it stopped starts again. (On an xdist worker the standard stacks
+    stop at the end of the session instead: see pytest_collection_finish.)"""
 
     def __init__(self) -> None:
         self.running: dict[str, tuple[Stack, ExitStack]] = {}
@@ -151,9 +152,17 @@ SHARED_STACKS = SharedStacks()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    # On an xdist worker the standard stacks (the ``stack`` fixture, asked for by files of many groups)
+    # stay up until the session ends: the worker runs only some groups, in the order the scheduler hands
+    # them out, not in collection order, so the last user in collection order may run before other users
+    # on this worker, and stopping there made the next one start the whole stack again (5 to 10 s, and
+    # as long to stop). The other shared stacks serve the files of one group (XDIST_GROUPS), which run
+    # in collection order on one worker: they still stop after their last user.
+    on_xdist_worker = hasattr(session.config, "workerinput")
     for item in session.items:
         for key in _shared_keys(item):
-            SHARED_STACKS.last_user[key] = item.nodeid
+            if not (on_xdist_worker and key.startswith("standard:")):
+                SHARED_STACKS.last_user[key] = item.nodeid
 
 
 @pytest.hookimpl(wrapper=True)
