@@ -59,6 +59,25 @@ XDIST_GROUPS = {
 }
 
 
+#: Seconds each of the heaviest groups took in all (setup, call and teardown of its tests) on a 2-core
+#: machine, ``-n 3``: with ``--dist loadgroup`` they are handed out first, heaviest first, and the other
+#: groups after them by their number of tests (xdist's own order). Handed out in file order instead, a
+#: heavy file that comes late (test_sentinel, test_worker_restart) kept one worker busy while the others
+#: had nothing left. Only the order depends on these figures: a stale one costs balance, never a test.
+GROUP_SECONDS = {
+    "tests/test_adversarial_restart.py": 198, "tests/test_reliability.py": 188, "chat-and-events": 140,
+    "tests/test_receive.py": 113, "tests/test_feed_push.py": 112, "memory": 75, "tests/test_worker_restart.py": 74,
+    "tests/test_end_to_end.py": 62, "plugins": 58, "tests/test_first_day_cli.py": 56,
+    "tests/test_selenium_remote.py": 50, "tests/test_retention.py": 48, "tests/test_sentinel.py": 48,
+    "tests/test_actions_list.py": 45, "tests/test_event_dispatch.py": 45, "tests/test_first_day.py": 45,
+    "tests/test_client.py": 44, "tests/test_trust_infra.py": 44, "tests/test_migration_lock.py": 37,
+    "tests/test_cli.py": 35, "tests/test_ops_files.py": 35, "tests/test_openapi_fuzz.py": 30,
+    "tests/test_event_fastpath.py": 31, "tests/test_metrics_multiprocess.py": 31, "tests/test_signing.py": 29,
+    "tests/test_held.py": 27, "tests/test_terminal.py": 25, "tests/test_plugin_packages.py": 24,
+    "tests/test_model_loop.py": 23, "tests/test_rekku_up.py": 20,
+}
+
+
 def xdist_group(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     module = Path(path).stem
@@ -75,8 +94,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroupScheduling(LoadScopeScheduling):
+        weighed = False
+
         def _split_scope(self, nodeid: str) -> str:
             return xdist_group(nodeid)
+
+        def _assign_work_unit(self, node: object) -> None:
+            if not self.weighed:  # the queue is complete by the first assignment: heaviest groups first
+                self.weighed = True
+                order = sorted(self.workqueue.items(), key=lambda unit: (-GROUP_SECONDS.get(unit[0], 0), -len(unit[1])))
+                self.workqueue.clear()
+                self.workqueue.update(order)
+            super()._assign_work_unit(node)
 
     return FileGroupScheduling(config, log)
 
@@ -95,7 +124,8 @@ class SharedStacks:
     after the last test that needs it (in collection order, the order tests run in, serially or on an
     xdist worker with --dist loadfile or loadgroup) instead of at the end of the session. A run holds
     fewer Redis test dbs at once that way (13 for every run on the machine), and fewer processes.
-    A stack asked for again after it stopped starts again."""
+    A stack asked for again after it stopped starts again. (On an xdist worker the standard stacks
+    stop at the end of the session instead: see pytest_collection_finish.)"""
 
     def __init__(self) -> None:
         self.running: dict[str, tuple[Stack, ExitStack]] = {}
@@ -122,9 +152,17 @@ SHARED_STACKS = SharedStacks()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    # On an xdist worker the standard stacks (the ``stack`` fixture, asked for by files of many groups)
+    # stay up until the session ends: the worker runs only some groups, in the order the scheduler hands
+    # them out, not in collection order, so the last user in collection order may run before other users
+    # on this worker, and stopping there made the next one start the whole stack again (5 to 10 s, and
+    # as long to stop). The other shared stacks serve the files of one group (XDIST_GROUPS), which run
+    # in collection order on one worker: they still stop after their last user.
+    on_xdist_worker = hasattr(session.config, "workerinput")
     for item in session.items:
         for key in _shared_keys(item):
-            SHARED_STACKS.last_user[key] = item.nodeid
+            if not (on_xdist_worker and key.startswith("standard:")):
+                SHARED_STACKS.last_user[key] = item.nodeid
 
 
 @pytest.hookimpl(wrapper=True)
@@ -163,8 +201,7 @@ def running_stack(name: str, home: Path, database: str, extra_env: dict[str, str
     stack = Stack(name, home, url, db_number, extra_env=extra_env)
     try:
         stack.start_ingress()
-        for pool, concurrency, node in workers:
-            stack.start_worker(pool, concurrency=concurrency, node=node)
+        stack.start_workers(workers)
         yield stack
     finally:
         stack.stop()

@@ -322,6 +322,27 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         pass
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """:func:`stop_process` for several processes, in parallel: SIGTERM every process group first, then
+    wait for them all (up to ``timeout`` seconds in all), then SIGKILL what is left. A stack's workers,
+    beat and ingress each take a second or more to shut down warm; one after the other, a stack of five
+    processes took as long to stop as to start. Nothing here is checked: the stack is done with."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        stop_process(proc)  # SIGKILL the group (what a child left behind in it too), and reap
+
+
 @dataclass
 class Stack:
     """An ingress and workers on one broker db and one database, as separate processes."""
@@ -389,6 +410,21 @@ class Stack:
         proc.node = f"{pool}@{node}"  # type: ignore[attr-defined]
         return proc
 
+    def start_workers(self, workers: list[tuple[str, int, str]]) -> list[subprocess.Popen]:
+        """Workers ((pool, concurrency, node) each) started together: each is spawned at once, then
+        every one waited for until online (what :meth:`start_worker` does for one)."""
+        procs = []
+        for pool, concurrency, node in workers:
+            proc = self.spawn("worker", "--pool", pool, "--concurrency", str(concurrency), "--node", node,
+                              log_name=f"worker-{pool}-{node}")
+            proc.node = f"{pool}@{node}"  # type: ignore[attr-defined]
+            procs.append(proc)
+        for proc in procs:
+            wait_until(lambda p=proc: self.worker_online(p.node) or p.poll() is not None, timeout=60,
+                       what=f"worker {proc.node}")
+            assert proc.poll() is None, f"worker {proc.node} exited; see {self.home / 'logs'}"
+        return procs
+
     def worker_online(self, hostname: str) -> bool:
         from celery import Celery
 
@@ -403,8 +439,8 @@ class Stack:
             app.close()
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            stop_process(proc)
+        """Stop every process of the stack at once (see :func:`stop_processes`)."""
+        stop_processes(list(reversed(self.processes)))
         self.processes.clear()
 
     # ------------------------------------------------------------------ HTTP helpers

@@ -179,6 +179,17 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
+def _close(sock: socket.socket) -> None:
+    """Close ``sock`` so that its peer sees the connection end now: a plain ``close()`` leaves the socket
+    open while another thread still waits in ``recv`` on it (this proxy's forwarding thread does), and the
+    client would only give up on it after its 30 s read timeout, not because the connection closed."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected (the listener), or already gone
+    sock.close()
+
+
 class AnswerDroppingProxy:
     """A TCP proxy on 127.0.0.1 in front of the ingress, forwarding both ways, except once: the first
     ``POST /v1/actions`` goes through and the ingress's whole answer is read (the work is done: it
@@ -202,7 +213,7 @@ class AnswerDroppingProxy:
     def stop(self) -> None:
         self.release.set()
         for sock in [self.listener, *self.sockets]:
-            sock.close()
+            _close(sock)
 
     def _accept(self) -> None:
         while True:
@@ -252,7 +263,7 @@ class AnswerDroppingProxy:
         upstream.close()
         self.held.set()
         self.release.wait(120)
-        client.close()
+        _close(client)
 
 
 def test_a_submit_retried_after_the_ingress_restarted_mid_request_runs_once(make_stack: Any) -> None:

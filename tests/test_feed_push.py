@@ -20,9 +20,10 @@ from tests.fakes.model_webhook import FakeModelReceiver, verify
 from tests.support import ROOT, Stack, stop_process, wait_until
 
 SECRET = f"model-hook-secret-{uuid.uuid4().hex}"
-#: Quick retries for the tests: beat every half second, at most 2 s between tries, 2 tries of a refused item.
+#: Quick retries for the tests: beat every half second, at most 1 s (the least allowed) between tries, 2 tries
+#: of a refused item.
 PUSH_ENV = {"REKKU_MODEL_WEBHOOK_SECRET": SECRET, "REKKU_MODEL_WEBHOOK_POLL_SECONDS": "0.5",
-            "REKKU_MODEL_WEBHOOK_MAX_BACKOFF": "2", "REKKU_MODEL_WEBHOOK_REFUSED_ATTEMPTS": "2",
+            "REKKU_MODEL_WEBHOOK_MAX_BACKOFF": "1", "REKKU_MODEL_WEBHOOK_REFUSED_ATTEMPTS": "2",
             "REKKU_MODEL_WEBHOOK_TIMEOUT": "3"}
 
 
