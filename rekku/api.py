@@ -32,6 +32,7 @@ from rekku.db import get_engine
 from rekku.errors import Conflict, NotFound, RekkuError
 from rekku.ingest import capabilities, default_ingress
 from rekku.interfaces import get_interfaces
+from rekku.kombu_clients import reuse_clients
 from rekku.models import CANCELLED, FINAL_STATES, RUNNING
 from rekku.parsing import decode_json
 from rekku.registry import get_registry
@@ -149,6 +150,7 @@ class StrictJSONRoute(APIRoute):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    reuse_clients()  # the ingress publishes through kombu: one redis.Redis per pool (rekku/kombu_clients.py)
     app = FastAPI(title="Rekku actions", version="1", description=__doc__, default_response_class=SafeJSONResponse)
     app.state.api_token = settings.ensure_api_token().encode()
     app.router.route_class = StrictJSONRoute

@@ -19,7 +19,6 @@ from typing import Any
 
 from celery import Celery
 
-from rekku.kombu_clients import reuse_clients
 from rekku.settings import get_settings
 
 #: Variables Celery prefers to its own configuration (celery.app.utils.Settings reads the first four
@@ -36,7 +35,6 @@ for _name in CELERY_ENV_OVERRIDES:
 #: Modules Celery imports in worker and beat processes: the tasks, bootsteps and signal handlers.
 WORKER_MODULES = ("rekku_workers.tasks",)
 
-reuse_clients()  # one redis.Redis per kombu pool, not one per publish, ack and event flush
 app = Celery("rekku", include=list(WORKER_MODULES))
 app.config_from_object("rekku.celeryconfig")
 

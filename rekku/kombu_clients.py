@@ -6,6 +6,10 @@ callbacks into each one, which took 8-10 % of a worker's main process in py-spy 
 both Rekku and plain Celery. The object holds no connection of its own (each command takes one from
 the pool, and redis-py documents the client as safe to share between threads), so one per pool serves
 every command; a new pool (kombu makes one after a reconnection) gets a new client.
+
+Applied by Rekku's own processes (the ingress's app, the worker and beat's task module), not by
+importing the Celery app: a program that imports Rekku's modules next to a Celery app of its own
+(the benchmarks' plain-Celery baseline, a user's service) keeps kombu as it is.
 """
 
 from __future__ import annotations

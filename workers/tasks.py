@@ -35,6 +35,7 @@ from rekku import feed_push, retention
 from rekku.celery_app import app
 from rekku.envelope import message_key
 from rekku.ingest import default_ingress
+from rekku.kombu_clients import reuse_clients
 from rekku.logs import install as install_log_format
 from rekku.metrics import count_reconciled
 from rekku.plugin_base import ActionSpec
@@ -114,6 +115,7 @@ def prune() -> dict:
 
 def _register(app: Celery) -> None:
     settings = get_settings()
+    reuse_clients()  # one redis.Redis per kombu pool, not one per publish, ack and event flush
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
