@@ -120,12 +120,6 @@ class Prepared:
             if item.type not in KINDS:
                 raise ValueError(f"unknown feed item type {item.type!r}")
         self.connection, self.items, self.strict = connection, items, strict
-        if strict:
-            keys = [i.dedupe_key for i in items if i.dedupe_key]
-            table = FeedItem.__table__
-            if len(set(keys)) != len(keys) or (keys and connection.scalar(
-                    sa.select(sa.func.count()).select_from(table).where(table.c.dedupe_key.in_(keys)))):
-                raise LookupError("the feed already holds some of these items")
         now = utcnow()
         self.rows = [{"type": item.type, "interface": item.interface, "chat_id": item.chat_id,
                       "thread_id": item.thread_id, "action_id": item.action_id, "dedupe_key": item.dedupe_key,
@@ -167,10 +161,10 @@ def prepare(connection: sa.Connection | Any, items: list[NewItem], *, strict: bo
     """``items`` made ready to add in ``connection``'s transaction (see :class:`Prepared`); nothing is
     locked or written until its ``append()``.
 
-    ``strict``: every item is new or nothing is added. The dedupe keys are checked here, before the lock
-    (LookupError if the feed holds one), and not again under it: a concurrent writer that adds one of
-    them meanwhile makes ``append()`` fail on the unique key instead, which rolls the caller's
-    transaction back (the event reminders' chunk then delivers one by one)."""
+    ``strict``: every item is new, or ``append()`` fails (IntegrityError on the unique dedupe key, the
+    caller's transaction to roll back) and adds nothing: no read of the keys under the lock. For a
+    caller with a path of its own for items already added (the event reminders' chunk falls back to
+    delivering one by one, which skips them)."""
     return Prepared(connection, items, strict=strict)
 
 

@@ -25,13 +25,9 @@ def hold(connection: sa.Connection | Any, order_table: Any) -> None:
     """Lock ``order_table``'s row until this transaction ends; call it right before inserting (a
     Connection or a Session). On SQLite the FOR UPDATE renders as a plain read. On MariaDB the
     statement goes to the driver as it is: SQLAlchemy's own execution of it cost about 2 ms a time."""
-    if isinstance(connection, sa.Connection) and connection.dialect.name == "mysql" and connection.in_transaction():
-        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(_lock_statement(connection.dialect, order_table.__tablename__))
-            cursor.fetchall()
-        finally:
-            cursor.close()
+    if isinstance(connection, sa.Connection) and connection.dialect.name == "mysql":
+        connection.exec_driver_sql(_lock_statement(connection.dialect, order_table.__tablename__),
+                                   execution_options=_AS_IS).all()
         return
     connection.execute(sa.select(order_table.id).where(order_table.id == 1).with_for_update())
 
@@ -64,8 +60,21 @@ class Rendered:
         def text(value: Any) -> str:
             return literal(value).decode(encoding)
 
-        self.values = [[text(process(row[name]) if process else row[name]) for name, process in processors]
-                       for row in rows]
+        def renderer(process: Any) -> Any:
+            seen: dict[Any, str] = {}  # a chunk repeats values (its one timestamp, a chat): render each once
+
+            def render(value: Any) -> str:
+                try:
+                    return seen[value]
+                except KeyError:
+                    done = seen[value] = text(process(value) if process else value)
+                    return done
+                except TypeError:  # unhashable (JSON)
+                    return text(process(value) if process else value)
+            return render
+
+        renderers = [(name, renderer(process)) for name, process in processors]
+        self.values = [[render(row[name]) for name, render in renderers] for row in rows]
         quote = dialect.identifier_preparer.quote
         self.head = (f"INSERT INTO {quote(table.name)} ("
                      + ", ".join(quote(name) for name, _ in processors)
@@ -102,15 +111,11 @@ class Rendered:
         multi-row INSERT takes ascending auto-increment ids in row order; sorted, as SQLAlchemy's own
         ``sort_by_parameter_order`` does for this dialect)."""
         sql = self.statement(positions, **later)
-        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if not returning:
-                cursor.execute(sql)
-                return []
-            cursor.execute(sql + " RETURNING " + self._dialect.identifier_preparer.quote(self.table.c.id.name))
-            return sorted(int(row[0]) for row in cursor.fetchall())
-        finally:
-            cursor.close()
+        if not returning:
+            run(connection, sql)
+            return []
+        sql += " RETURNING " + self._dialect.identifier_preparer.quote(self.table.c.id.name)
+        return sorted(int(row[0]) for row in connection.exec_driver_sql(sql, execution_options=_AS_IS))
 
 
 def literal_renderer(connection: sa.Connection) -> Any:
@@ -132,10 +137,11 @@ def literal_renderer(connection: sa.Connection) -> Any:
 
 
 def run(connection: sa.Connection, sql: str) -> int:
-    """Run a statement rendered by this module's helpers as it is (no parameters); its row count."""
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql)
-        return cursor.rowcount
-    finally:
-        cursor.close()
+    """Run a statement rendered by this module's helpers as it is (no parameters: the driver must not
+    look for ``%`` placeholders in the escaped values); its row count. Errors are SQLAlchemy's, as for
+    any statement (an IntegrityError on a unique key)."""
+    return connection.exec_driver_sql(sql, execution_options=_AS_IS).rowcount
+
+
+#: Execution options of a statement rendered with its values: sent as it is, with no parameters.
+_AS_IS = {"no_parameters": True}

@@ -17,8 +17,9 @@ Exactly once, end to end:
    dedupe key ``event:<id>:<occurrence>:system``; scheduled actions go through
    :meth:`Ingress.submit` with the idempotency key ``event:<id>:<occurrence>:actions``.
    When the reminder goes to the outbox (no scheduled actions, a chat without forwards) a chunk's
-   messages, their delivery records, their feed items and the ``delivered`` marks commit in one
-   transaction instead; on any error it falls back to the one-by-one path.
+   messages with their delivery records, then its feed items, then its ``delivered`` marks are
+   written in three transactions (:func:`_deliver_to_outbox`) instead; on any error it falls back
+   to the one-by-one path, which finds what is already sent.
    The row becomes ``delivered`` only when all of that succeeded; a failure leaves it ``failed``
    with the error and is retried with backoff up to :data:`MAX_ATTEMPTS`.
 3. **Recover.** A delivery whose message was lost (broker, or a worker killed while the row was
@@ -83,7 +84,7 @@ MAX_ATTEMPTS = 6
 MAX_BACKOFF = 300.0
 #: Events claimed per dispatcher transaction.
 CLAIM_BATCH = 500
-#: Occurrences per delivery task message (those for the outbox are written in one transaction, the
+#: Occurrences per delivery task message (those for the outbox are written a chunk per statement, the
 #: others delivered and recorded one by one).
 DELIVERY_CHUNK = 250
 #: How far ahead of its due time, in ticks, an occurrence is claimed and published with that time as
@@ -482,15 +483,21 @@ def _outbox_batchable(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -
 
 
 def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) -> int:
-    """Deliver these outbox occurrences in ONE transaction: the outbox messages (reminder and system
-    message) with their delivery records (rekku.interfaces.delivery.prepare_outbox_at_once, the
-    same writer as any delivery) and the occurrences marked delivered commit together, so it is
-    exactly once like the per-occurrence path. Raises (nothing written) if any part was already
-    recorded or anything fails; the caller then takes the per-occurrence path.
+    """Deliver these outbox occurrences a chunk at a time, in three short transactions instead of one
+    per occurrence: (1) the reminders with their delivery records (rekku.interfaces.delivery.
+    prepare_outbox_at_once, the same records as any delivery), (2) the ``event_reminder`` system
+    messages on the feed, (3) the ``delivered`` marks. Each part is exactly once on its own: a reminder
+    is never stored without its record, nor a feed item twice (its dedupe key), and (1) raises
+    (nothing written) if any reminder of the chunk was already recorded. Anything raising sends the
+    caller to the per-occurrence path, which finds what is already sent and finishes the rest, as it
+    does when a worker died between two of these.
 
-    The outbox's and the feed's order locks are held from the first insert to the commit and every
-    writer of either waits on them, so all the checks, rows and statement texts are made first; the
-    locked part is four statements (bench/README.md, events: that hold was what limited a burst)."""
+    Why three: (1) holds the outbox's order lock and (2) the feed's from their first insert to their
+    commit, and every writer of either waits on them (rekku/ordering.py). In one transaction a chunk
+    held the outbox's lock through all of it and a burst of reminders was as fast as that one lock
+    allowed (bench/README.md, events); split, a chunk holds each lock for one insert (two for the
+    outbox) while another chunk holds the other, and the marks take no order lock at all. All the
+    checks, rows and statement texts are made before either lock is taken."""
 
     messages, items = [], []
     for row, at in rows:
@@ -498,17 +505,21 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
         messages.append((message_id(row.event_id, at, "reminder"),
                          Chat("outbox", event.chat_id, event.thread_id or None), reminder_text(event.description)))
         items.append(system_message(event, at))
-    with get_engine().begin() as conn:
+    engine = get_engine()
+    with engine.begin() as conn:
         outbox = prepare_outbox_at_once(conn, messages)
-        feed = feed_prepare(conn, items, strict=True)
         summaries = outbox.write()  # the outbox order lock, held from here to the commit
-        added = feed.append()  # and the feed's
-        results = [{"reminder": {**summary, "forwarded": []}, "system_message": {"feed_item": item}}
-                   for summary, item in zip(summaries, added, strict=True)]
-        marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)})
-        if marked != len(rows):
-            raise LookupError(f"{len(rows) - marked} occurrences already delivered or cancelled")
+    with engine.begin() as conn:
+        feed = feed_prepare(conn, items, strict=True)
+        added = feed.append()  # the feed's order lock, held from here to the commit
     feed_announce(items, added)
+    results = [{"reminder": {**summary, "forwarded": []}, "system_message": {"feed_item": item}}
+               for summary, item in zip(summaries, added, strict=True)]
+    with engine.begin() as conn:
+        marked = _mark_delivered(conn, {row.id: result for (row, _), result in zip(rows, results, strict=True)})
+    if marked != len(rows):  # sent, and recorded as sent; the rows were cancelled or marked meanwhile
+        log.warning("event delivery: %d of %d occurrences sent were no longer open to mark delivered",
+                    len(rows) - marked, len(rows))
     return len(rows)
 
 
