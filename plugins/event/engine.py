@@ -89,8 +89,11 @@ CLAIM_BATCH = 500
 DELIVERY_CHUNK = 250
 #: How far ahead of its due time, in ticks, an occurrence is claimed and published with that time as
 #: its ETA: the delivery starts on the due second instead of up to a tick (plus the claim) later, and a
-#: burst is claimed before it is due. Two ticks so that one late tick still claims in time.
-LOOKAHEAD_TICKS = 2.0
+#: burst is claimed before it is due. Four ticks (20 s at the default 5 s tick): claiming 100,000
+#: occurrences took two ticks of ~5 s on a loaded 2-core machine, and with a two-tick look-ahead those
+#: claims were still running, competing for the same CPU and database, when the burst fell due
+#: (bench/README.md, events); one late tick still claims in time.
+LOOKAHEAD_TICKS = 4.0
 #: Task name of the delivery task (queue ``io``).
 DELIVER_TASK = "rekku.event.deliver"
 #: Namespace of the deterministic message ids of an occurrence.
