@@ -58,7 +58,8 @@ class Rendered:
                       if name not in later]
 
         def text(value: Any) -> str:
-            return literal(value).decode(encoding)
+            out = literal(value)  # bytes from mysqlclient, str from PyMySQL
+            return out if isinstance(out, str) else out.decode(encoding)
 
         def renderer(process: Any) -> Any:
             seen: dict[Any, str] = {}  # a chunk repeats values (its one timestamp, a chat): render each once
@@ -131,7 +132,8 @@ def literal_renderer(connection: sa.Connection) -> Any:
 
     def render(column: sa.Column, value: Any) -> str:
         process = column.type._cached_bind_processor(dialect)
-        return literal(process(value) if process else value).decode(encoding)
+        out = literal(process(value) if process else value)
+        return out if isinstance(out, str) else out.decode(encoding)
 
     return render
 
