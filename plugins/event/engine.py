@@ -529,9 +529,9 @@ def _deliver_to_outbox(rows: list[tuple[Any, datetime]], found: dict[int, Any]) 
 def _mark_delivered(conn: sa.Connection, results: dict[int, dict[str, Any]]) -> int:
     """Mark these delivery rows (id → result) delivered, unless one is no longer open; returns how many.
 
-    On MariaDB the statement is rendered here and sent to the driver as it is: in the outbox chunk it runs
-    under the order locks, where SQLAlchemy's building and binding of 250 JSON results took longer than
-    the database's own work."""
+    On MariaDB the statement is rendered here and sent to the driver as it is, like the chunk's inserts
+    (rekku.ordering): SQLAlchemy's building and binding of the ``CASE`` with 250 JSON results cost a
+    little more CPU (about 2.4 against 1.9 ms a chunk, one writer), and a burst is CPU-bound."""
     now = utcnow()
     render = literal_renderer(conn)
     if render is not None and results:
