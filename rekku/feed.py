@@ -34,7 +34,7 @@ from rekku.celery_app import app
 from rekku.context import current_action
 from rekku.db import get_engine
 from rekku.models import Base, BigId, JSONType, UTCDateTime, utcnow
-from rekku.ordering import hold
+from rekku.ordering import Rendered, hold
 from rekku.settings import Settings, get_settings
 from rekku.turns import request_turns_for
 
@@ -107,29 +107,77 @@ class NewItem:
 def append(connection: sa.Connection, items: list[NewItem]) -> list[int | None]:
     """Add ``items`` in the caller's transaction, in order, under the feed's order lock; returns each
     one's id, or None for an item whose ``dedupe_key`` the feed already holds (nothing is added)."""
-    for item in items:
-        if item.type not in KINDS:
-            raise ValueError(f"unknown feed item type {item.type!r}")
-    table = FeedItem.__table__
-    hold(connection, FeedOrder)
-    keys = [i.dedupe_key for i in items if i.dedupe_key]
-    present = set(connection.scalars(sa.select(table.c.dedupe_key).where(table.c.dedupe_key.in_(keys)))) if keys \
-        else set()
-    ids: list[int | None] = []
-    now = utcnow()
-    for item in items:
-        if item.dedupe_key and item.dedupe_key in present:
-            ids.append(None)
-            continue
-        if item.dedupe_key:
-            present.add(item.dedupe_key)
-        result = connection.execute(sa.insert(table).values(
-            type=item.type, interface=item.interface, chat_id=item.chat_id, thread_id=item.thread_id,
-            action_id=item.action_id, dedupe_key=item.dedupe_key, data=item.data, created_at=now))
-        ids.append(result.inserted_primary_key[0])
-    if any(i is not None for i in ids):
+    return prepare(connection, items).append()
+
+
+class Prepared:
+    """Items ready to add in a transaction: their rows built, and on MariaDB their INSERT rendered
+    (rekku.ordering.Rendered), before the feed's order lock is taken, since every other writer of the
+    feed waits while it is held. :meth:`append` takes the lock and adds them as :func:`append` does."""
+
+    def __init__(self, connection: sa.Connection | Any, items: list[NewItem], *, strict: bool = False) -> None:
+        for item in items:
+            if item.type not in KINDS:
+                raise ValueError(f"unknown feed item type {item.type!r}")
+        self.connection, self.items, self.strict = connection, items, strict
+        now = utcnow()
+        self.rows = [{"type": item.type, "interface": item.interface, "chat_id": item.chat_id,
+                      "thread_id": item.thread_id, "action_id": item.action_id, "dedupe_key": item.dedupe_key,
+                      "data": item.data, "created_at": now} for item in items]
+        self.rendered = Rendered.of(_connection_of(connection), FeedItem.__table__, self.rows) if len(items) > 1 \
+            else None
+
+    def append(self) -> list[int | None]:
+        """Lock the feed's order, add the items whose ``dedupe_key`` it does not hold yet (one statement);
+        returns each item's id, None for one not added."""
+        if not self.items:
+            return []
+        connection, table = self.connection, FeedItem.__table__
+        hold(connection, FeedOrder)
+        keys = [i.dedupe_key for i in self.items if i.dedupe_key and not self.strict]
+        present = set(connection.scalars(sa.select(table.c.dedupe_key).where(table.c.dedupe_key.in_(keys)))) \
+            if keys else set()
+        new: list[int] = []  # positions of the items to add, in order
+        for n, item in enumerate(self.items):
+            if item.dedupe_key and item.dedupe_key in present:
+                continue
+            if item.dedupe_key:
+                present.add(item.dedupe_key)
+            new.append(n)
+        if not new:
+            return [None] * len(self.items)
+        if self.rendered is not None:
+            added = self.rendered.insert(_connection_of(connection), new)
+        else:
+            added = _insert_rows(connection, table, [self.rows[n] for n in new])
+        ids: list[int | None] = [None] * len(self.items)
+        for n, new_id in zip(new, added, strict=True):
+            ids[n] = new_id
         _connection_of(connection).info[_ADDED] = True
-    return ids
+        return ids
+
+
+def prepare(connection: sa.Connection | Any, items: list[NewItem], *, strict: bool = False) -> Prepared:
+    """``items`` made ready to add in ``connection``'s transaction (see :class:`Prepared`); nothing is
+    locked or written until its ``append()``.
+
+    ``strict``: every item is new, or ``append()`` fails (IntegrityError on the unique dedupe key, the
+    caller's transaction to roll back) and adds nothing: no read of the keys under the lock. For a
+    caller with a path of its own for items already added (the event reminders' chunk falls back to
+    delivering one by one, which skips them)."""
+    return Prepared(connection, items, strict=strict)
+
+
+def _insert_rows(connection: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert ``rows`` and return their ids in order: one multi-row INSERT … RETURNING where the database
+    returns the ids in parameter order (MariaDB ≥ 10.5, SQLite ≥ 3.35), else one INSERT per row. A burst
+    of due reminders adds hundreds of items per transaction while holding the feed's order lock."""
+    if not rows:
+        return []
+    if len(rows) > 1 and connection.dialect.insert_executemany_returning_sort_by_parameter_order:
+        return list(connection.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                                       rows).all())
+    return [connection.execute(sa.insert(table).values(**row)).inserted_primary_key[0] for row in rows]
 
 
 def _connection_of(connection: Any) -> sa.Connection:

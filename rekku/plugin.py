@@ -29,9 +29,10 @@ from rekku.feed import NewItem as NewFeedItem
 from rekku.feed import announce as feed_announce
 from rekku.feed import append as feed_append
 from rekku.feed import append_now as feed_append_now
+from rekku.feed import prepare as feed_prepare
 from rekku.feed import send_output
 from rekku.ingest import default_ingress
-from rekku.interfaces.delivery import deliver, deliver_to_outbox_at_once
+from rekku.interfaces.delivery import deliver, deliver_to_outbox_at_once, prepare_outbox_at_once
 from rekku.interfaces.links import Chat, chats_named, is_known_chat_id, looks_like_id, resolve_chat, resolve_thread
 from rekku.interfaces.models import SENDING as DELIVERY_SENDING
 from rekku.interfaces.models import SENT as DELIVERY_SENT
@@ -39,6 +40,8 @@ from rekku.interfaces.models import ChatForward, ChatLink, Delivery
 from rekku.interfaces.registry import get_interfaces
 from rekku.messages import find as find_message
 from rekku.models import JSONType, UTCDateTime, utcnow
+from rekku.ordering import literal_renderer
+from rekku.ordering import run as run_rendered
 from rekku.plugin_base import AIPluginBase, TablePlugin
 from rekku.plugin_settings import PluginSettings
 from rekku.registry import core_initializer, get_registry, register_plugin
@@ -79,15 +82,19 @@ __all__ = [
     "utcnow",             # the aware UTC "now" every table stores
     "UTCDateTime",        # column type: stored as naive UTC, read back timezone-aware
     "JSONType",           # column type: JSON on SQLite and MariaDB alike
+    "literal_renderer",   # MariaDB: render a value as SQL text (before an order lock), None elsewhere
+    "run_rendered",       # run such a rendered statement as it is; its row count
     # --- chats and replies
     "send_output",        # give the model an action's result (an "output" item of the feed, not a chat message)
     "feed_append",        # add items to the model's feed in the caller's transaction (once per dedupe_key)
     "feed_append_now",    # the same in a transaction of its own
+    "feed_prepare",       # feed_append in two steps: build (before the feed's order lock), then .append()
     "feed_announce",      # after feed_append's transaction committed: start the model loop's turns, if on
     "NewFeedItem",        # an item to add: its type, its chat, what it says, its dedupe_key
     "FEED_EVENT_REMINDER",  # the feed item type of a due reminder's system message
     "deliver",            # send a message to a chat (and to the chats linked to it), exactly once
     "deliver_to_outbox_at_once",  # many one-part outbox messages in the caller's transaction, exactly once
+    "prepare_outbox_at_once",  # the same in two steps: check and build (before the order lock), then .write()
     "find_message",       # a stored user message by (interface, chat_id, message_id), e.g. the one an action answers
     "get_interfaces",     # the configured interfaces (telegram, discord, webhook, outbox...) by name
     "Chat",               # an (interface, chat, thread) destination, as deliver() takes it

@@ -98,7 +98,7 @@ def test_two_beats_and_two_workers_deliver_every_occurrence_exactly_once(event_s
                what="every occurrence delivered")
     settle(event_stack, ids)  # whatever either beat or worker would still send has been sent
     assert sorted(t for t in outbox(event_stack, chat) if not t.startswith("{")) == expected
-    # claimed up to two ticks ahead, published with the due time as ETA: never delivered before it
+    # claimed up to four ticks ahead, published with the due time as ETA: never delivered before it
     due = {f"⏰ Reminder: {e['description']}": datetime.fromisoformat(e["next_run"]) for e in created}
     for message in event_stack.get("/v1/outbox", params={"chat_id": chat, "limit": 500}).json()["messages"]:
         if message["text"] in due:

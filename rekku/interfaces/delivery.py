@@ -31,9 +31,10 @@ from rekku.errors import PluginError, TransientError
 from rekku.interfaces.base import DeliveryUncertain, Interface, Outgoing, split_text
 from rekku.interfaces.links import Chat, forwards_from
 from rekku.interfaces.models import SENDING, SENT, Delivery
-from rekku.interfaces.outbox import store_many
+from rekku.interfaces.outbox import prepare_many
 from rekku.interfaces.registry import get_interfaces
 from rekku.models import utcnow
+from rekku.ordering import Rendered
 
 log = logging.getLogger(__name__)
 
@@ -163,27 +164,56 @@ def deliver_to_outbox_at_once(connection: sa.Connection,
     (without forwards). Raises LookupError when a part was already recorded and ValueError when a text
     needs more than one part or the outbox is not available: nothing is written, and the caller
     delivers one by one, which tells a sent part from one to send."""
-    outbox = get_interfaces().get("outbox")
-    if outbox is None or not outbox.stored:
-        raise ValueError("the outbox is not available")
-    if any(chat.interface != "outbox" or len(split_text(text, outbox.max_text)) != 1 for _, chat, text in messages):
-        raise ValueError("a message that is not one part of text for the outbox")
-    records = Delivery.__table__
-    taken = connection.scalar(sa.select(sa.func.count()).select_from(records)
-                              .where(records.c.action_id.in_([action_id for action_id, _, _ in messages])))
-    if taken:
-        raise LookupError(f"{taken} parts already recorded")
-    now = utcnow()
-    ids = store_many(connection, [
-        {"chat_id": chat.chat_id, "thread_id": chat.thread_id or "", "text": text, "audio_url": None,
-         "reply_to": None, "action_id": action_id, "created_at": now} for action_id, chat, text in messages])
-    connection.execute(sa.insert(records), [
-        {"action_id": action_id, "part_key": _part_key(chat, 0), "interface": "outbox", "chat_id": chat.chat_id,
-         "thread_id": chat.thread_id or "", "text": text, "audio": None, "status": SENT, "remote_id": str(mid),
-         "created_at": now, "updated_at": now}
-        for (action_id, chat, text), mid in zip(messages, ids, strict=True)])
-    return [_summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1, sent=[mid]))
-            for (_, chat, _), mid in zip(messages, ids, strict=True)]
+    return prepare_outbox_at_once(connection, messages).write()
+
+
+class OutboxAtOnce:
+    """What :func:`deliver_to_outbox_at_once` writes, checked and built when this is made, before the
+    outbox order lock (every other writer of the outbox waits while it is held): :meth:`write` takes the
+    lock and runs two statements, the messages and their delivery records. A caller that adds more rows
+    under the same lock (the event reminders' feed items) prepares those first too."""
+
+    def __init__(self, connection: sa.Connection, messages: list[tuple[str, Chat, str]]) -> None:
+        outbox = get_interfaces().get("outbox")
+        if outbox is None or not outbox.stored:
+            raise ValueError("the outbox is not available")
+        if any(chat.interface != "outbox" or len(split_text(text, outbox.max_text)) != 1
+               for _, chat, text in messages):
+            raise ValueError("a message that is not one part of text for the outbox")
+        records = Delivery.__table__
+        taken = connection.scalar(sa.select(sa.func.count()).select_from(records)
+                                  .where(records.c.action_id.in_([action_id for action_id, _, _ in messages])))
+        if taken:
+            raise LookupError(f"{taken} parts already recorded")
+        now = utcnow()
+        self.connection, self.messages = connection, messages
+        self.outbox = prepare_many(connection, [
+            {"chat_id": chat.chat_id, "thread_id": chat.thread_id or "", "text": text, "audio_url": None,
+             "reply_to": None, "action_id": action_id, "created_at": now} for action_id, chat, text in messages])
+        self.records = [{"action_id": action_id, "part_key": _part_key(chat, 0), "interface": "outbox",
+                         "chat_id": chat.chat_id, "thread_id": chat.thread_id or "", "text": text, "audio": None,
+                         "status": SENT, "created_at": now, "updated_at": now}
+                        for action_id, chat, text in messages]
+        self.rendered = Rendered.of(connection, records, self.records, later=("remote_id",)) \
+            if len(messages) > 1 else None
+        self.summaries = [_summary(Report("outbox", chat.chat_id, chat.thread_id, parts=1)) for _, chat, _ in messages]
+
+    def write(self) -> list[dict[str, Any]]:
+        """Lock the outbox order, store the messages and their records; each message's summary."""
+        ids = self.outbox.store()
+        remote = [str(mid) for mid in ids]
+        if self.rendered is not None:
+            self.rendered.insert(self.connection, returning=False, remote_id=remote)
+        elif self.records:
+            self.connection.execute(sa.insert(Delivery.__table__), [
+                {**record, "remote_id": rid} for record, rid in zip(self.records, remote, strict=True)])
+        return [{**summary, "sent": [mid]} for summary, mid in zip(self.summaries, ids, strict=True)]
+
+
+def prepare_outbox_at_once(connection: sa.Connection, messages: list[tuple[str, Chat, str]]) -> OutboxAtOnce:
+    """Check and build what :func:`deliver_to_outbox_at_once` writes, without locking or writing
+    anything yet: its ``write()`` does (raises as that function does)."""
+    return OutboxAtOnce(connection, messages)
 
 
 def _summary(report: Report) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from rekku.interfaces.base import Interface, Outgoing
 from rekku.interfaces.models import OutboxMessage, OutboxOrder
 from rekku.interfaces.registry import register_interface
 from rekku.models import utcnow
-from rekku.ordering import hold
+from rekku.ordering import Rendered, hold
 
 
 @register_interface
@@ -44,12 +44,35 @@ class Outbox(Interface):
 def store_many(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Insert outbox messages (``outbox_messages`` rows) in the caller's transaction, under the order
     lock, in one statement where the database can return the ids in order; returns their ids in order."""
-    table = OutboxMessage.__table__
-    hold_order(connection)
-    if connection.dialect.insert_executemany_returning_sort_by_parameter_order:
-        return list(connection.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
-                                       rows).all())
-    return [connection.execute(sa.insert(table).values(**row)).inserted_primary_key[0] for row in rows]
+    return prepare_many(connection, rows).store()
+
+
+class PreparedMessages:
+    """Outbox messages ready to store: on MariaDB their INSERT is rendered when this is made
+    (rekku.ordering.Rendered), before the order lock that every other writer of the outbox waits on."""
+
+    def __init__(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        self.connection, self.rows = connection, rows
+        self.rendered = Rendered.of(connection, OutboxMessage.__table__, rows) if len(rows) > 1 else None
+
+    def store(self) -> list[int]:
+        """Lock the outbox order and insert the messages (one statement where possible); their ids in order."""
+        connection, table = self.connection, OutboxMessage.__table__
+        hold_order(connection)
+        if not self.rows:
+            return []
+        if self.rendered is not None:
+            return self.rendered.insert(connection)
+        if connection.dialect.insert_executemany_returning_sort_by_parameter_order:
+            return list(connection.scalars(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                                           self.rows).all())
+        return [connection.execute(sa.insert(table).values(**row)).inserted_primary_key[0] for row in self.rows]
+
+
+def prepare_many(connection: sa.Connection, rows: list[dict[str, Any]]) -> PreparedMessages:
+    """``rows`` made ready to store in ``connection``'s transaction; nothing is locked or written until
+    its ``store()``."""
+    return PreparedMessages(connection, rows)
 
 
 def hold_order(connection: sa.Connection | Any) -> None:
