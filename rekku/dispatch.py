@@ -42,13 +42,12 @@ def enqueue(runs: list[NewRun], batch_id: str, publisher: Any = None) -> list[st
     sender = publisher if publisher is not None else app
     try:
         with sender.producer_or_acquire() as producer:
-            counted = None
             try:
                 with _batch(producer):
-                    counted = _count_up(producer, runs)
+                    _count_up(producer, runs)
                     _publish(sender, producer, runs, batch_id)
             except Exception:
-                _count_down(counted or _redis_of(producer), runs)
+                _count_down(_redis_of(producer), runs)
                 raise
     except Exception:
         log.exception("could not publish the %d actions of batch %s: the broker is unreachable", len(runs), batch_id)
@@ -61,8 +60,8 @@ def _redis_of(producer: Any) -> Any:
     return getattr(getattr(producer, "channel", None), "client", None)
 
 
-def _count_up(producer: Any, runs: list[NewRun]) -> Any:
-    """Count each message as held (rekku.held) before it exists; returns the client.
+def _count_up(producer: Any, runs: list[NewRun]) -> None:
+    """Count each message as held (rekku.held) before it exists.
 
     Inside kombu's publish batch the counts go first into the batch's own pipeline, which Redis runs
     in order, so they are counted before any message of the batch can be taken, and the request pays
@@ -70,18 +69,15 @@ def _count_up(producer: Any, runs: list[NewRun]) -> Any:
     a batch (another kombu, or a transport without one) they take a round trip of their own first."""
     client = _redis_of(producer)
     if client is None:
-        return None
+        return
     session = _batch_session(producer)
-    if session is not None:
-        for run in runs:
-            held.count_up(session.pipeline, run.queue, [run.id])
-        session._buffered += len(runs)  # what the batch flushes: kombu counts the commands it queued
-        return client
-    pipe = client.pipeline(transaction=False)
+    pipe = session.pipeline if session is not None else client.pipeline(transaction=False)
     for run in runs:
         held.count_up(pipe, run.queue, [run.id])
-    pipe.execute()
-    return client
+    if session is not None:
+        session._buffered += len(runs)  # what the batch flushes: kombu counts the commands it queued
+    else:
+        pipe.execute()
 
 
 def _batch_session(producer: Any) -> Any:

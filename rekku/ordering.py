@@ -50,16 +50,12 @@ class Rendered:
     def __init__(self, connection: sa.Connection, table: sa.Table, rows: list[dict[str, Any]],
                  later: tuple[str, ...] = ()) -> None:
         dialect = connection.dialect
-        literal = connection.connection.dbapi_connection.literal  # type: ignore[union-attr]
-        encoding = connection.connection.dbapi_connection.encoding  # type: ignore[union-attr]
+        text = _driver_text(connection)
+        assert text is not None, "Rendered.of answers None where the driver cannot render values"
         columns = list(rows[0])
         self.table, self.later = table, later
         processors = [(name, table.c[name].type._cached_bind_processor(dialect)) for name in columns
                       if name not in later]
-
-        def text(value: Any) -> str:
-            out = literal(value)  # bytes from mysqlclient, str from PyMySQL
-            return out if isinstance(out, str) else out.decode(encoding)
 
         def renderer(process: Any) -> Any:
             seen: dict[Any, str] = {}  # a chunk repeats values (its one timestamp, a chat): render each once
@@ -88,9 +84,7 @@ class Rendered:
            later: tuple[str, ...] = ()) -> Rendered | None:
         """The rows rendered for ``connection``, or None where this does not apply (not MySQL/MariaDB, a
         driver without ``literal``, no RETURNING on the server, no rows)."""
-        if not rows or connection.dialect.name != "mysql" or not connection.dialect.insert_returning:
-            return None
-        if not hasattr(connection.connection.dbapi_connection, "literal"):
+        if not rows or not connection.dialect.insert_returning or _driver_text(connection) is None:
             return None
         return cls(connection, table, rows, later)
 
@@ -123,19 +117,33 @@ def literal_renderer(connection: sa.Connection) -> Any:
     """For a MySQL-family connection whose driver escapes values (``literal``), a function
     ``(column, value) -> SQL text`` that renders a value as SQLAlchemy would bind it for that column (its
     type's bind processor first); None for any other connection."""
-    if connection.dialect.name != "mysql":
+    text, dialect = _driver_text(connection), connection.dialect
+    if text is None:
         return None
-    dbapi = connection.connection.dbapi_connection
-    if not hasattr(dbapi, "literal"):
-        return None
-    literal, encoding, dialect = dbapi.literal, dbapi.encoding, connection.dialect  # type: ignore[union-attr]
 
     def render(column: sa.Column, value: Any) -> str:
         process = column.type._cached_bind_processor(dialect)
-        out = literal(process(value) if process else value)
-        return out if isinstance(out, str) else out.decode(encoding)
+        return text(process(value) if process else value)
 
     return render
+
+
+def _driver_text(connection: sa.Connection) -> Any:
+    """For a MySQL-family connection whose driver escapes values itself (``literal``: mysqlclient,
+    PyMySQL), ``value -> SQL text`` as the driver would put it into a statement; None for any other."""
+    if connection.dialect.name != "mysql":
+        return None
+    dbapi = connection.connection.dbapi_connection
+    literal = getattr(dbapi, "literal", None)
+    if literal is None:
+        return None
+    encoding = dbapi.encoding  # type: ignore[union-attr]
+
+    def text(value: Any) -> str:
+        out = literal(value)  # bytes from mysqlclient, str from PyMySQL
+        return out if isinstance(out, str) else out.decode(encoding)
+
+    return text
 
 
 def run(connection: sa.Connection, sql: str) -> int:

@@ -71,6 +71,11 @@ def tag_deliveries(owner: str) -> None:
     class OwnedQoS(base):  # type: ignore[misc, valid-type]
         rekku_base = base
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            #: (delivery tag, message) of acknowledgements whose Redis part waits for a pipeline to ride in
+            self._removals: list[tuple[Any, Any]] = []
+
         def append(self, message: Any, delivery_tag: Any) -> None:
             raw = message._raw
             try:
@@ -100,18 +105,8 @@ def tag_deliveries(owner: str) -> None:
                 raise
             virtual.QoS.append(self, message, delivery_tag)
 
-        @property
-        def _removals(self) -> list:
-            removals = self.__dict__.get("_rekku_removals")
-            if removals is None:
-                removals = self.__dict__["_rekku_removals"] = []
-            return removals
-
         def _take_removals(self) -> list:
-            removals = self.__dict__.get("_rekku_removals")
-            if not removals:
-                return []
-            self.__dict__["_rekku_removals"] = []
+            removals, self._removals = self._removals, []
             return removals
 
         def _queue_removals(self, pipe: Any, removals: list) -> None:
@@ -122,16 +117,15 @@ def tag_deliveries(owner: str) -> None:
         def flush_removals(self) -> None:
             """Send the acknowledgements waiting, on their own (no delivery came to carry them)."""
             removals = self._take_removals()
-            if not removals:
-                return
-            pipe = self._unacked_removal_pipe()
+            if removals:
+                self._send_removals(removals)
+
+        def _send_removals(self, removals: list) -> None:
+            """Remove the unacknowledged entries and count the messages down, in one pipeline: the
+            channel's, or a client of our own when the channel is detached."""
+            pipe = (broker_client() if self._detached() else self.channel._create_client()).pipeline()
             self._queue_removals(pipe, removals)
             pipe.execute()
-
-        def _unacked_removal_pipe(self) -> Any:
-            if not self._detached():
-                return self.channel._create_client().pipeline()
-            return broker_client().pipeline()
 
         def _detached(self) -> bool:
             transport = getattr(self.channel, "connection", None)
@@ -146,14 +140,6 @@ def tag_deliveries(owner: str) -> None:
                 return None
             return super().restore_unacked(client)
 
-        def _unacked_removal(self, delivery_tag: Any) -> Any:
-            """kombu's removal of the unacknowledged entry, as a pipeline not yet executed; on a client of
-            our own when the channel is detached."""
-            if not self._detached():
-                return self._remove_from_indices(delivery_tag)
-            pipe = broker_client().pipeline()  # kombu's _remove_from_indices takes an empty one for none
-            return pipe.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag)
-
         # kombu's own two lines, with the action's held count (rekku.held) going down in the same
         # pipeline as the unacknowledged entry: an acknowledged message is held no more.
         def ack(self, delivery_tag: Any) -> None:
@@ -163,17 +149,13 @@ def tag_deliveries(owner: str) -> None:
                 _waiting.add(self)
                 _schedule_flush()
                 return
-            pipe = self._unacked_removal(delivery_tag)
-            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
-            pipe.execute()
+            self._send_removals([(delivery_tag, self._delivered.get(delivery_tag))])
             virtual.QoS.ack(self, delivery_tag)
 
         def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
             if requeue:  # back in its queue: still held
                 return super().reject(delivery_tag, requeue=True)
-            pipe = self._unacked_removal(delivery_tag)
-            _count_down_delivery(pipe, self._delivered.get(delivery_tag))
-            pipe.execute()
+            self._send_removals([(delivery_tag, self._delivered.get(delivery_tag))])
             virtual.QoS.ack(self, delivery_tag)
             return None
 
