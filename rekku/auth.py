@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_token(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_token(request: Request,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     expected: bytes = request.app.state.api_token
     given = credentials.credentials.encode() if credentials else b""
     if not credentials or not hmac.compare_digest(given, expected):

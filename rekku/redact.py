@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from celery.utils.saferepr import saferepr
-
 #: Keys whose values are never shown, matched on the key lowercased without separators ("API-Key",
 #: "api_key" and "apiKey" alike): anything naming a password, secret, key or credential, and names
 #: ending in "token", "pass" or "pwd" ("access_token", "botToken", "DB_PASS"; not "max_tokens").
@@ -23,6 +21,8 @@ SECRET_KEY = re.compile(r"password|passwd|passphrase|secret|apikey|accesskey|pri
 HIDDEN = "***"
 #: Longest representation shown (Celery's own default for kwargsrepr).
 MAX_REPR = 1024
+#: What ends a representation cut at MAX_REPR.
+CUT = "..."
 
 
 def is_secret_key(key: Any) -> bool:
@@ -39,5 +39,10 @@ def redact(value: Any) -> Any:
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:
-    """The ``kwargsrepr`` of a task message: the kwargs, redacted, shortened like Celery's own."""
-    return saferepr(redact(kwargs), maxlen=MAX_REPR)
+    """The ``kwargsrepr`` of a task message: the kwargs, redacted, cut at :data:`MAX_REPR` characters.
+
+    Python's ``repr``, not Celery's ``saferepr``: a JSON payload holds nothing whose repr could fail or
+    recurse, and saferepr, which walks the value in Python, cost a tenth of the ingress's time per
+    action (cProfile, 5 actions per request); unlike it, nesting deeper than three levels is shown too."""
+    shown = repr(redact(kwargs))
+    return shown if len(shown) <= MAX_REPR else shown[:MAX_REPR - len(CUT)] + CUT
