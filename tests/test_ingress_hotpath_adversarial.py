@@ -269,3 +269,58 @@ def test_the_first_submit_does_not_hold_the_event_loop(tmp_path: Path) -> None:
         assert health.status_code == 200
         assert result["resp"].status_code == 202, result["resp"].text
         assert waited < 1.5, f"/healthz waited {waited:.1f} s behind the first POST /v1/actions"
+
+
+# ----------------------------------------------------------------------------- one key, many clients
+def test_one_idempotency_key_raced_by_many_clients_gives_one_batch(tmp_path: Path) -> None:
+    """Forty clients send the same key at the same moment (MariaDB): those with the first body all get
+    one answer, those with another body a 409, and the broker holds the batch's messages once."""
+    with _idle_stack(tmp_path, "mariadb") as stack:
+        start = threading.Barrier(40)
+
+        def one(n: int) -> requests.Response:
+            text = "same" if n % 4 else f"other-{n}"
+            start.wait()
+            return requests.post(stack.base_url + "/v1/actions", timeout=60,
+                                 json={"actions": [{"type": "echo", "payload": {"text": text}}] * 2,
+                                       "idempotency_key": "raced"}, headers=stack.headers)
+
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(one, range(40)))
+        statuses = Counter(r.status_code for r in answers)
+        assert set(statuses) <= {202, 409} and statuses[202] >= 1, (statuses, [r.text for r in answers][:3])
+        winners = {json.dumps(r.json(), sort_keys=True) for r in answers if r.status_code == 202}
+        assert len(winners) == 1, winners
+        for r in answers:
+            if r.status_code == 409:
+                assert set(r.json()) == {"detail", "errors"}
+        accepted = [a["id"] for a in json.loads(winners.pop())["accepted"]]
+        published = _messages_by_id(stack)
+        assert set(published) == set(accepted) and set(published.values()) == {1}, published
+
+
+def test_broker_gone_under_concurrent_clients_answers_503_to_each_and_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    server = _start_redis(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    stack = Stack("hot-down", tmp_path, f"sqlite:///{tmp_path / 'rekku.db'}", 0, extra_env={"REKKU_BROKER_URL": url})
+    try:
+        stack.spawn("ingress", "--port", str(stack.port), log_name="ingress")
+        wait_until(stack._ready, timeout=60, what="ingress")
+        assert stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {"text": "up"}}]}).status_code == 202
+        _stop_redis(server)
+
+        def one(n: int) -> requests.Response:
+            return stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {"text": f"d{n}"}}]}, timeout=120)
+
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(one, range(50)))
+        assert Counter(r.status_code for r in answers) == {503: 50}, [r.text for r in answers][:3]
+        assert all(set(r.json()) == {"detail", "errors"} for r in answers)
+        assert requests.get(stack.base_url + "/healthz", timeout=5).status_code == 200
+        server = _start_redis(port)
+        resp = wait_until(lambda: (r := one(99)).status_code == 202 and r, timeout=60, what="a 202 again")
+        assert redis.Redis("127.0.0.1", port).llen("default") >= 1, resp.text
+    finally:
+        stack.stop()
+        _stop_redis(server)
