@@ -95,6 +95,12 @@ async def _in_thread(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_SUBMIT_THREADS, call)
 
 
+def _submit_from_client(payload: Any, context: dict, idempotency_key: str | None) -> Any:
+    """``POST /v1/actions``' blocking part, all of it on the executor's thread: building the process's
+    ingress on the first request (plugin discovery, which imports every plugin) included."""
+    return default_ingress().submit_from_client(payload, context=context, idempotency_key=idempotency_key)
+
+
 def _error(status: int, detail: str, errors: list | None = None, headers: dict | None = None) -> JSONResponse:
     return SafeJSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
 
@@ -223,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return _error(422, "the Idempotency-Key header and the body's idempotency_key differ; send one")
             key = idempotency_header
         context = body.context.model_dump(exclude_none=True) if body.context else {}
-        answer = await _in_thread(default_ingress().submit_from_client, payload, context=context, idempotency_key=key)
+        answer = await _in_thread(_submit_from_client, payload, context=context, idempotency_key=key)
         location = {"Location": f"/v1/batches/{answer.batch_id}"} if answer.status == 202 and answer.batch_id else None
         return SafeJSONResponse(answer.as_dict(), status_code=answer.status, headers=location)
 
