@@ -313,9 +313,9 @@ def test_broker_gone_under_concurrent_clients_answers_503_to_each_and_recovers(t
         def one(n: int) -> requests.Response:
             return stack.post("/v1/actions", {"actions": [{"type": "echo", "payload": {"text": f"d{n}"}}]}, timeout=120)
 
-        with ThreadPoolExecutor(50) as pool:
-            answers = list(pool.map(one, range(50)))
-        assert Counter(r.status_code for r in answers) == {503: 50}, [r.text for r in answers][:3]
+        with ThreadPoolExecutor(20) as pool:  # within the ingress's 40 submit threads: one wave of retries
+            answers = list(pool.map(one, range(20)))
+        assert Counter(r.status_code for r in answers) == {503: 20}, [r.text for r in answers][:3]
         assert all(set(r.json()) == {"detail", "errors"} for r in answers)
         assert requests.get(stack.base_url + "/healthz", timeout=5).status_code == 200
         server = _start_redis(port)
