@@ -11,7 +11,7 @@ run: venv ## start everything on this machine (embedded Redis + SQLite unless co
 	$(BIN)/rekku up
 
 # The suite waits on processes, brokers and timers more than it computes: three pytest-xdist workers
-# finish it in about 8 minutes on 2 cores (about 790 tests). Whole test files go to a worker, and
+# finish it in about 7.5 minutes on 2 cores (about 800 tests). Whole test files go to a worker, and
 # the files that share a stack to the same one (tests/conftest.py, pytest_xdist_make_scheduler).
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 3
