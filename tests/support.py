@@ -152,9 +152,27 @@ def _lease_value() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _dead_holder(value: bytes | None) -> bool:
+    """The lease names a process of this machine that is gone (a run killed with SIGKILL releases
+    nothing; its leases would otherwise starve the next run for up to an hour)."""
+    host, _, pid = (value or b"").decode(errors="replace").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _try_claim(lease: redis.Redis) -> int | None:
     for number in TEST_DBS:
         key = f"rekku-test-lease:{number}"
+        stale = lease.get(key)
+        if _dead_holder(stale):  # take it over only if it is still that dead process's lease
+            lease.eval(_RELEASE, 1, key, stale)
         # SET NX is atomic: of several processes (xdist workers, other runs) asking at the same moment,
         # one gets the lease and the others move on to the next number
         if not lease.set(key, _lease_value(), nx=True, ex=3600):
