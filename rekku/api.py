@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -84,19 +83,24 @@ T = TypeVar("T")
 #: Threads for the blocking part of ``POST /v1/actions`` (the log's commit, the publish); as many as
 #: Starlette's own threadpool allows.
 SUBMIT_THREADS = 40
-_submit_pool: tuple[int, ThreadPoolExecutor] | None = None
-_submit_pool_lock = threading.Lock()
 
 
-def _submit_threads() -> ThreadPoolExecutor:
-    """The process's executor for :func:`_in_thread`, made again in a forked child: the parent's threads
-    do not come along, and an executor that still counts them as idle never starts one (the child's
-    first submit would wait forever)."""
+def _new_submit_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="rekku-submit")
+
+
+#: The process's executor for :func:`_in_thread` (its threads start on first use).
+_submit_pool = _new_submit_pool()
+
+
+def _renew_submit_pool() -> None:
+    # A forked child: the parent's threads do not come along, and an executor that still counts them
+    # as idle never starts one (the child's first submit would wait forever).
     global _submit_pool
-    with _submit_pool_lock:
-        if _submit_pool is None or _submit_pool[0] != os.getpid():
-            _submit_pool = (os.getpid(), ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="rekku-submit"))
-        return _submit_pool[1]
+    _submit_pool = _new_submit_pool()
+
+
+os.register_at_fork(after_in_child=_renew_submit_pool)
 
 
 async def _in_thread(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -107,7 +111,7 @@ async def _in_thread(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     request here, a sixth of a one-action request (in-process ASGI measure). asyncio's own executor
     hop keeps what matters (the commit never holds the event loop) without them."""
     call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_submit_threads(), call)
+    return await asyncio.get_running_loop().run_in_executor(_submit_pool, call)
 
 
 def _submit_from_client(payload: Any, context: dict, idempotency_key: str | None) -> Any:

@@ -36,8 +36,8 @@ IDLE_CHECKPOINT_SECONDS = 0.5
 #: (which is when the next writer starts it anew) and would otherwise grow without bound. With the
 #: checkpointer's copying done, that checkpoint has little left to copy.
 AUTOCHECKPOINT_PAGES = 4000
-#: The engines whose checkpointer runs, and in which process (a forked child starts its own).
-_checkpointing: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+#: The engines whose checkpointer runs in this process (emptied in a forked child, which starts its own).
+_checkpointing: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _sqlite_pragmas(dbapi_conn: Any) -> None:
@@ -64,11 +64,10 @@ def _checkpoint_in_background(engine: Engine) -> None:
     Started by the first connection an engine makes in a process (so again in a forked child, whose
     threads did not survive the fork); ends when the engine is gone. Every process that writes runs
     one, so the log is checkpointed while any of them lives; what one misses the next one does."""
-    pid = os.getpid()
     with _lock:
-        if _checkpointing.get(engine) == pid:
+        if engine in _checkpointing:
             return
-        _checkpointing[engine] = pid
+        _checkpointing.add(engine)
     ref = weakref.ref(engine)
 
     def loop() -> None:
@@ -136,6 +135,7 @@ def _forget_parent_engines() -> None:
     for engine in list(_engines.values()):
         engine.dispose(close=False)
     _engines.clear()
+    _checkpointing.clear()  # the parent's checkpointer threads did not survive the fork
 
 
 os.register_at_fork(after_in_child=_forget_parent_engines)
