@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import weakref
 from typing import Any
 
@@ -36,8 +35,9 @@ IDLE_CHECKPOINT_SECONDS = 0.5
 #: (which is when the next writer starts it anew) and would otherwise grow without bound. With the
 #: checkpointer's copying done, that checkpoint has little left to copy.
 AUTOCHECKPOINT_PAGES = 4000
-#: The engines whose checkpointer runs in this process (emptied in a forked child, which starts its own).
-_checkpointing: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: The engines whose checkpointer runs in this process, each with the event that stops it (emptied in
+#: a forked child, which starts its own).
+_checkpointing: weakref.WeakKeyDictionary[Engine, threading.Event] = weakref.WeakKeyDictionary()
 
 
 def _sqlite_pragmas(dbapi_conn: Any) -> None:
@@ -61,40 +61,50 @@ def _checkpoint_in_background(engine: Engine) -> None:
     the bound: a passive checkpoint that never ends between two commits never lets the log start anew
     (without the bound it grew to 370 MB in 6,000 requests); by then this thread has copied nearly all.
 
-    Started by the first connection an engine makes in a process (so again in a forked child, whose
-    threads did not survive the fork); ends when the engine is gone. Every process that writes runs
-    one, so the log is checkpointed while any of them lives; what one misses the next one does."""
+    Started by the first connection an engine's pool makes in a process (so again in a forked child,
+    whose threads did not survive the fork, and again after a dispose). It checkpoints through a
+    connection of its own, never one of the pool's, so it neither holds a pool connection nor makes
+    one that would start another checkpointer. It ends when the engine is disposed (at once, with its
+    connection closed: a disposed engine leaves no file open) or garbage-collected. Every process that
+    writes runs one, so the log is checkpointed while any of them lives; what one misses the next does."""
     with _lock:
         if engine in _checkpointing:
             return
-        _checkpointing.add(engine)
+        stop = _checkpointing[engine] = threading.Event()
     ref = weakref.ref(engine)
+    args, kwargs = engine.dialect.create_connect_args(engine.url)
+    connect = engine.dialect.loaded_dbapi.connect
 
     def loop() -> None:
-        pause, last = IDLE_CHECKPOINT_SECONDS, None
-        while (current := ref()) is not None:
-            del current  # between ticks only the weak reference: the engine may go
-            time.sleep(pause)
-            state = _checkpoint(ref)
-            # while commits come (the log changed since the last look), look again soon
-            pause = CHECKPOINT_SECONDS if state is None or state != last else IDLE_CHECKPOINT_SECONDS
-            last = state
+        pause, last, conn = IDLE_CHECKPOINT_SECONDS, None, None
+        try:
+            while not stop.wait(pause) and ref() is not None:
+                try:
+                    conn = conn or connect(*args, **kwargs)
+                    _busy, pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    state: tuple[int, int] | None = (pages, copied)
+                except Exception as exc:  # the next tick tries again; commits never wait for it
+                    log.debug("SQLite checkpoint failed: %s", exc)
+                    state = None
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                # while commits come (the log changed since the last look), look again soon
+                pause = CHECKPOINT_SECONDS if state is None or state != last else IDLE_CHECKPOINT_SECONDS
+                last = state
+        finally:
+            if conn is not None:
+                conn.close()
 
     threading.Thread(target=loop, name="rekku-sqlite-checkpoint", daemon=True).start()
 
 
-def _checkpoint(ref: weakref.ref) -> tuple[int, int] | None:
-    """One passive checkpoint: the log's pages and the pages copied, None when it failed."""
-    engine = ref()
-    if engine is None:
-        return None
-    try:
-        with engine.connect() as conn:
-            _busy, pages, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-        return pages, copied
-    except Exception as exc:  # the next tick tries again; commits never wait for it
-        log.debug("SQLite checkpoint failed: %s", exc)
-        return None
+def _stop_checkpointer(engine: Engine) -> None:
+    # no lock: this runs in a forked child too (dispose in _forget_parent_engines), where _lock may be
+    # held by a thread that did not survive the fork; one dict pop is atomic anyway
+    stop = _checkpointing.pop(engine, None)
+    if stop is not None:
+        stop.set()
 
 
 def make_engine(url: str) -> Engine:
@@ -110,6 +120,7 @@ def make_engine(url: str) -> Engine:
                 _checkpoint_in_background(current)
 
         sa.event.listen(engine, "connect", on_connect)
+        sa.event.listen(engine, "engine_disposed", _stop_checkpointer)
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, pool_size=5, max_overflow=10)
 
