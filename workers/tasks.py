@@ -22,6 +22,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
 from rekku_workers import cancel  # noqa: F401 - registers the worker's cancel command
+from rekku_workers.malformed import set_aside_malformed
 from rekku_workers.node import NodeIdentity
 from rekku_workers.owned_qos import DeferredAcks
 from rekku_workers.periodic import register_periodic_tasks
@@ -116,6 +117,7 @@ def prune() -> dict:
 def _register(app: Celery) -> None:
     settings = get_settings()
     reuse_clients()  # one redis.Redis per kombu pool, not one per publish, ack and event flush
+    set_aside_malformed()  # an item on a queue that is not a message no longer ends the worker
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
