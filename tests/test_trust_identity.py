@@ -233,6 +233,61 @@ def test_an_event_cannot_schedule_another_event(event_stack: Stack) -> None:
     assert any("cannot hold ['event']" in e for e in _rejected_errors(resp))
 
 
+def test_a_non_trainer_sees_and_cancels_only_their_own_chats_events(event_stack: Stack) -> None:
+    """The trainer's reminder in their chat, with its scheduled action: another user can neither list it
+    (naming the chat, or asking from no chat) nor cancel it by id (before: both worked, and the listing
+    showed the trainer's scheduled actions). In their own chat they list and cancel their own events;
+    the trainer still reaches any chat's."""
+    boss, mine = _tg_chat(), _tg_chat()
+    secret = event_stack.run("event", {"description": "payroll run", "in": "in 1 hour",
+                                       "actions": [{"type": "echo", "payload": {"text": "pay"}}]}, _trainer(boss))
+    assert secret["status"] == "succeeded", secret
+    secret_id = secret["result"]["id"]
+
+    # listing another chat's events: refused at the ingress, naming the rule
+    for payload, context in (({"chat_id": boss}, _mallory(mine)),
+                             ({"chat_id": boss, "interface": "telegram_bot"}, _mallory(mine)),
+                             ({"interface": "outbox"}, _mallory(mine)),
+                             ({}, {"interface": "telegram_bot", "user_id": "666"})):  # from no chat: every chat's
+        resp = event_stack.post("/v1/actions", {"actions": [{"type": "list_events", "payload": payload}],
+                                                "context": context})
+        assert resp.status_code == 422, (payload, context, resp.text)
+        assert any("trainer" in e for e in _rejected_errors(resp)), resp.text
+    # cancelling it by id from their own chat: the worker finds it is another chat's, and it stays
+    attempt = event_stack.run("cancel_event", {"id": secret_id}, _mallory(mine))
+    assert attempt["status"] == "failed" and f"Event {secret_id} is another chat's" in attempt["error"], attempt
+    boss_view = event_stack.run("list_events", {}, _trainer(boss))["result"]["events"]
+    assert [(e["id"], e["status"]) for e in boss_view] == [(secret_id, "active")]
+
+    # their own chat: listed and cancelled as before; the boss's event is not among theirs
+    own = event_stack.run("event", {"description": "water the plants", "in": "in 1 hour"}, _mallory(mine))
+    listed = event_stack.run("list_events", {"chat_id": mine}, _mallory(mine))["result"]["events"]
+    assert [e["id"] for e in listed] == [own["result"]["id"]]
+    done = event_stack.run("cancel_event", {"id": own["result"]["id"]}, _mallory(mine))
+    assert done["result"] == {"id": own["result"]["id"], "cancelled": True, "status": "cancelled"}, done
+
+    # the trainer lists the user's chat from theirs, and cancels the payroll run
+    theirs = event_stack.run("list_events", {"chat_id": mine, "include_finished": True}, _trainer(boss))
+    assert [e["id"] for e in theirs["result"]["events"]] == [own["result"]["id"]]
+    assert event_stack.run("cancel_event", {"id": secret_id}, _trainer(boss))["result"]["cancelled"] is True
+
+
+def test_an_event_the_user_asked_for_in_another_chat_is_theirs_to_cancel(event_stack: Stack) -> None:
+    """An event aimed at another chat (as a message may be) stays cancellable by the user who asked for
+    it, from wherever they write, and by anyone writing from the chat it is aimed at; not by a third
+    user of a third chat."""
+    origin, target = _tg_chat(), _tg_chat()
+    payload = {"description": "to the group", "in": "in 1 hour", "target": {"interface": "telegram_bot",
+                                                                            "chat_id": target}}
+    first, second = (event_stack.run("event", payload, _mallory(origin))["result"]["id"] for _ in range(2))
+    stranger = {"interface": "telegram_bot", "chat_id": _tg_chat(), "user_id": "777", "username": "eve"}
+    refused = event_stack.run("cancel_event", {"id": first}, stranger)
+    assert refused["status"] == "failed" and "another chat's" in refused["error"], refused
+    assert event_stack.run("cancel_event", {"id": first}, _mallory(_tg_chat()))["result"]["cancelled"] is True
+    in_target = {**stranger, "chat_id": target}
+    assert event_stack.run("cancel_event", {"id": second}, in_target)["result"]["cancelled"] is True
+
+
 def test_the_worker_refuses_a_forged_event_that_skipped_the_ingress_and_its_retry_is_refused_too(
         event_stack: Stack, terminal_node: object) -> None:
     """The worker checks again (AuthorizationHook → the event plugin's authorize_payload): an event with

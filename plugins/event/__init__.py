@@ -11,6 +11,11 @@ when it is due. Past times are refused. The time math is :mod:`rekku.schedule` (
 Upstream's bugs fixed: delivery is not hard-wired to Telegram; an occurrence is marked delivered
 only when it was; recurrences keep local wall-clock time (no UTC drift); ``always`` (which re-fired
 every tick) is refused with a pointer to ``every``; monthly keeps the day of month.
+
+Another chat's events are a trainer's business only: for anyone else ``list_events`` lists the
+requesting chat's events, and ``cancel_event`` cancels an event aimed at the requesting chat or one
+the same user asked for (upstream, and this project before, let any user list any chat's events,
+with their scheduled actions, and cancel any event by its id).
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ ACTIONS = {
               "(checked now and again when due: only actions they may run themselves; no 'event' inside "
               "'actions'). 'created_by' is only a label: it never changes who the actions run as",
               ["description"], ["created_by", "target", "actions", *_WHEN]),
-    "list_events": ("List scheduled events (default: those of this chat still waiting)", [],
+    "list_events": ("List scheduled events (default: those of this chat still waiting; another chat's only for "
+                    "trainers)", [],
                     ["interface", "chat_id", "include_finished", "limit"]),
     "cancel_event": ("Cancel a scheduled event by its id", ["id"], []),
 }
@@ -133,7 +139,11 @@ class EventPlugin(TablePlugin):
         each goes through the ingress's own validation (schema, its plugin's checks, trainer-only,
         restrictions, its plugin's ``authorize_payload``) with this request's context. Otherwise an
         event would launder any action past the ingress (a non-trainer's ``terminal`` run when due).
+        ``list_events`` and ``cancel_event`` reach only the requesting chat's events for a
+        non-trainer (see :func:`_others_refusal`; ``cancel_event``'s event is checked when it runs).
         Called at the ingress and again in the worker (``AuthorizationHook``)."""
+        if action_type in ("list_events", "cancel_event") and not is_trainer:
+            return _others_refusal(action_type, payload, context or {})
         if action_type == "event" and payload.get("target") is None and (context or {}).get("chat_id") in (None, ""):
             return ("The event has no 'target' and the request came from no chat; give target "
                     "{interface, chat_id} for action 'event'")
@@ -189,6 +199,14 @@ class EventPlugin(TablePlugin):
     def _cancel(self, event_id: int) -> dict:
         now = utcnow()
         with session_factory().begin() as s:
+            row = s.execute(sa.select(scheduled_events.c.interface, scheduled_events.c.chat_id,
+                                      scheduled_events.c.requester)
+                            .where(scheduled_events.c.id == event_id)).one_or_none()
+            if row is None:
+                raise PluginError(f"No event with id {event_id}")
+            if not _may_touch(row):
+                raise PluginError(f"Event {event_id} is another chat's: only a trainer may cancel an event "
+                                  "that is neither aimed at this chat nor asked for by this user")
             # an occurrence claimed ahead of its due time (the dispatcher's look-ahead) is still cancellable
             ahead = s.execute(sa.update(event_deliveries)
                               .where(event_deliveries.c.event_id == event_id,
@@ -200,8 +218,6 @@ class EventPlugin(TablePlugin):
                              .where(scheduled_events.c.id == event_id, scheduled_events.c.status.in_(states))
                              .values(status=EVENT_CANCELLED, updated_at=now)).rowcount
             status = s.scalar(sa.select(scheduled_events.c.status).where(scheduled_events.c.id == event_id))
-        if status is None:
-            raise PluginError(f"No event with id {event_id}")
         return {"id": event_id, "cancelled": bool(done), "status": status}
 
     def _list(self, payload: dict) -> dict:
@@ -217,8 +233,11 @@ class EventPlugin(TablePlugin):
         chat_id = payload.get("chat_id") or (ctx.chat_id if ctx else None)
         if chat_id:
             query = query.where(scheduled_events.c.chat_id == str(chat_id))
-        if payload.get("interface"):
-            query = query.where(scheduled_events.c.interface == str(payload["interface"]))
+        interface = payload.get("interface")
+        if not interface and not payload.get("chat_id") and ctx is not None and ctx.chat_id:
+            interface = _own_interface(ctx)
+        if interface:  # this chat's events are those of its interface too: Discord's 123 is not Telegram's
+            query = query.where(scheduled_events.c.interface == str(interface))
         if not payload.get("include_finished"):
             query = query.where(sa.or_(scheduled_events.c.status == EVENT_ACTIVE, claimed_ahead))
         with session_factory()() as s:
@@ -226,6 +245,44 @@ class EventPlugin(TablePlugin):
         result = {"events": [_describe(r) for r in rows]}
         send_output(result, f"{len(rows)} events")
         return result
+
+
+def _own_interface(ctx: Any) -> str:
+    """The interface of the requesting chat, as ``event`` stores it (the default one when unnamed)."""
+    return str(ctx.interface or get_settings().default_interface)
+
+
+def _others_refusal(action_type: str, payload: dict, context: dict) -> str | None:
+    """Why a non-trainer may not run ``list_events``/``cancel_event`` so, or None: from no chat they
+    would reach every chat's events; ``list_events`` may name only the requesting chat."""
+    chat_id = context.get("chat_id")
+    if chat_id in (None, ""):
+        return (f"Action '{action_type}' is restricted to trainers when the request comes from no chat: "
+                "others may only see and cancel the events of the chat they write from")
+    if action_type == "list_events":
+        own_interface = str(context.get("interface") or get_settings().default_interface)
+        named_chat, named_interface = payload.get("chat_id"), payload.get("interface")
+        if (named_chat not in (None, "") and str(named_chat) != str(chat_id)) or \
+                (named_interface not in (None, "") and str(named_interface) != own_interface):
+            return ("Only a trainer may list another chat's events: leave out 'chat_id' and 'interface' "
+                    "for action 'list_events' to list this chat's")
+    return None
+
+
+def _may_touch(row: Any) -> bool:
+    """Whether the running action's requester may cancel the event ``row``: a trainer always; anyone
+    else if it is aimed at the chat they write from, or they asked for it (the verified requester)."""
+    ctx = current_action()
+    if ctx is None:
+        return False
+    settings = get_settings()
+    if settings.is_trainer(ctx.interface, ctx.user_id):
+        return True
+    if ctx.chat_id not in (None, "") and (row.interface, row.chat_id) == (_own_interface(ctx), str(ctx.chat_id)):
+        return True
+    asked_by = row.requester or {}
+    return (ctx.user_id not in (None, "") and str(asked_by.get("user_id") or "") == str(ctx.user_id)
+            and str(asked_by.get("interface") or "") == str(ctx.interface or ""))
 
 
 def _describe(row: Any) -> dict:
