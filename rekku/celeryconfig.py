@@ -35,7 +35,10 @@ if _settings.signing_enabled:
 # Nothing lost: acknowledge after the run, and put the message back if the worker dies mid-run.
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
+# A run that failed or timed out is final (recorded in the action log): acknowledge it. Celery's default
+# too, said with the two settings that replace the deprecated task_acks_on_failure_or_timeout.
+task_acks_on_failure = True
+task_acks_on_timeout = True
 worker_prefetch_multiplier = 1
 # A sentinel:// broker URL (a Redis Sentinel group) also needs the master's name, for the broker and
 # the result backend alike (rekku/broker.py; an empty dict for a plain Redis).
