@@ -55,6 +55,9 @@ RESERVED_PLUGIN_VARIABLES = frozenset({
     "DISCORD_WEBHOOK_URL",      # discord_bot interface
 })
 
+#: Variables only docker-compose.yml reads (for its own services), listed in .env.example all the same.
+COMPOSE_ONLY_VARIABLES = frozenset({"REDIS_PASSWORD"})
+
 _ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 _INTERPOLATION = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
 
@@ -352,6 +355,9 @@ SECRETS = frozenset({
     # a Sentinel group's own password: no role of docker-compose.yml or deploy/k8s/ has one (their broker
     # is a plain Redis URL); a Sentinel deployment gives it wherever it gives REKKU_BROKER_URL
     "REKKU_SENTINEL_PASSWORD",
+    # compose's own Redis password: only the redis service holds it; every Rekku service gets it inside
+    # REKKU_BROKER_URL, with the variable itself blanked
+    "REDIS_PASSWORD",
 })
 _SECRET_NAME = re.compile(r"TOKEN|PASS|SECRET|API_KEY|BASIC_AUTH|DISCORD_WEBHOOK_URL")
 #: What the plugins and interfaces that send hold. The ingress needs them too: it refuses an action whose
@@ -426,6 +432,18 @@ def test_each_compose_service_gets_only_the_secrets_its_role_needs() -> None:
                                            f"missing {sorted(ROLE_SECRETS[name] - got)}")
 
 
+def test_compose_s_redis_requires_a_password_that_every_rekku_service_s_broker_url_holds() -> None:
+    redis_service = services()["redis"]
+    assert "--requirepass" in " ".join(command_argv(redis_service))
+    assert redis_service["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert "REDISCLI_AUTH" in " ".join(redis_service["healthcheck"]["test"])
+    dotenv = every_secret_set()
+    for name in rekku_services():
+        url = container_env(name, dotenv).get("REKKU_BROKER_URL")
+        if url is not None:
+            assert url == f"redis://:{dotenv['REDIS_PASSWORD']}@redis:6379/0", (name, url)
+
+
 def test_flower_has_no_database_password_nor_api_token() -> None:
     flower = services()["flower"]
     assert "env_file" not in flower, "Flower reads no .env: it would get every secret there"
@@ -482,7 +500,8 @@ def test_variables_compose_requires_are_uncommented_in_env_example() -> None:
 
 
 def test_every_env_example_variable_is_a_setting_or_a_reserved_plugin_variable() -> None:
-    unknown = set(env_example()) - settings_variables() - RESERVED_PLUGIN_VARIABLES
+    unknown = set(env_example()) - settings_variables() - RESERVED_PLUGIN_VARIABLES - COMPOSE_ONLY_VARIABLES
+    assert COMPOSE_ONLY_VARIABLES <= compose_variables()
     assert not unknown, (f".env.example lists variables nothing reads: {sorted(unknown)}; add a Settings "
                          "field (rekku/settings.py) or reserve it for a plugin in this test")
 
