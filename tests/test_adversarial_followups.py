@@ -1,0 +1,69 @@
+"""Adversarial follow-ups to three changes: items on a queue that are not messages
+(workers/malformed.py), another chat's events (plugins/event), the SQLite checkpointer (rekku/db.py).
+Black-box: real Redis, real workers, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import redis
+
+from tests.support import REDIS_HOST, REDIS_PORT, wait_until
+
+_ROUTE = {"exchange": "", "routing_key": "default"}
+_JSON = {"content-type": "application/json", "content-encoding": "utf-8"}
+
+
+def _envelope(properties: dict | None = None, **top: object) -> bytes:
+    """A kombu envelope as a stray producer might write it: JSON, with a delivery tag, and whatever else."""
+    props = {"delivery_tag": str(uuid.uuid4()), "delivery_info": _ROUTE, "body_encoding": "base64", **(properties or {})}
+    return json.dumps({"properties": props, **top}).encode()
+
+
+def _body(value: object) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+def _task(**headers: object) -> dict:
+    return {"task": "rekku.action.echo", "id": str(uuid.uuid4()), **headers}
+
+
+#: Envelopes that decode (JSON objects with properties and a delivery tag) but that kombu's QoS or
+#: Celery's consumer cannot take: each ended the worker ("Unrecoverable error"), and most were put back
+#: on the queue as the worker died, so they ended every worker of the pool in turn.
+POISON = {
+    "no delivery_info": json.dumps({"properties": {"delivery_tag": "t-1"}}).encode(),
+    "delivery_info not an object": _envelope({"delivery_info": "x"}),
+    "delivery tag a list": _envelope({"delivery_tag": ["x"]}),
+    "delivery tag a number": _envelope({"delivery_tag": 5}),
+    "no body, no headers": _envelope(),
+    "unknown task, no id": _envelope(headers={"task": "nope"}, body=_body([[], {}, {}]), **_JSON),
+    "known task, no body": _envelope(headers=_task()),
+    "task name a list": _envelope(headers={"task": ["x"], "id": "x"}, body=_body([[], {}, {}]), **_JSON),
+    "task id a list": _envelope(headers=_task(id=["x"]), body=_body([[], {}, {}]), **_JSON),
+    "body an object": _envelope(headers=_task(), body=_body({}), **_JSON),
+    "body too short": _envelope(headers=_task(), body=_body([1]), **_JSON),
+    "body without a content type": _envelope(headers=_task(), body=_body([[], {}, {}])),
+    "time limit a string": _envelope(headers=_task(timelimit="x"), body=_body([[], {}, {}]), **_JSON),
+}
+
+
+def test_envelopes_that_decode_but_are_no_task_are_set_aside_too(make_stack) -> None:
+    stack = make_stack()
+    worker = stack.start_worker("default", concurrency=1, node="poisoned")
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)
+    for item in POISON.values():
+        client.lpush("default", item)
+    assert stack.run("echo", {"text": "after the poison"})["status"] == "succeeded"
+    kept = wait_until(lambda: len(client.lrange("rekku:malformed", 0, -1)) >= len(POISON)
+                      and client.lrange("rekku:malformed", 0, -1), timeout=30, what="every envelope set aside")
+    assert worker.poll() is None, stack.worker_logs()[-3000:]
+    logs = stack.worker_logs()
+    assert "Unrecoverable error" not in logs and "Connection to broker lost" not in logs, logs[-3000:]
+    entries = [json.loads(entry) for entry in kept]
+    assert all(e["queue"] == "default" and e["error"] for e in entries), entries
+    assert len(entries) == len(POISON), entries
+    # nothing of them left behind: not in the queue, not unacknowledged (a restart would not find them)
+    assert client.llen("default") == 0 and client.hlen("unacked") == 0
