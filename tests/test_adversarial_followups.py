@@ -67,3 +67,28 @@ def test_envelopes_that_decode_but_are_no_task_are_set_aside_too(make_stack) -> 
     assert len(entries) == len(POISON), entries
     # nothing of them left behind: not in the queue, not unacknowledged (a restart would not find them)
     assert client.llen("default") == 0 and client.hlen("unacked") == 0
+
+
+# ----------------------------------------------------------------------------- another chat's events
+TRAINER = {"interface": "telegram_bot", "chat_id": "-100", "user_id": "42", "username": "boss"}
+
+
+def test_naming_ones_own_chat_id_does_not_list_the_same_id_on_another_interface(make_stack) -> None:
+    """Chat ids are per interface (Discord's 123 is not Telegram's): a user of the outbox chat "555"
+    who names their own chat in list_events must not see the events of Telegram's chat "555". Leaving
+    the chat out listed only the outbox's; naming it (the check lets one's own chat through) dropped
+    the interface and listed every interface's chat "555", scheduled actions included."""
+    stack = make_stack(TELEGRAM_BOT_TOKEN="123:fake", TELEGRAM_API_URL="http://127.0.0.1:9")
+    stack.start_worker("default", concurrency=1, node="events")
+    secret = stack.run("event", {"description": "payroll run", "in": "in 1 hour",
+                                 "target": {"interface": "telegram_bot", "chat_id": "555"},
+                                 "actions": [{"type": "echo", "payload": {"text": "pay"}}]}, TRAINER)
+    assert secret["status"] == "succeeded", secret
+    outsider = {"interface": "outbox", "chat_id": "555", "user_id": "666", "username": "mallory"}
+    for payload in ({}, {"chat_id": "555"}, {"chat_id": 555}, {"chat_id": "555", "interface": "outbox"}):
+        listed = stack.run("list_events", payload, outsider)
+        assert listed["status"] == "succeeded", (payload, listed)
+        assert listed["result"]["events"] == [], (payload, listed["result"])
+    # the trainer, naming the chat from elsewhere, still reaches it
+    found = stack.run("list_events", {"chat_id": "555", "interface": "telegram_bot"}, TRAINER)["result"]["events"]
+    assert [e["id"] for e in found] == [secret["result"]["id"]]
