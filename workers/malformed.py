@@ -10,8 +10,17 @@ path did not.
 
 Here the item, already popped, is logged and pushed (with its queue, what was wrong, and when) onto
 the list :data:`MALFORMED_KEY` on the broker, capped at :data:`KEEP` items, so nothing vanishes
-unseen; the worker goes on with the next item. An envelope that decodes is untouched: what Celery
-finds wrong in it (an unknown task, a body it cannot deserialize) Celery handles as before.
+unseen; the worker goes on with the next item.
+
+An envelope that decodes as JSON is not enough: kombu's QoS needs a string delivery tag and a
+``delivery_info`` naming an exchange and a routing key, Celery's consumer a body and, for a task
+message (a ``task`` header), a task name and id that are strings, and its request a body of the
+protocol's shape. Each of those missing ended the worker too, and as it died kombu put the item back
+on its queue, so it ended every worker of the pool in turn. The message class checks the envelope's
+part (:func:`_envelope_problem`); :class:`GuardStrategies` turns what Celery's strategy raises
+building a request from such a message into Celery's own ``InvalidTaskError`` (logged and rejected
+by Celery, and set aside here). What Celery handles itself (an unknown task with an id, a content
+type it does not accept, a body it cannot deserialize) it handles as before.
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
 
+from celery import bootsteps
+from celery.exceptions import InvalidTaskError
+from celery.worker import state as worker_state
+from kombu.exceptions import KombuError
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Message
 from kombu.utils.encoding import bytes_to_str
@@ -51,6 +64,65 @@ class _CheckedMessage(Message):
             super().__init__(payload, channel=channel, **kwargs)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessage(f"not a message envelope: {type(exc).__name__}: {exc}") from exc
+        if (problem := _envelope_problem(self)) is not None:
+            raise MalformedMessage(f"not a message envelope: {problem}")
+
+
+def _envelope_problem(message: Message) -> str | None:
+    """What kombu's QoS or Celery's consumer would fail on in this message, before either sees it."""
+    info = message.delivery_info
+    if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
+        return "its delivery_tag is not a string"
+    if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), (str, type(None)))
+                                             for k in ("exchange", "routing_key")) \
+            or "exchange" not in info or "routing_key" not in info:
+        return "its delivery_info does not name an exchange and a routing key"
+    if not isinstance(message.headers, dict):
+        return "its headers are not an object"
+    if message.body is None:
+        return "it has no body"
+    headers = message.headers
+    if "task" in headers:
+        if not (isinstance(headers["task"], str) and isinstance(headers.get("id"), str)):
+            return "a task message whose task name or id is not a string"
+        limits = headers.get("timelimit")
+        if limits is not None and not (isinstance(limits, list) and len(limits) == 2 and all(
+                limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)) for limit in limits)):
+            return "a task message whose timelimit is not [hard, soft]"  # used only as the pool takes it
+    return None
+
+
+class GuardStrategies(bootsteps.StartStopStep):
+    """A consumer bootstep: what a task's strategy raises building the request of a malformed task
+    message (a body of another shape, a header of another type) becomes Celery's InvalidTaskError,
+    which Celery logs and rejects instead of ending the worker; the message is set aside first. Only
+    before the request is reserved: after that (its pool slot taken) the error is Celery's, as before."""
+
+    label = "rekku malformed task messages"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        for name, strategy in list(parent.strategies.items()):
+            if not getattr(strategy, _PATCHED, False):
+                parent.strategies[name] = _guarded(strategy)
+
+
+def _guarded(strategy: Any) -> Any:
+    def guarded(message: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return strategy(message, *args, **kwargs)
+        except KombuError:  # ContentDisallowed, DecodeError: Celery's own handling
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            if any(request.message is message for request in worker_state.reserved_requests):
+                raise  # the request was made and reserved: Celery's own failure, handled as before
+            queue = str((message.delivery_info or {}).get("routing_key") or "?")
+            error = f"a task message Celery cannot take: {type(exc).__name__}: {exc}"
+            _set_aside(message.channel, queue, json.dumps(message._raw), error)
+            raise InvalidTaskError(error) from exc
+
+    setattr(guarded, _PATCHED, True)
+    return guarded
 
 
 def set_aside_malformed() -> None:

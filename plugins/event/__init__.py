@@ -234,7 +234,10 @@ class EventPlugin(TablePlugin):
         if chat_id:
             query = query.where(scheduled_events.c.chat_id == str(chat_id))
         interface = payload.get("interface")
-        if not interface and not payload.get("chat_id") and ctx is not None and ctx.chat_id:
+        named = payload.get("chat_id")
+        if not interface and ctx is not None and ctx.chat_id and (not named or str(named) == str(ctx.chat_id)):
+            # this chat, named or not: only a chat of another interface is not this one (a trainer may
+            # name another chat without its interface, and gets that id's chats of every interface)
             interface = _own_interface(ctx)
         if interface:  # this chat's events are those of its interface too: Discord's 123 is not Telegram's
             query = query.where(scheduled_events.c.interface == str(interface))
