@@ -19,7 +19,8 @@ _JSON = {"content-type": "application/json", "content-encoding": "utf-8"}
 
 def _envelope(properties: dict | None = None, **top: object) -> bytes:
     """A kombu envelope as a stray producer might write it: JSON, with a delivery tag, and whatever else."""
-    props = {"delivery_tag": str(uuid.uuid4()), "delivery_info": _ROUTE, "body_encoding": "base64", **(properties or {})}
+    props = {"delivery_tag": str(uuid.uuid4()), "delivery_info": _ROUTE, "body_encoding": "base64",
+             **(properties or {})}
     return json.dumps({"properties": props, **top}).encode()
 
 

@@ -87,7 +87,8 @@ def _envelope_problem(message: Message) -> str | None:
             return "a task message whose task name or id is not a string"
         limits = headers.get("timelimit")
         if limits is not None and not (isinstance(limits, list) and len(limits) == 2 and all(
-                limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)) for limit in limits)):
+                limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool))
+                for limit in limits)):
             return "a task message whose timelimit is not [hard, soft]"  # used only as the pool takes it
     return None
 
