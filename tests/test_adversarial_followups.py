@@ -8,7 +8,6 @@ import base64
 import json
 import uuid
 
-import pytest
 import redis
 
 from tests.support import REDIS_HOST, REDIS_PORT, wait_until
@@ -96,14 +95,12 @@ def test_naming_ones_own_chat_id_does_not_list_the_same_id_on_another_interface(
     assert [e["id"] for e in found] == [secret["result"]["id"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A protocol-1 task message (no 'task' header; the task named in its JSON body) is decoded by "
-    "Celery's on_task_received itself, before any strategy: a body whose 'task' is a list (unhashable in "
-    "the strategies' lookup) or an unknown task without an 'id' (on_unknown_task reads payload['id']) "
-    "still raises out of the event loop and ends the worker, and the item is put back on its queue for the "
-    "next worker. Telling it apart needs the body decoded before Celery's accept check (unsafe under "
-    "signing) or refusing protocol 1 on task queues (a behaviour change): left for a decision."))
 def test_a_protocol_1_body_of_another_shape_does_not_end_the_worker(make_stack) -> None:
+    """A protocol-1 task message (no 'task' header; the task named in its JSON body) is decoded by
+    Celery's handler itself, before any strategy: a body whose 'task' is a list (unhashable in the
+    strategies' lookup) or an unknown task without an 'id' (Celery's on_unknown_task reads it) raised
+    out of the event loop, and the item went back on its queue for the next worker. The guard around
+    the handler sets it aside and rejects it; no body is decoded outside Celery's own accept check."""
     stack = make_stack()
     worker = stack.start_worker("default", concurrency=1, node="proto1")
     client = redis.Redis(REDIS_HOST, REDIS_PORT, db=stack.redis_db)

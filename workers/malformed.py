@@ -17,10 +17,10 @@ An envelope that decodes as JSON is not enough: kombu's QoS needs a string deliv
 message (a ``task`` header), a task name and id that are strings, and its request a body of the
 protocol's shape. Each of those missing ended the worker too, and as it died kombu put the item back
 on its queue, so it ended every worker of the pool in turn. The message class checks the envelope's
-part (:func:`_envelope_problem`); :class:`GuardStrategies` turns what Celery's strategy raises
-building a request from such a message into Celery's own ``InvalidTaskError`` (logged and rejected
-by Celery, and set aside here). What Celery handles itself (an unknown task with an id, a content
-type it does not accept, a body it cannot deserialize) it handles as before.
+part (:func:`_envelope_problem`); :class:`GuardTaskHandler` catches what Celery's handler of task
+messages raises for the rest (a body of another shape, a protocol-1 body naming an unknown task
+without an id), sets the message aside and rejects it. What Celery handles itself (an unknown task
+with an id, a content type it does not accept, a body it cannot deserialize) it handles as before.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from queue import Empty
 from typing import Any
 
 from celery import bootsteps
-from celery.exceptions import InvalidTaskError
 from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
 from kombu.transport import redis as kombu_redis
@@ -93,37 +92,47 @@ def _envelope_problem(message: Message) -> str | None:
     return None
 
 
-class GuardStrategies(bootsteps.StartStopStep):
-    """A consumer bootstep: what a task's strategy raises building the request of a malformed task
-    message (a body of another shape, a header of another type) becomes Celery's InvalidTaskError,
-    which Celery logs and rejects instead of ending the worker; the message is set aside first. Only
-    before the request is reserved: after that (its pool slot taken) the error is Celery's, as before."""
+class GuardTaskHandler(bootsteps.StartStopStep):
+    """A consumer bootstep: what Celery's handler of task messages raises for a message it cannot take
+    (a body or header of another shape, a protocol-1 body naming no task it knows, without an id) is
+    caught around the handler: the message is set aside and rejected, and the worker goes on. Celery's
+    handler deals with what it expects itself (an unknown task with an id, a content type it does not
+    accept, a body it cannot deserialize: InvalidTaskError, ContentDisallowed, DecodeError); everything
+    else raised out of it, into kombu's delivery and out of the event loop. Only before the message's
+    request is reserved: after that (its pool slot taken) the error is Celery's, as before."""
 
     label = "rekku malformed task messages"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, parent: Any) -> None:
-        for name, strategy in list(parent.strategies.items()):
-            if not getattr(strategy, _PATCHED, False):
-                parent.strategies[name] = _guarded(strategy)
+        make = parent.create_task_handler  # the event loop asks the consumer for its handler as it starts
+        if getattr(make, _PATCHED, False):
+            return
+
+        def create_task_handler(*args: Any, **kwargs: Any) -> Any:
+            return _guarded(make(*args, **kwargs))
+
+        setattr(create_task_handler, _PATCHED, True)
+        parent.create_task_handler = create_task_handler
 
 
-def _guarded(strategy: Any) -> Any:
-    def guarded(message: Any, *args: Any, **kwargs: Any) -> Any:
+def _guarded(handler: Any) -> Any:
+    def on_task_received(message: Any) -> Any:
         try:
-            return strategy(message, *args, **kwargs)
-        except KombuError:  # ContentDisallowed, DecodeError: Celery's own handling
+            return handler(message)
+        except KombuError:  # Celery's own (ContentDisallowed, DecodeError) or the connection's: as before
             raise
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
             if any(request.message is message for request in worker_state.reserved_requests):
                 raise  # the request was made and reserved: Celery's own failure, handled as before
             queue = str((message.delivery_info or {}).get("routing_key") or "?")
-            error = f"a task message Celery cannot take: {type(exc).__name__}: {exc}"
-            _set_aside(message.channel, queue, json.dumps(message._raw), error)
-            raise InvalidTaskError(error) from exc
+            _set_aside(message.channel, queue, json.dumps(message._raw),
+                       f"a task message Celery cannot take: {type(exc).__name__}: {exc}")
+            if not message.acknowledged:
+                message.reject(requeue=False)
+            return None
 
-    setattr(guarded, _PATCHED, True)
-    return guarded
+    return on_task_received
 
 
 def set_aside_malformed() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown, worker_shutdown
 from rekku_workers import cancel  # noqa: F401 - registers the worker's cancel command
-from rekku_workers.malformed import GuardStrategies, set_aside_malformed
+from rekku_workers.malformed import GuardTaskHandler, set_aside_malformed
 from rekku_workers.node import NodeIdentity
 from rekku_workers.owned_qos import DeferredAcks
 from rekku_workers.periodic import register_periodic_tasks
@@ -121,7 +121,7 @@ def _register(app: Celery) -> None:
     app.steps["worker"].add(NodeIdentity)  # incarnation, heartbeat, predecessor recovery: workers/node.py
     app.steps["worker"].add(TimerSweep)  # finished tasks' time-limit timers, see workers/timer_sweep.py
     app.steps["consumer"].add(GiveBackOnReconnect)  # what a lost connection stranded: workers/reconnect.py
-    app.steps["consumer"].add(GuardStrategies)  # a malformed task message is refused, not fatal: workers/malformed.py
+    app.steps["consumer"].add(GuardTaskHandler)  # a malformed task message is refused, not fatal: workers/malformed.py
     app.steps["consumer"].add(DeferredAcks)  # acknowledgements ride with the next delivery: workers/owned_qos.py
     app.steps["consumer"].add(BatchedTaskEvents)  # task events published every 20 ms: workers/task_events.py
     register_action_tasks(app, get_registry())
