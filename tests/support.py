@@ -538,7 +538,9 @@ class Stack:
                 message = json.loads(item)
                 headers = message["headers"]
             except (ValueError, KeyError, TypeError):
-                continue  # a list of something else
+                continue  # a list of something else (rekku:malformed's entries among them)
+            if not isinstance(headers, dict):
+                continue  # an item that is no message (tests push such items: test_malformed_messages)
             try:
                 kwargs = json.loads(base64.b64decode(message["body"]))[1]
             except (ValueError, KeyError, TypeError, IndexError):
