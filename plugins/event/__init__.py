@@ -238,7 +238,7 @@ class EventPlugin(TablePlugin):
         if not interface and ctx is not None and ctx.chat_id and (not named or str(named) == str(ctx.chat_id)):
             # this chat, named or not: only a chat of another interface is not this one (a trainer may
             # name another chat without its interface, and gets that id's chats of every interface)
-            interface = _own_interface(ctx)
+            interface = _own_interface(ctx.interface)
         if interface:  # this chat's events are those of its interface too: Discord's 123 is not Telegram's
             query = query.where(scheduled_events.c.interface == str(interface))
         if not payload.get("include_finished"):
@@ -250,9 +250,9 @@ class EventPlugin(TablePlugin):
         return result
 
 
-def _own_interface(ctx: Any) -> str:
-    """The interface of the requesting chat, as ``event`` stores it (the default one when unnamed)."""
-    return str(ctx.interface or get_settings().default_interface)
+def _own_interface(interface: Any) -> str:
+    """The requesting chat's ``interface`` as ``event`` stores it (the default one when unnamed)."""
+    return str(interface or get_settings().default_interface)
 
 
 def _others_refusal(action_type: str, payload: dict, context: dict) -> str | None:
@@ -263,7 +263,7 @@ def _others_refusal(action_type: str, payload: dict, context: dict) -> str | Non
         return (f"Action '{action_type}' is restricted to trainers when the request comes from no chat: "
                 "others may only see and cancel the events of the chat they write from")
     if action_type == "list_events":
-        own_interface = str(context.get("interface") or get_settings().default_interface)
+        own_interface = _own_interface(context.get("interface"))
         named_chat, named_interface = payload.get("chat_id"), payload.get("interface")
         if (named_chat not in (None, "") and str(named_chat) != str(chat_id)) or \
                 (named_interface not in (None, "") and str(named_interface) != own_interface):
@@ -278,10 +278,10 @@ def _may_touch(row: Any) -> bool:
     ctx = current_action()
     if ctx is None:  # not an action: Rekku's own code calling the plugin, with no requester to hold to
         return True
-    settings = get_settings()
-    if settings.is_trainer(ctx.interface, ctx.user_id):
+    if get_settings().is_trainer(ctx.interface, ctx.user_id):
         return True
-    if ctx.chat_id not in (None, "") and (row.interface, row.chat_id) == (_own_interface(ctx), str(ctx.chat_id)):
+    own_chat = (_own_interface(ctx.interface), str(ctx.chat_id))
+    if ctx.chat_id not in (None, "") and (row.interface, row.chat_id) == own_chat:
         return True
     asked_by = row.requester or {}
     return (ctx.user_id not in (None, "") and str(asked_by.get("user_id") or "") == str(ctx.user_id)
