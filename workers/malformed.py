@@ -72,9 +72,8 @@ def _envelope_problem(message: Message) -> str | None:
     info = message.delivery_info
     if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
         return "its delivery_tag is not a string"
-    if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), (str, type(None)))
-                                             for k in ("exchange", "routing_key")) \
-            or "exchange" not in info or "routing_key" not in info:
+    if not isinstance(info, dict) or not all(k in info and isinstance(info[k], (str, type(None)))
+                                             for k in ("exchange", "routing_key")):
         return "its delivery_info does not name an exchange and a routing key"
     if not isinstance(message.headers, dict):
         return "its headers are not an object"
